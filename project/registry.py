@@ -1,0 +1,124 @@
+"""SAEs in the MLflow Model Registry: register a trained SAE, load any version back.
+
+A version is a pyfunc "model from code" (project/sae_pyfunc.py) whose artifact ``sae`` is the
+SAELens v6 directory, so the same files load into saeflow, into SAELens and into
+``mlflow.pyfunc.load_model``. Nothing is pickled on the way in or out.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types import Schema, TensorSpec
+
+from project.saes import SparseAutoencoder, load_sae_dir, save_sae
+
+log = logging.getLogger(__name__)
+
+PYFUNC_CODE = Path(__file__).with_name("sae_pyfunc.py")
+SAE_ARTIFACT = "sae"
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
+# Tags every registered version carries (issue: train, register, load).
+VERSION_TAG_KEYS = (
+    "architecture",
+    "target_l0",
+    "d_in",
+    "d_sae",
+    "model_name",
+    "hook_name",
+    "layer",
+    "n_tokens",
+    "training_run_id",
+)
+
+
+def default_registered_model_name(model_name: str, layer: int) -> str:
+    """``sae-<lm>-l<layer>-resid-post``: one registered model per LM and hook site."""
+    lm_slug = re.sub(r"[^a-z0-9]+", "-", Path(model_name.rstrip("/")).name.lower()).strip("-")
+    return f"sae-{lm_slug}-l{layer}-resid-post"
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """Split ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` into (name, version, alias)."""
+    match = _MODEL_URI.match(uri)
+    if match is None:
+        raise ValueError(
+            f"model URI {uri!r} is not valid: expected models:/NAME/VERSION or models:/NAME@ALIAS"
+        )
+    return match["name"], match["version"], match["alias"]
+
+
+def register_sae(
+    sae: SparseAutoencoder,
+    *,
+    registered_model: str,
+    tags: dict[str, Any],
+    metrics: dict[str, float] | None = None,
+    description: str = "",
+) -> ModelVersion:
+    """Log ``sae`` as a pyfunc model in the active run and register it as a new version.
+
+    Version tags carry ``tags`` (see VERSION_TAG_KEYS) and the final metrics as
+    ``metric.<name>``, so a registry search alone tells what each version is.
+    """
+    if mlflow.active_run() is None:
+        raise RuntimeError("register_sae needs an active MLflow run (the training run)")
+    missing = [key for key in VERSION_TAG_KEYS if key not in tags]
+    if missing:
+        raise ValueError(f"version tags {missing} are missing; required: {list(VERSION_TAG_KEYS)}")
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, sae.cfg.d_in))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, sae.cfg.d_sae))]),
+    )
+    with tempfile.TemporaryDirectory(prefix="saeflow-register-") as tmp:
+        sae_dir = save_sae(sae, Path(tmp) / SAE_ARTIFACT)
+        info = mlflow.pyfunc.log_model(
+            name=SAE_ARTIFACT,
+            python_model=str(PYFUNC_CODE),
+            artifacts={SAE_ARTIFACT: str(sae_dir)},
+            signature=signature,
+            pip_requirements=["saeflow", "torch", "safetensors", "mlflow"],
+        )
+    all_tags = {key: str(value) for key, value in tags.items()}
+    all_tags.update({f"metric.{k}": f"{v:.6g}" for k, v in (metrics or {}).items()})
+    version = mlflow.register_model(info.model_uri, registered_model, tags=all_tags)
+    client = MlflowClient()
+    if description:
+        client.update_model_version(registered_model, version.version, description=description)
+    registered = client.get_registered_model(registered_model)
+    if not registered.description:
+        client.update_registered_model(
+            registered_model,
+            description=f"SAEs trained by saeflow on {tags['model_name']} at {tags['hook_name']}",
+        )
+    log.info("registered %s version %s", registered_model, version.version)
+    return client.get_model_version(registered_model, version.version)
+
+
+def load_sae(uri: str) -> SparseAutoencoder:
+    """Load a registered SAE (``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``), eval mode.
+
+    Reads the SAELens directory with safetensors: works with
+    MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false.
+    """
+    name, version, alias = parse_model_uri(uri)
+    client = MlflowClient()
+    try:
+        mv = (
+            client.get_model_version(name, version)
+            if version
+            else client.get_model_version_by_alias(name, alias)
+        )
+    except mlflow.exceptions.MlflowException as err:
+        raise ValueError(f"model URI {uri!r} does not resolve: {err.message}") from err
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}"))
+    return load_sae_dir(local / "artifacts" / SAE_ARTIFACT).eval()

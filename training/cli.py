@@ -1,0 +1,78 @@
+"""Command-line plumbing shared by the entry points: flags from a config dataclass, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import MISSING, fields
+from typing import Any
+
+log = logging.getLogger("saeflow")
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (use true or false)")
+
+
+def _parse_int(text: str) -> int:
+    """Integers as MLflow may pass them: "4", "4.0", "1e6"."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+    return int(value)
+
+
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser, config_cls: type, exclude: frozenset[str] = frozenset()
+) -> None:
+    """One ``--field`` flag per dataclass field, typed from the field's default value."""
+    for field in fields(config_cls):
+        if field.name in exclude:
+            continue
+        default = field.default if field.default is not MISSING else field.default_factory()  # type: ignore[misc]
+        kind: Callable[[str], Any] = type(default)
+        if isinstance(default, bool):
+            kind = _parse_bool
+        elif isinstance(default, int):
+            kind = _parse_int
+        parser.add_argument(f"--{field.name}", type=kind, default=default)
+
+
+def config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
+    names = {f.name for f in fields(config_cls)}
+    return config_cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow.store.db.utils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_entry_point(main: Callable[[], None]) -> None:
+    """Run ``main``; bad input exits 2 with its message, any other failure exits 1."""
+    setup_logging()
+    try:
+        main()
+    except ValueError as err:
+        log.error("bad input: %s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except Exception as err:  # noqa: BLE001 - the run is already marked FAILED; report and exit
+        log.exception("failed: %s", err)
+        sys.exit(EXIT_FAILED)

@@ -1,0 +1,101 @@
+"""The typed configuration of one SAE training, validated at the edge.
+
+Every field is an `mlflow run -e train` parameter. Checks that need nothing loaded run in
+:meth:`TrainConfig.validate`; checks that need the LM's width (``target_l0 < d_sae``) run in
+:meth:`TrainConfig.validate_for_width` right after the LM loads and before any harvest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from project.corpus import DEFAULT_CORPUS
+from project.lm import DEFAULT_LM
+from project.saes import ARCHITECTURES
+
+# Architectures whose sparsity is set by k (exact L0) rather than a penalty.
+K_ARCHITECTURES = frozenset({"topk", "batchtopk", "matryoshka"})
+# Architectures whose sparsity comes from an L1 penalty: target_l0 is only nominal for them.
+L1_ARCHITECTURES = frozenset({"relu", "gated"})
+
+
+@dataclass
+class TrainConfig:
+    """One SAE training: where the activations come from, the SAE, and the optimiser."""
+
+    model: str = DEFAULT_LM
+    layer: int = 4
+    dataset: str = DEFAULT_CORPUS
+    text_column: str = "text"
+    n_tokens: int = 200_000
+    context_size: int = 128
+    architecture: str = "topk"
+    target_l0: int = 32
+    expansion: int = 8
+    l1_coefficient: float = 0.0  # 0: the architecture's own default (see project/saes)
+    lr: float = 3e-4
+    batch_size: int = 2048
+    # Activation vectors seen in training; 0 = auto (several passes over a small cache, see
+    # `resolved_training_tokens`), so that short harvests still give a trained SAE.
+    training_tokens: int = 0
+    warmup_steps: int = 1000  # METHODS §1; capped at 10% of the steps for short runs
+    decay_fraction: float = 0.2  # linear decay to 0 over the last 20% of steps
+    val_fraction: float = 0.05  # tail of the cache held out for the final metrics
+    registered_model: str = ""  # "" = derived from the LM and hook
+    cache_dir: str = ""  # "" = $SAEFLOW_CACHE_DIR/activations; may be s3://bucket/prefix
+    checkpoint_dir: str = ""  # "" = ./.saeflow/checkpoints/<run id>
+    seed: int = 0
+    log_every_n_steps: int = 10
+
+    def validate(self) -> None:
+        """Fail on values that are wrong whatever the LM, naming the value and the choices."""
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"architecture {self.architecture!r} is unknown; valid: {sorted(ARCHITECTURES)}"
+            )
+        positive_ints = ("n_tokens", "expansion", "batch_size", "log_every_n_steps")
+        for name in positive_ints:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.target_l0 <= 0:
+            raise ValueError(f"target_l0={self.target_l0} must be > 0 (and < d_sae)")
+        if self.layer < 0:
+            raise ValueError(f"layer={self.layer} must be >= 0")
+        if self.context_size < 2:
+            raise ValueError(f"context_size={self.context_size} must be >= 2")
+        if self.training_tokens < 0:
+            raise ValueError(f"training_tokens={self.training_tokens} must be >= 0 (0 = auto)")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr={self.lr} must be a finite positive number")
+        if not (math.isfinite(self.l1_coefficient) and self.l1_coefficient >= 0):
+            raise ValueError(f"l1_coefficient={self.l1_coefficient} must be >= 0 (0 = default)")
+        if not 0 <= self.decay_fraction < 1:
+            raise ValueError(f"decay_fraction={self.decay_fraction} must be in [0, 1)")
+        if not 0 < self.val_fraction < 0.5:
+            raise ValueError(f"val_fraction={self.val_fraction} must be in (0, 0.5)")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+
+    def validate_for_width(self, d_in: int) -> None:
+        """Checks that need the LM's residual width."""
+        d_sae = self.expansion * d_in
+        if self.target_l0 >= d_sae:
+            raise ValueError(
+                f"target_l0={self.target_l0} must be < d_sae={d_sae} "
+                f"(expansion {self.expansion} x d_in {d_in})"
+            )
+
+    def resolved_training_tokens(self) -> int:
+        """Auto: at least 1M activation vectors (METHODS' grids use far more), or one pass."""
+        if self.training_tokens:
+            return self.training_tokens
+        return max(self.n_tokens, 1_000_000)
+
+    def as_params(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

@@ -1,0 +1,221 @@
+"""Train one SAE on cached activations inside an MLflow run and register it.
+
+The pieces the `train` and `sweep` entry points share: turning a TrainConfig into an SAE
+config, fitting it with Lightning under an explicit MLflow run, scoring it on held-out
+activations, and registering it. Registration is the very last step, so a failed or NaN
+training leaves nothing in the registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import mlflow
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.entities.model_registry import ModelVersion
+
+from project.activation_cache import HarvestRequest, HarvestResult, harvest
+from project.lm import LoadedLM, hook_name
+from project.registry import default_registered_model_name, register_sae
+from project.saes import SAEConfig, SparseAutoencoder, build_sae
+from project.tracking import RUN_TYPE_TAG
+from training.config import K_ARCHITECTURES, L1_ARCHITECTURES, TrainConfig
+from training.data import ActivationDataModule
+from training.module import SAETrainingModule, evaluate_sae
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR_TAG = "saeflow.checkpoint_dir"
+MODEL_VERSION_TAG = "saeflow.model_version"
+LAST_CHECKPOINT = "last.ckpt"
+
+
+@dataclass
+class TrainResult:
+    """What a finished training produced."""
+
+    run_id: str
+    sae: SparseAutoencoder
+    metrics: dict[str, float]
+    model_version: ModelVersion
+
+
+def default_cache_root() -> str:
+    base = os.environ.get("SAEFLOW_CACHE_DIR", str(Path.home() / ".cache" / "saeflow"))
+    return str(Path(base) / "activations")
+
+
+def harvest_for(config: TrainConfig, lm: LoadedLM | None = None) -> HarvestResult:
+    """Harvest (or reuse) the activations a config trains on."""
+    request = HarvestRequest(
+        model=config.model,
+        layer=config.layer,
+        corpus=config.dataset,
+        text_column=config.text_column,
+        n_tokens=config.n_tokens,
+        context_size=config.context_size,
+    )
+    return harvest(request, config.cache_dir or default_cache_root(), lm=lm)
+
+
+def sae_config_for(config: TrainConfig, d_in: int, model_name: str) -> SAEConfig:
+    """The SAE's own config: width from the expansion, sparsity from the architecture."""
+    extra: dict[str, Any] = {}
+    if config.architecture in K_ARCHITECTURES:
+        extra["k"] = config.target_l0
+    extra["target_l0"] = float(config.target_l0)
+    if config.architecture in L1_ARCHITECTURES and config.l1_coefficient > 0:
+        extra["l1_coefficient"] = config.l1_coefficient
+    return SAEConfig(
+        architecture=config.architecture,
+        d_in=d_in,
+        d_sae=config.expansion * d_in,
+        metadata={
+            "model_name": model_name,
+            "hook_name": hook_name(config.layer),
+            "hook_layer": config.layer,
+            "context_size": config.context_size,
+            "dataset_path": config.dataset,
+            "prepend_bos": True,
+        },
+        **extra,
+    )
+
+
+def total_steps_for(config: TrainConfig, n_train_tokens: int) -> int:
+    batch = min(config.batch_size, n_train_tokens)
+    return max(1, math.ceil(config.resolved_training_tokens() / batch))
+
+
+def fit_sae(
+    config: TrainConfig,
+    sae: SparseAutoencoder,
+    data: ActivationDataModule,
+    *,
+    run_id: str,
+    checkpoint_dir: Path,
+    resume: bool = False,
+) -> SparseAutoencoder:
+    """Train ``sae`` with Lightning, logging per-step metrics into the MLflow run ``run_id``."""
+    total_steps = total_steps_for(config, data.train_ND.shape[0])
+    module = SAETrainingModule(
+        sae,
+        lr=config.lr,
+        total_steps=total_steps,
+        warmup_steps=config.warmup_steps,
+        decay_fraction=config.decay_fraction,
+    )
+    logger = MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id, log_model=False)
+    checkpoints = ModelCheckpoint(
+        dirpath=checkpoint_dir,
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=max(50, total_steps // 10),
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=total_steps,
+        logger=logger,
+        callbacks=[checkpoints],
+        log_every_n_steps=config.log_every_n_steps,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=checkpoint_dir,
+    )
+    last = checkpoint_dir / LAST_CHECKPOINT
+    ckpt_path = str(last) if resume and last.exists() else None
+    if resume and ckpt_path is None:
+        log.warning("no checkpoint in %s: training from the start", checkpoint_dir)
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    elapsed = time.perf_counter() - started
+    steps_done = trainer.global_step
+    mlflow.log_metric("train_tokens_per_second", steps_done * data.batch_size / max(elapsed, 1e-9))
+    return sae
+
+
+def train_and_register(
+    config: TrainConfig,
+    harvest_result: HarvestResult,
+    acts_ND: torch.Tensor,
+    *,
+    resume: bool = False,
+) -> TrainResult:
+    """Inside the active MLflow run: log the config, fit, score on held-out data, register."""
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("train_and_register needs an active MLflow run")
+    run_id = run.info.run_id
+    meta = harvest_result.cache.metadata
+    model_name = str(meta.get("model_name", config.model))
+    d_in = int(acts_ND.shape[1])
+    config.validate_for_width(d_in)
+    checkpoint_dir = Path(config.checkpoint_dir or Path(".saeflow") / "checkpoints" / run_id)
+    checkpoint_dir = checkpoint_dir.resolve()
+    if not resume:
+        mlflow.log_params(config.as_params())
+        mlflow.log_dict(config.as_params(), "train_config.json")
+        mlflow.set_tags(
+            {
+                RUN_TYPE_TAG: "train",
+                CHECKPOINT_DIR_TAG: str(checkpoint_dir),
+                "architecture": config.architecture,
+                "target_l0": str(config.target_l0),
+                "harvest_run_id": harvest_result.harvest_run_id or "",
+                "activation_cache": str(harvest_result.cache.directory),
+            }
+        )
+    torch.manual_seed(config.seed)
+    data = ActivationDataModule(
+        acts_ND, batch_size=config.batch_size, val_fraction=config.val_fraction, seed=config.seed
+    )
+    sae_cfg = sae_config_for(config, d_in, model_name)
+    sae_cfg.metadata["d_sae"] = sae_cfg.d_sae
+    sae = build_sae(sae_cfg)
+    sae.initialize_from_data(data.sample(min(8192, data.train_ND.shape[0])))
+    fit_sae(config, sae, data, run_id=run_id, checkpoint_dir=checkpoint_dir, resume=resume)
+
+    metrics = evaluate_sae(sae, data.val_ND)
+    metrics["dead_fraction"] = sae.dead_fraction()
+    if not all(math.isfinite(v) for v in metrics.values()):
+        raise RuntimeError(f"final metrics are not finite: {metrics}; nothing registered")
+    mlflow.log_metrics({f"val_{name}": value for name, value in metrics.items()})
+
+    registered_model = config.registered_model or default_registered_model_name(
+        model_name, config.layer
+    )
+    tags = {
+        "architecture": config.architecture,
+        "target_l0": config.target_l0,
+        "d_in": d_in,
+        "d_sae": sae_cfg.d_sae,
+        "model_name": model_name,
+        "hook_name": hook_name(config.layer),
+        "layer": config.layer,
+        "n_tokens": config.n_tokens,
+        "training_run_id": run_id,
+        "source": "saeflow-train",
+    }
+    description = (
+        f"{config.architecture} SAE, d_sae {sae_cfg.d_sae} ({config.expansion}x), target L0 "
+        f"{config.target_l0}, on {model_name} {hook_name(config.layer)}; trained on "
+        f"{config.resolved_training_tokens():,} activations of {config.n_tokens:,} "
+        f"harvested tokens from {config.dataset!r}. Held-out L0 {metrics['l0']:.2f}, "
+        f"explained variance {metrics['explained_variance']:.3f}."
+    )
+    version = register_sae(
+        sae, registered_model=registered_model, tags=tags, metrics=metrics, description=description
+    )
+    mlflow.set_tag(MODEL_VERSION_TAG, f"models:/{version.name}/{version.version}")
+    return TrainResult(run_id=run_id, sae=sae, metrics=metrics, model_version=version)
