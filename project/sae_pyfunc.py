@@ -22,7 +22,9 @@ class SAEPyfuncModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         self.sae = load_sae_dir(context.artifacts["sae"]).eval()
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> np.ndarray:
+    # No type hints here on purpose: MLflow would try to derive a schema from them; the
+    # registered version carries an explicit tensor signature instead.
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         if hasattr(model_input, "to_numpy"):  # a pandas DataFrame, one column per input dim
             model_input = model_input.to_numpy()
         acts = torch.as_tensor(np.asarray(model_input), dtype=torch.float32)

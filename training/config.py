@@ -43,7 +43,7 @@ class TrainConfig:
     warmup_steps: int = 1000  # METHODS §1; capped at 10% of the steps for short runs
     decay_fraction: float = 0.2  # linear decay to 0 over the last 20% of steps
     val_fraction: float = 0.05  # tail of the cache held out for the final metrics
-    registered_model: str = ""  # "" = derived from the LM and hook
+    registered_model: str = "auto"  # "auto" = derived from the LM and hook
     cache_dir: str = ""  # "" = $SAEFLOW_CACHE_DIR/activations; may be s3://bucket/prefix
     checkpoint_dir: str = ""  # "" = ./.saeflow/checkpoints/<run id>
     seed: int = 0
@@ -88,10 +88,10 @@ class TrainConfig:
             )
 
     def resolved_training_tokens(self) -> int:
-        """Auto: at least 1M activation vectors (METHODS' grids use far more), or one pass."""
+        """Auto: at least 500k activation vectors (several passes over a small cache), or one pass."""
         if self.training_tokens:
             return self.training_tokens
-        return max(self.n_tokens, 1_000_000)
+        return max(self.n_tokens, 500_000)
 
     def as_params(self) -> dict[str, Any]:
         return asdict(self)

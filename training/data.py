@@ -40,7 +40,9 @@ class ActivationDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if acts_ND.ndim != 2 or acts_ND.shape[0] < 2:
-            raise ValueError(f"need an [N, d_in] activation tensor with N >= 2, got {tuple(acts_ND.shape)}")
+            raise ValueError(
+                f"need an [N, d_in] activation tensor with N >= 2, got {tuple(acts_ND.shape)}"
+            )
         n_val = max(1, int(acts_ND.shape[0] * val_fraction))
         self.train_ND = acts_ND[:-n_val]
         self.val_ND = acts_ND[-n_val:]
@@ -53,7 +55,9 @@ class ActivationDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # batch_size=None: the dataset already yields whole batches.
-        return DataLoader(_ShuffledBatches(self.train_ND, self.batch_size, self.seed), batch_size=None)
+        return DataLoader(
+            _ShuffledBatches(self.train_ND, self.batch_size, self.seed), batch_size=None
+        )
 
     def sample(self, n: int) -> torch.Tensor:
         """A random sample of training activations for data-dependent initialisation."""

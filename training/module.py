@@ -55,7 +55,9 @@ class SAETrainingModule(pl.LightningModule):
         self._last_step_time: float | None = None
 
     def training_step(self, batch_BD: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        out = self.sae.loss(batch_BD, TrainStep(step=self.global_step, total_steps=self.total_steps))
+        out = self.sae.loss(
+            batch_BD, TrainStep(step=self.global_step, total_steps=self.total_steps)
+        )
         if not torch.isfinite(out.loss):
             raise NonFiniteLossError(
                 f"loss is {out.loss.item()} at step {self.global_step}: training stopped"

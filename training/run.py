@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR_TAG = "saeflow.checkpoint_dir"
 MODEL_VERSION_TAG = "saeflow.model_version"
 LAST_CHECKPOINT = "last.ckpt"
+TRAIN_CONFIG_ARTIFACT = "train_config.json"
 
 
 @dataclass
@@ -164,8 +165,11 @@ def train_and_register(
     checkpoint_dir = Path(config.checkpoint_dir or Path(".saeflow") / "checkpoints" / run_id)
     checkpoint_dir = checkpoint_dir.resolve()
     if not resume:
-        mlflow.log_params(config.as_params())
-        mlflow.log_dict(config.as_params(), "train_config.json")
+        # `mlflow run` has already logged the MLproject parameters (as the strings it was
+        # given); add the rest. The typed config, exactly, is the JSON artifact.
+        logged = mlflow.get_run(run_id).data.params
+        mlflow.log_params({k: v for k, v in config.as_params().items() if k not in logged})
+        mlflow.log_dict(config.as_params(), TRAIN_CONFIG_ARTIFACT)
         mlflow.set_tags(
             {
                 RUN_TYPE_TAG: "train",
@@ -192,9 +196,9 @@ def train_and_register(
         raise RuntimeError(f"final metrics are not finite: {metrics}; nothing registered")
     mlflow.log_metrics({f"val_{name}": value for name, value in metrics.items()})
 
-    registered_model = config.registered_model or default_registered_model_name(
-        model_name, config.layer
-    )
+    registered_model = config.registered_model
+    if registered_model in {"", "auto"}:
+        registered_model = default_registered_model_name(model_name, config.layer)
     tags = {
         "architecture": config.architecture,
         "target_l0": config.target_l0,

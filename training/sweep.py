@@ -31,14 +31,18 @@ class SweepConfig:
 
     architectures: str = "relu,topk,batchtopk,jumprelu,gated"
     target_l0s: str = "16,64"
-    l1_coefficients: str = ""  # one per target_l0 for relu/gated; "" = architecture default
+    l1_coefficients: str = "default"  # one per target_l0 for relu/gated, or the arch default
 
     def grid(self, base: TrainConfig) -> list[TrainConfig]:
         """Every (architecture, target_l0) config, validated before anything runs."""
         architectures = [a.strip() for a in self.architectures.split(",") if a.strip()]
         try:
             targets = [int(t) for t in self.target_l0s.split(",") if t.strip()]
-            lambdas = [float(x) for x in self.l1_coefficients.split(",") if x.strip()]
+            lambdas = [
+                float(x)
+                for x in self.l1_coefficients.split(",")
+                if x.strip() and self.l1_coefficients != "default"
+            ]
         except ValueError as err:
             raise ValueError(
                 f"target_l0s={self.target_l0s!r} / l1_coefficients={self.l1_coefficients!r} "
@@ -75,12 +79,19 @@ def sweep(base: TrainConfig, grid: SweepConfig) -> list[TrainResult]:
     with mlflow.start_run(run_name=f"sweep-{len(configs)}-saes"):
         mlflow.set_tag(RUN_TYPE_TAG, "sweep")
         mlflow.log_params({f"sweep_{k}": v for k, v in vars(grid).items()})
-        mlflow.log_params({k: v for k, v in base.as_params().items()
-                           if k not in {"architecture", "target_l0", "l1_coefficient"}})
+        mlflow.log_params(
+            {
+                k: v
+                for k, v in base.as_params().items()
+                if k not in {"architecture", "target_l0", "l1_coefficient"}
+            }
+        )
         harvested = harvest_for(base, lm)
         acts_ND = harvested.cache.load_all()
         for config in configs:
-            with mlflow.start_run(run_name=f"{config.architecture}-l0{config.target_l0}", nested=True):
+            with mlflow.start_run(
+                run_name=f"{config.architecture}-l0{config.target_l0}", nested=True
+            ):
                 results.append(train_and_register(config, harvested, acts_ND))
         mlflow.log_table(
             {
@@ -88,8 +99,9 @@ def sweep(base: TrainConfig, grid: SweepConfig) -> list[TrainResult]:
                 "target_l0": [c.target_l0 for c in configs],
                 "l0": [r.metrics["l0"] for r in results],
                 "explained_variance": [r.metrics["explained_variance"] for r in results],
-                "model_uri": [f"models:/{r.model_version.name}/{r.model_version.version}"
-                              for r in results],
+                "model_uri": [
+                    f"models:/{r.model_version.name}/{r.model_version.version}" for r in results
+                ],
                 "training_run_id": [r.run_id for r in results],
             },
             "sweep_summary.json",
@@ -106,8 +118,10 @@ def main() -> None:
     results = sweep(config_from_args(TrainConfig, args), config_from_args(SweepConfig, args))
     for r in results:
         v = r.model_version
-        print(f"models:/{v.name}/{v.version}  {r.sae.cfg.architecture:10s} "
-              f"L0 {r.metrics['l0']:7.2f}  EV {r.metrics['explained_variance']:.3f}")
+        print(
+            f"models:/{v.name}/{v.version}  {r.sae.cfg.architecture:10s} "
+            f"L0 {r.metrics['l0']:7.2f}  EV {r.metrics['explained_variance']:.3f}"
+        )
     print(f"browse: {ui_hint(tracking_uri)}")
 
 

@@ -20,7 +20,13 @@ from project.lm import LoadedLM, check_layer, load_lm
 from project.tracking import DEFAULT_EXPERIMENT, configure_tracking, ui_hint
 from training.cli import add_dataclass_arguments, config_from_args, run_entry_point
 from training.config import TrainConfig
-from training.run import MODEL_VERSION_TAG, TrainResult, harvest_for, train_and_register
+from training.run import (
+    MODEL_VERSION_TAG,
+    TRAIN_CONFIG_ARTIFACT,
+    TrainResult,
+    harvest_for,
+    train_and_register,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +51,9 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def config_of_run(run_id: str) -> TrainConfig:
-    """Rebuild the TrainConfig a training run logged as its params."""
-    params = MlflowClient().get_run(run_id).data.params
-    defaults = TrainConfig()
-    values = {}
-    for name in TrainConfig.field_names():
-        if name in params:
-            kind = type(getattr(defaults, name))
-            values[name] = kind(params[name]) if kind is not bool else params[name] == "True"
-    return TrainConfig(**values)
+    """The exact TrainConfig a training run logged as its JSON artifact."""
+    values = mlflow.artifacts.load_dict(f"runs:/{run_id}/{TRAIN_CONFIG_ARTIFACT}")
+    return TrainConfig(**{k: v for k, v in values.items() if k in TrainConfig.field_names()})
 
 
 def resume(run_id: str) -> TrainResult:
@@ -81,10 +81,12 @@ def resume(run_id: str) -> TrainResult:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_dataclass_arguments(parser, TrainConfig)
-    parser.add_argument("--resume_run_id", default="", help="continue this interrupted run")
+    parser.add_argument(
+        "--resume_run_id", default="none", help="continue this interrupted run ('none': new run)"
+    )
     args = parser.parse_args()
     tracking_uri = configure_tracking(experiment=DEFAULT_EXPERIMENT)
-    if args.resume_run_id:
+    if args.resume_run_id not in {"", "none"}:
         result = resume(args.resume_run_id)
     else:
         result = train(config_from_args(TrainConfig, args))

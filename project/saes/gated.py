@@ -1,0 +1,87 @@
+"""Gated SAE (Rajamanoharan et al. 2024a).
+
+A gate path decides which latents fire, a magnitude path (the same ``W_enc`` rescaled per
+latent by ``exp(r_mag)``) how strongly:
+``f = [W_encᵀ x_c + b_gate > 0] · ReLU((W_enc · exp(r_mag))ᵀ x_c + b_mag)``, x_c = x - b_dec.
+
+Loss: ``‖x - x̂‖² + λ Σ_i ReLU(π_gate)_i ‖W_dec,i‖ + ‖x - x̂_gate‖²`` where
+``x̂_gate = ReLU(π_gate) W_dec + b_dec`` goes through a frozen (detached) copy of the decoder,
+as in the paper, so the auxiliary term trains only the gate. λ as in :mod:`project.saes.relu`
+(update units, warm-up over ``l1_warmup_fraction``). Decoder rows are kept at unit norm.
+Saved as SAELens ``gated`` (``b_gate``, ``b_mag``, ``r_mag``; no ``b_enc``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from project.saes.base import (
+    SAEConfig,
+    SAELoss,
+    SparseAutoencoder,
+    TrainStep,
+    sum_squared_error,
+)
+from project.saes.relu import l1_lambda
+
+
+class GatedSAE(SparseAutoencoder):
+    """Gated encoder with weight sharing between gate and magnitude paths."""
+
+    architecture = "gated"
+    saelens_architecture = "gated"
+    saelens_training_architecture = "gated"
+    has_b_enc = False
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        dtype = cfg.torch_dtype
+        self.b_gate = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
+        self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
+        self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
+
+    def gate_preacts(self, xc_BD: Tensor) -> Tensor:
+        return xc_BD @ self.W_enc + self.b_gate
+
+    def mag_preacts(self, xc_BD: Tensor) -> Tensor:
+        return xc_BD @ (self.W_enc * self.r_mag.exp()) + self.b_mag
+
+    def encode(self, x_BD: Tensor) -> Tensor:
+        # SAELens GatedSAE.encode, operation for operation.
+        xc_BD = self.center(x_BD)
+        active_BF = (self.gate_preacts(xc_BD) > 0).to(xc_BD.dtype)
+        return active_BF * self.mag_preacts(xc_BD).relu()
+
+    def loss(self, x_BD: Tensor, step: TrainStep) -> SAELoss:
+        x_BD = x_BD.to(self.W_enc.dtype)
+        xc_BD = self.center(x_BD)
+        pi_gate_BF = self.gate_preacts(xc_BD)
+        f_BF = (pi_gate_BF > 0).to(x_BD.dtype) * self.mag_preacts(xc_BD).relu()
+        x_hat_BD = self.decode(f_BF)
+        mse = sum_squared_error(x_hat_BD, x_BD)
+        gate_BF = pi_gate_BF.relu()
+        l1 = (gate_BF * self.W_dec.norm(dim=-1)).sum(dim=-1).mean()
+        x_hat_gate_BD = gate_BF @ self.W_dec.detach() + self.b_dec.detach()
+        aux_recon = sum_squared_error(x_hat_gate_BD, x_BD)
+        lam = l1_lambda(self, x_BD, step)
+        active_BF = f_BF.detach() > 0
+        self.record_firing(active_BF.any(dim=0), x_BD.shape[0])
+        return SAELoss(
+            loss=mse + lam * l1 + aux_recon,
+            mse=mse,
+            l0=active_BF.sum(dim=-1).to(x_BD.dtype).mean(),
+            x_hat_BD=x_hat_BD,
+            f_BF=f_BF,
+            aux={
+                "l1": l1.detach(),
+                "l1_lambda": torch.as_tensor(lam).detach(),
+                "aux_gate": aux_recon.detach(),
+            },
+        )
+
+    def saelens_tensors(self) -> dict[str, Tensor]:
+        tensors = super().saelens_tensors()
+        for name in ("b_gate", "b_mag", "r_mag"):
+            tensors[name] = getattr(self, name).detach().contiguous()
+        return tensors

@@ -1,0 +1,173 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024b).
+
+Encoder ``f = z · H(z - θ)`` with ``z = W_encᵀ (x - b_dec) + b_enc`` and a learned per-latent
+threshold θ, trained as ``log_threshold`` (θ = exp(log θ) stays positive) and stored as
+``threshold``. The step function has no gradient, so θ learns through straight-through
+estimators with a rectangle kernel of bandwidth ε = ``jumprelu_bandwidth`` (1e-3):
+
+- ``∂f/∂θ ≈ -(θ/ε) K((z - θ)/ε)`` for the reconstruction term,
+- ``∂H(z - θ)/∂θ ≈ -(1/ε) K((z - θ)/ε)`` for the L0 term (no gradient to z, as in the paper).
+
+Sparsity penalty (saeflow's choice, since the paper's plain ``λ·L0`` cannot aim at an L0):
+``c · V · (L0/target_l0 - 1)²`` with L0 the batch mean and V the batch's total variance
+(detached), which makes c unit-free. Both gradients act on θ through the same kernel window,
+so L0 settles where the reconstruction's pull on θ balances the penalty's; with V in the
+penalty that balance sits a few percent from the target for c = 1 whatever the scale of the
+activations. Without ``target_l0``: ``c · V · L0 / d_in`` (a plain L0 penalty).
+
+``initialize_from_data`` sets each θ to the ``1 - target_l0/d_sae`` quantile of its
+pre-activations on the sample, so training starts at the target L0 instead of ~d_sae/2.
+Inference equals SAELens' ``JumpReLUSAE.encode``: ``ReLU(z) · [z > θ]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from project.saes.base import (
+    SAEConfig,
+    SAELoss,
+    SparseAutoencoder,
+    TrainStep,
+    sum_squared_error,
+)
+
+
+def _rectangle(u: Tensor) -> Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """``z · H(z - θ)``; θ's gradient through the rectangle-kernel estimator."""
+
+    @staticmethod
+    def forward(ctx: Any, z_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(z_BF, theta_F)
+        ctx.bandwidth = bandwidth
+        return z_BF * (z_BF > theta_F).to(z_BF.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_BF: Tensor) -> tuple[Tensor, Tensor, None]:
+        z_BF, theta_F = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_z = (z_BF > theta_F).to(grad_BF.dtype) * grad_BF
+        kernel_BF = _rectangle((z_BF - theta_F) / eps)
+        grad_theta = -(theta_F / eps) * (kernel_BF * grad_BF).sum(dim=0)
+        return grad_z, grad_theta, None
+
+
+class _Step(torch.autograd.Function):
+    """``H(z - θ)``; gradient only to θ (the paper's L0 estimator)."""
+
+    @staticmethod
+    def forward(ctx: Any, z_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(z_BF, theta_F)
+        ctx.bandwidth = bandwidth
+        return (z_BF > theta_F).to(z_BF.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_BF: Tensor) -> tuple[None, Tensor, None]:
+        z_BF, theta_F = ctx.saved_tensors
+        eps = ctx.bandwidth
+        kernel_BF = _rectangle((z_BF - theta_F) / eps)
+        import os
+        g = kernel_BF * grad_BF / eps
+        return (g if os.environ.get('STE_IN') else None), -g.sum(dim=0), None
+
+
+class JumpReLUSAE(SparseAutoencoder):
+    """Learned per-latent thresholds with an L0 penalty aimed at ``target_l0``."""
+
+    architecture = "jumprelu"
+    saelens_architecture = "jumprelu"
+    saelens_training_architecture = "jumprelu"
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        self.log_threshold = nn.Parameter(
+            torch.full((cfg.d_sae,), math.log(cfg.jumprelu_init_threshold), dtype=cfg.torch_dtype)
+        )
+
+    @classmethod
+    def validate_config(cls, cfg: SAEConfig) -> None:
+        if cfg.target_l0 is None and cfg.k is not None:
+            cfg.target_l0 = float(cfg.k)
+
+    @property
+    def threshold(self) -> Tensor:
+        return self.log_threshold.exp()
+
+    def preacts(self, xc_BD: Tensor) -> Tensor:
+        return xc_BD @ self.W_enc + self.b_enc
+
+    def encode(self, x_BD: Tensor) -> Tensor:
+        pre_BF = self.preacts(self.center(x_BD))
+        # SAELens JumpReLUSAE.encode, operation for operation.
+        return pre_BF.relu() * (pre_BF > self.threshold).to(pre_BF.dtype)
+
+    def loss(self, x_BD: Tensor, step: TrainStep) -> SAELoss:
+        x_BD = x_BD.to(self.W_enc.dtype)
+        pre_BF = self.preacts(self.center(x_BD))
+        theta_F = self.threshold
+        import os
+        bandwidth = self.cfg.jumprelu_bandwidth * (x_BD.detach().pow(2).sum(-1).mean().sqrt().item() if os.environ.get('BW_SCALE') else 1.0)
+        f_BF = _JumpReLU.apply(pre_BF, theta_F, bandwidth)
+        x_hat_BD = self.decode(f_BF)
+        mse = sum_squared_error(x_hat_BD, x_BD)
+        l0 = _Step.apply(pre_BF, theta_F, bandwidth).sum(dim=-1).mean()
+        variance = x_BD.detach().var(dim=0).sum()
+        target = self.cfg.target_l0
+        if target is None:
+            penalty = self.cfg.l0_coefficient * variance * l0 / self.cfg.d_in
+        else:
+            penalty = self.cfg.l0_coefficient * variance * (l0 / target - 1) ** 2
+        active_BF = f_BF.detach() > 0
+        self.record_firing(active_BF.any(dim=0), x_BD.shape[0])
+        return SAELoss(
+            loss=mse + penalty,
+            mse=mse,
+            l0=l0.detach(),
+            x_hat_BD=x_hat_BD,
+            f_BF=f_BF,
+            aux={"l0_penalty": penalty.detach(), "threshold_mean": theta_F.detach().mean()},
+        )
+
+    @torch.no_grad()
+    def _initialize_from_data(self, x_ND: Tensor) -> None:
+        target = self.cfg.target_l0
+        if target is None:
+            return
+        pre_NF = self.preacts(self.center(x_ND))
+        n = pre_NF.shape[0]
+        rank = min(n, max(1, math.ceil(n * (1 - target / self.cfg.d_sae))))
+        theta_F = pre_NF.kthvalue(rank, dim=0).values
+        # θ must stay positive (it is exp(log θ)); latents with a non-positive quantile start
+        # at the configured initial threshold.
+        theta_F = torch.where(theta_F > 0, theta_F, self.cfg.jumprelu_init_threshold)
+        self.log_threshold.copy_(theta_F.log())
+
+    # ----------------------------------------------------------------- SAELens format
+    def saelens_tensors(self) -> dict[str, Tensor]:
+        return {**super().saelens_tensors(), "threshold": self.threshold.detach().contiguous()}
+
+    @torch.no_grad()
+    def load_saelens_tensors(self, tensors: dict[str, Tensor]) -> None:
+        self.check_saelens_names(tensors)
+        tensors = dict(tensors)
+        # θ ≤ 0 behaves like θ = 0 in ReLU(z)·[z > θ]; log(0) = -inf gives exactly θ = 0.
+        theta_F = tensors.pop("threshold").clamp_min(0)
+        self.copy_tensors({**tensors, "log_threshold": theta_F.log()})
+
+    @classmethod
+    def convert_saelens_tensors(
+        cls, cfg_dict: dict[str, Any], tensors: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Older SAELens JumpReLU checkpoints store ``log_threshold`` instead of ``threshold``."""
+        if "log_threshold" in tensors and "threshold" not in tensors:
+            tensors = dict(tensors)
+            tensors["threshold"] = tensors.pop("log_threshold").exp()
+        return tensors

