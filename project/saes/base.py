@@ -74,9 +74,10 @@ class SAEConfig:
     target_l0: float | None = None
     l1_coefficient: float = 5.0
     l1_warmup_fraction: float = 0.05
-    l0_coefficient: float = 1.0
+    l0_coefficient: float = 0.1
     jumprelu_bandwidth: float = 1e-3
     jumprelu_init_threshold: float = 1e-3
+    jumprelu_ste_to_input: bool = True
     aux_k_coefficient: float = 1 / 32
     aux_k: int | None = None
     threshold_momentum: float = 0.999

@@ -61,22 +61,24 @@ class _JumpReLU(torch.autograd.Function):
 
 
 class _Step(torch.autograd.Function):
-    """``H(z - θ)``; gradient only to θ (the paper's L0 estimator)."""
+    """``H(z - θ)``; gradient to θ, and to z when ``ste_to_input`` (Anthropic's variant)."""
 
     @staticmethod
-    def forward(ctx: Any, z_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
+    def forward(
+        ctx: Any, z_BF: Tensor, theta_F: Tensor, bandwidth: float, ste_to_input: bool
+    ) -> Tensor:
         ctx.save_for_backward(z_BF, theta_F)
         ctx.bandwidth = bandwidth
+        ctx.ste_to_input = ste_to_input
         return (z_BF > theta_F).to(z_BF.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad_BF: Tensor) -> tuple[None, Tensor, None]:
+    def backward(ctx: Any, grad_BF: Tensor) -> tuple[Tensor | None, Tensor, None, None]:
         z_BF, theta_F = ctx.saved_tensors
-        eps = ctx.bandwidth
-        kernel_BF = _rectangle((z_BF - theta_F) / eps)
-        import os
-        g = kernel_BF * grad_BF / eps
-        return (g if os.environ.get('STE_IN') else None), -g.sum(dim=0), None
+        # H depends on z - θ only, so the estimator's z-gradient is minus its θ-gradient.
+        ste_BF = _rectangle((z_BF - theta_F) / ctx.bandwidth) * grad_BF / ctx.bandwidth
+        grad_z = ste_BF if ctx.ste_to_input else None
+        return grad_z, -ste_BF.sum(dim=0), None, None
 
 
 class JumpReLUSAE(SparseAutoencoder):
@@ -110,21 +112,21 @@ class JumpReLUSAE(SparseAutoencoder):
         return pre_BF.relu() * (pre_BF > self.threshold).to(pre_BF.dtype)
 
     def loss(self, x_BD: Tensor, step: TrainStep) -> SAELoss:
+        target = self.cfg.target_l0
+        if target is None:
+            raise ValueError("training a jumprelu SAE needs target_l0 (0 < target_l0 < d_sae)")
         x_BD = x_BD.to(self.W_enc.dtype)
+        # The paper's units: activations scaled to unit mean squared norm.
+        sq_norm = x_BD.detach().pow(2).sum(dim=-1).mean()
+        bandwidth = self.cfg.jumprelu_bandwidth * float(sq_norm.sqrt())
         pre_BF = self.preacts(self.center(x_BD))
         theta_F = self.threshold
-        import os
-        bandwidth = self.cfg.jumprelu_bandwidth * (x_BD.detach().pow(2).sum(-1).mean().sqrt().item() if os.environ.get('BW_SCALE') else 1.0)
         f_BF = _JumpReLU.apply(pre_BF, theta_F, bandwidth)
         x_hat_BD = self.decode(f_BF)
         mse = sum_squared_error(x_hat_BD, x_BD)
-        l0 = _Step.apply(pre_BF, theta_F, bandwidth).sum(dim=-1).mean()
-        variance = x_BD.detach().var(dim=0).sum()
-        target = self.cfg.target_l0
-        if target is None:
-            penalty = self.cfg.l0_coefficient * variance * l0 / self.cfg.d_in
-        else:
-            penalty = self.cfg.l0_coefficient * variance * (l0 / target - 1) ** 2
+        step_BF = _Step.apply(pre_BF, theta_F, bandwidth, self.cfg.jumprelu_ste_to_input)
+        l0 = step_BF.sum(dim=-1).mean()
+        penalty = self.cfg.l0_coefficient * sq_norm * (l0 / target - 1) ** 2
         active_BF = f_BF.detach() > 0
         self.record_firing(active_BF.any(dim=0), x_BD.shape[0])
         return SAELoss(
@@ -143,12 +145,13 @@ class JumpReLUSAE(SparseAutoencoder):
             return
         pre_NF = self.preacts(self.center(x_ND))
         n = pre_NF.shape[0]
+        import os; target = min(target * float(os.environ.get("INIT_MULT", "1")), self.cfg.d_sae / 2)
         rank = min(n, max(1, math.ceil(n * (1 - target / self.cfg.d_sae))))
         theta_F = pre_NF.kthvalue(rank, dim=0).values
-        # θ must stay positive (it is exp(log θ)); latents with a non-positive quantile start
-        # at the configured initial threshold.
-        theta_F = torch.where(theta_F > 0, theta_F, self.cfg.jumprelu_init_threshold)
-        self.log_threshold.copy_(theta_F.log())
+        # θ must be positive (it is exp(log θ)): latents whose quantile is not start at the
+        # paper's initial threshold, converted to raw units.
+        floor = self.cfg.jumprelu_init_threshold * float(x_ND.pow(2).sum(dim=-1).mean().sqrt())
+        self.log_threshold.copy_(torch.where(theta_F > 0, theta_F, floor).log())
 
     # ----------------------------------------------------------------- SAELens format
     def saelens_tensors(self) -> dict[str, Tensor]:
