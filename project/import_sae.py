@@ -57,14 +57,19 @@ from project.registry import default_registered_model_name, register_sae
 from project.saes import SparseAutoencoder, load_sae_dir
 from project.saes.base import explained_variance
 from project.saes.io import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, saeflow_config_from_saelens
-from project.tracking import DEFAULT_EXPERIMENT, RUN_TYPE_TAG, configure_tracking, ui_hint
+from project.tracking import (
+    DEFAULT_EXPERIMENT,
+    MODEL_VERSION_TAG,
+    RUN_TYPE_TAG,
+    configure_tracking,
+    ui_hint,
+)
 from training.cli import run_entry_point
 
 log = logging.getLogger(__name__)
 
 SAE_LENS_PREFIX = "sae_lens:"
 # The same tag training.run sets on its runs (kept here so project/ does not import training/).
-MODEL_VERSION_TAG = "saeflow.model_version"
 # Activation sample for the measured L0 / metrics and the SAELens comparison.
 MEASURE_TOKENS = 2048
 MEASURE_CONTEXT = 128
@@ -123,7 +128,13 @@ def import_sae(
     loaded = load_source(source)
     sae = loaded.sae
     resolved_layer = _resolve_layer(loaded.hook_name, layer, source)
-    lm = load_lm(model or loaded.model_name or DEFAULT_LM)
+    lm_name = model or loaded.model_name or DEFAULT_LM
+    try:
+        lm = load_lm(lm_name)
+    except ValueError as err:
+        if model is not None:
+            raise
+        raise ValueError(f"{err} (the LM {source} names; pass model=... to choose one)") from err
     check_layer(lm, resolved_layer)
     if sae.cfg.d_in != lm.d_model:
         raise ValueError(
@@ -158,7 +169,7 @@ def import_sae(
             "model_name": lm.name,
             "hook_name": hook,
             "hook_layer": resolved_layer,
-            "saeflow_source": source,
+            "saeflow_source": _origin(source),
             **({"source_model_name": loaded.model_name} if loaded.model_name else {}),
             **({"source_hook_name": loaded.hook_name} if loaded.hook_name else {}),
         }
@@ -211,6 +222,13 @@ def load_source(source: str) -> LoadedSource:
             )
     check_finite(loaded.sae, source)
     return loaded
+
+
+def _origin(source: str) -> str:
+    """What the ``source`` tag records: the release as given, a directory as absolute path."""
+    if source.startswith(SAE_LENS_PREFIX):
+        return source
+    return str(Path(source).expanduser().resolve())
 
 
 def residual_layer(hook: str) -> int:
@@ -356,8 +374,7 @@ def _load_release(source: str) -> LoadedSource:
         why = (
             "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache"
             if offline
-            else f"the Hugging Face hub did not answer within {HUB_TIMEOUT_S:g} s and it is not "
-            "in the local cache"
+            else "the Hugging Face hub could not be reached and it is not in the local cache"
             if not reachable
             else "SAELens could not load it"
         )
@@ -500,7 +517,7 @@ def _register(
         mlflow.set_tags(
             {
                 RUN_TYPE_TAG: "import",
-                "source": source,
+                "source": _origin(source),
                 "source_format": loaded.source_format,
                 "architecture": architecture,
                 "target_l0": target_l0,
@@ -519,7 +536,7 @@ def _register(
             "layer": layer,
             "n_tokens": 0,
             "training_run_id": run_id,
-            "source": source,
+            "source": _origin(source),
             "source_format": loaded.source_format,
             **loaded.extra_tags,
         }

@@ -98,7 +98,7 @@ def register_sae(
     if not registered.description:
         client.update_registered_model(
             registered_model,
-            description=f"SAEs trained by saeflow on {tags['model_name']} at {tags['hook_name']}",
+            description=f"SAEs on {tags['model_name']} at {tags['hook_name']} (trained or imported)",
         )
     log.info("registered %s version %s", registered_model, version.version)
     return client.get_model_version(registered_model, version.version)

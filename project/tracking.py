@@ -20,6 +20,8 @@ DEFAULT_EXPERIMENT = "saeflow"
 
 # Tags shared by every saeflow run, so the analysis can tell run kinds apart in search_runs.
 RUN_TYPE_TAG = "saeflow.run_type"
+# Set on a training or import run once its SAE is registered: "models:/NAME/VERSION".
+MODEL_VERSION_TAG = "saeflow.model_version"
 
 
 def configure_tracking(tracking_uri: str | None = None, experiment: str | None = None) -> str:

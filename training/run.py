@@ -27,7 +27,7 @@ from project.activation_cache import HarvestRequest, HarvestResult, harvest
 from project.lm import LoadedLM, hook_name
 from project.registry import default_registered_model_name, register_sae
 from project.saes import SAEConfig, SparseAutoencoder, build_sae
-from project.tracking import RUN_TYPE_TAG
+from project.tracking import MODEL_VERSION_TAG, RUN_TYPE_TAG
 from training.config import K_ARCHITECTURES, L1_ARCHITECTURES, TrainConfig
 from training.data import ActivationDataModule
 from training.module import SAETrainingModule, evaluate_sae
@@ -35,7 +35,6 @@ from training.module import SAETrainingModule, evaluate_sae
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR_TAG = "saeflow.checkpoint_dir"
-MODEL_VERSION_TAG = "saeflow.model_version"
 LAST_CHECKPOINT = "last.ckpt"
 TRAIN_CONFIG_ARTIFACT = "train_config.json"
 

@@ -17,11 +17,10 @@ from mlflow.tracking import MlflowClient
 
 from project.corpus import resolve_corpus
 from project.lm import LoadedLM, check_layer, load_lm
-from project.tracking import DEFAULT_EXPERIMENT, configure_tracking, ui_hint
+from project.tracking import DEFAULT_EXPERIMENT, MODEL_VERSION_TAG, configure_tracking, ui_hint
 from training.cli import add_dataclass_arguments, config_from_args, run_entry_point
 from training.config import TrainConfig
 from training.run import (
-    MODEL_VERSION_TAG,
     TRAIN_CONFIG_ARTIFACT,
     TrainResult,
     harvest_for,
