@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 # Bump when what is stored under a key changes, so stale disk entries are not reused.
 CACHE_FORMAT = 1
 _ACTIVATIONS = "activations"
+_PACKED = "activations_at_mask"
 _FINGERPRINTS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 _RETURNS_TUPLE: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
@@ -134,11 +135,19 @@ class HookCache:
         self.misses += 1
         return None
 
-    def _store(self, key: str, entry: dict[str, Tensor], persist: bool) -> None:
+    def _store(
+        self,
+        key: str,
+        entry: dict[str, Tensor],
+        persist: bool,
+        on_disk: dict[str, Tensor] | None = None,
+    ) -> None:
+        """Keep ``entry`` in memory and (if ``persist``) write ``on_disk`` or ``entry``."""
         self._memory[key] = entry
         path = self._path(key)
         if not persist or path is None:
             return
+        entry = on_disk if on_disk is not None else entry
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write beside the target and rename: a reader sees a complete file or none.
         fd, tmp = tempfile.mkstemp(prefix=f".{key[:12]}-", suffix=".tmp", dir=path.parent)
@@ -172,6 +181,10 @@ class HookCache:
         check_layer(lm, layer)
         key = self.key(_ACTIVATIONS, lm, layer, tokens_NT, attention_mask_NT)
         entry = self._lookup(key)
+        if entry is not None and _ACTIVATIONS not in entry:  # read from disk, packed
+            unpacked_NTD = torch.zeros(*tokens_NT.shape, entry[_PACKED].shape[-1])
+            unpacked_NTD[attention_mask_NT.bool()] = entry[_PACKED]
+            entry = self._memory[key] = {_ACTIVATIONS: unpacked_NTD}
         if entry is not None:
             return entry[_ACTIVATIONS]
         n, t = tokens_NT.shape
@@ -190,7 +203,11 @@ class HookCache:
                     acts_BTD = acts_BTD * mask_BT[..., None].to(acts_BTD.dtype)
                 acts_NTD[start : start + ids_BT.shape[0], :width] = acts_BTD
                 bar.update(ids_BT.shape[0])
-        self._store(key, {_ACTIVATIONS: acts_NTD}, persist=True)
+        # On disk, padded positions are left out (for probing texts they are half the tensor).
+        packed = (
+            None if attention_mask_NT is None else {_PACKED: acts_NTD[attention_mask_NT.bool()]}
+        )
+        self._store(key, {_ACTIVATIONS: acts_NTD}, persist=True, on_disk=packed)
         return acts_NTD
 
     def derived(

@@ -51,6 +51,7 @@ from mlflow.entities.model_registry import ModelVersion
 from torch import Tensor
 
 from project import dictionary_learning
+from project.cli import run_entry_point
 from project.corpus import DEFAULT_CORPUS, iter_texts, resolve_corpus, token_windows
 from project.lm import DEFAULT_LM, LoadedLM, check_layer, hook_name, load_lm, residual_activations
 from project.registry import default_registered_model_name, register_sae
@@ -64,7 +65,6 @@ from project.tracking import (
     configure_tracking,
     ui_hint,
 )
-from training.cli import run_entry_point
 
 log = logging.getLogger(__name__)
 

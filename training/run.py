@@ -189,6 +189,11 @@ def train_and_register(
     sae.initialize_from_data(data.sample(min(8192, data.train_ND.shape[0])))
     fit_sae(config, sae, data, run_id=run_id, checkpoint_dir=checkpoint_dir, resume=resume)
 
+    calibrate = getattr(sae, "calibrate_threshold", None)
+    if calibrate is not None:
+        # BatchTopK-family: set the inference threshold so L0 is k on training data, rather
+        # than trusting a running mean taken while the threshold was still drifting.
+        calibrate(data.sample(min(16384, data.train_ND.shape[0])))
     metrics = evaluate_sae(sae, data.val_ND)
     metrics["dead_fraction"] = sae.dead_fraction()
     if not all(math.isfinite(v) for v in metrics.values()):

@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 
 import mlflow
 
+from project.cli import add_dataclass_arguments, config_from_args, run_entry_point
 from project.tracking import DEFAULT_EXPERIMENT, RUN_TYPE_TAG, configure_tracking, ui_hint
-from training.cli import add_dataclass_arguments, config_from_args, run_entry_point
 from training.config import L1_ARCHITECTURES, TrainConfig
 from training.run import TrainResult, harvest_for, train_and_register
 from training.train import prepare

@@ -15,10 +15,10 @@ import os
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from project.cli import add_dataclass_arguments, config_from_args, run_entry_point
 from project.corpus import resolve_corpus
 from project.lm import LoadedLM, check_layer, load_lm
 from project.tracking import DEFAULT_EXPERIMENT, MODEL_VERSION_TAG, configure_tracking, ui_hint
-from training.cli import add_dataclass_arguments, config_from_args, run_entry_point
 from training.config import TrainConfig
 from training.run import (
     TRAIN_CONFIG_ARTIFACT,

@@ -42,17 +42,17 @@ class SAEConfig:
     - ``l1_coefficient`` (relu, gated): λ of the April-2024 update, penalty
       ``λ Σ_i f_i ‖W_dec,i‖``. Anthropic's λ = 5 is defined on inputs scaled so that
       E‖x‖ = √d_in; saeflow trains on raw activations and multiplies λ by the batch's
-      mean ‖x‖ / √d_in, which is exactly the April loss on normalised inputs (divided by a
-      constant), so 5.0 means the same thing for every LM and layer. (Raw-unit equivalent on
+      mean ‖x‖ / √d_in, which is the April loss on normalised inputs divided by a constant
+      (with the batch estimating the dataset's mean norm), so 5.0 means the same thing for
+      every LM and layer. (Raw-unit equivalent on
       SmolLM2-135M layer 3, mean ‖x‖ ≈ 91 vs √576 = 24: λ_raw ≈ 19.)
     - ``l1_warmup_fraction``: λ ramps linearly from 0 over this fraction of the steps (5%).
-    - ``l0_coefficient`` (jumprelu): weight of the penalty ``c · V · (L0/target_l0 - 1)²``,
-      V the batch's total variance (detached) so that c is unit-free; saeflow's choice (the
-      paper uses a plain ``λ·L0``, which cannot aim at an L0). Without ``target_l0`` the
-      plain penalty ``c · V/d_in · L0 / d_sae`` is used.
-    - ``jumprelu_bandwidth`` / ``jumprelu_init_threshold``: 1e-3 / 1e-3 (Rajamanoharan et al.).
-      ``initialize_from_data`` replaces the initial threshold by a per-latent quantile that
-      starts the L0 at ``target_l0``.
+    - ``l0_coefficient`` (jumprelu): c in the penalty ``c · E‖x‖² · (L0/target_l0 - 1)²``
+      (saeflow's choice, 0.1; see ``project.saes.jumprelu`` for why it lands near the target).
+    - ``jumprelu_bandwidth`` / ``jumprelu_init_threshold``: the paper's 1e-3 / 1e-3, in its
+      units (activations of unit mean squared norm): saeflow scales the bandwidth by the
+      batch's RMS norm; the initial threshold is used as is only without data-dependent init.
+      ``jumprelu_ste_to_input``: the L0 estimator also reaches the encoder (default True).
     - ``aux_k_coefficient``: AuxK weight 1/32; ``aux_k``: dead latents used, default d_in // 2
       (Gao et al.).
     - ``threshold_momentum`` / ``threshold_start_step``: BatchTopK's inference threshold is an
@@ -274,7 +274,7 @@ class SparseAutoencoder(nn.Module, ABC):
             )
         self.cfg = cfg
         dtype = cfg.torch_dtype
-        # Random unit-norm decoder rows, encoder tied to it at init (standard since Conerly et al.).
+        # Random unit-norm decoder rows and W_enc = W_decᵀ (Gao et al.; the April-2024 update).
         W_dec_FD = torch.randn(cfg.d_sae, cfg.d_in, dtype=torch.float32)
         W_dec_FD /= W_dec_FD.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec_FD.to(dtype))

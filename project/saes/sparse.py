@@ -1,8 +1,8 @@
 """Sparse training path for the TopK family: only the kept latents are touched.
 
-A TopK-family batch has N = k·B non-zero latents out of B·F. The dense path spends four
-B×D×F matrix products per step (encoder forward, decoder forward, two decoder gradients)
-plus the encoder weight gradient. Here only the encoder forward stays dense:
+A TopK-family batch has N = k·B non-zero latents out of B·F. A dense step spends six B×D×F
+matrix products (encoder forward, its weight and input gradients, decoder forward, its two
+gradients). Here only the encoder forward stays dense:
 
 - the kept pre-activations are gathered from the dense ``pre_BF`` by :class:`GatherPreacts`,
   whose backward builds the encoder gradients from the N kept entries only;
@@ -10,8 +10,10 @@ plus the encoder weight gradient. Here only the encoder forward stays dense:
   sum of N decoder rows whose backward is equally sparse.
 
 Measured on this 2-core CPU (d_in 576, d_sae 4608, batch 4096): decoder forward+backward
-15 / 32 / 56 ms for k = 16 / 32 / 64 against ~300 ms dense; encoder weight gradient
-7-26 ms against ~90 ms dense.
+15 / 32 / 56 ms for k = 16 / 32 / 64 against ~300 ms dense; encoder weight gradient 7-26 ms
+against ~90 ms dense. A whole TopK step (Adam included) runs 1.5-2.3x faster than the same
+step with a dense decoder and encoder backward, and 1.9-3.3x faster than SAELens 6.54's
+TopKTrainingSAE (~14.5k against ~4.5-5k tokens/s at k = 16-32 on an idle machine).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Command-line plumbing shared by the entry points: flags from a config dataclass, exit codes."""
+"""Command-line plumbing shared by every entry point (train, sweep, evaluate, import_sae): flags from a config dataclass, exit codes."""
 
 from __future__ import annotations
 

@@ -1,0 +1,602 @@
+"""Entry point ``evaluate``: SAEBench-style evaluations of registered SAEs, one MLflow run each.
+
+    mlflow run . -e evaluate --env-manager local -P model_uri=models:/NAME \\
+        -P evals=core,sparse_probing,absorption,autointerp -P judge=offline
+
+``model_uri`` is ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` or ``models:/NAME`` (every
+version). Each (model version, eval) gets one run tagged ``saeflow.run_type=eval``, ``eval``,
+``model_name`` (the registered model), ``model_version``, ``training_run_id``, the version's
+own tags (its LM's name as ``lm_name``) and ``eval_config_hash``; its params are the eval
+config, its metrics the eval's (SAEBench names), and its artifact the SAEBench-schema document
+``<eval>_eval_results.json``. The version gets a tag ``eval.<eval>.run_id`` pointing at it.
+
+A (version, eval, config) that already has a FINISHED run is reported, not recomputed, unless
+``force=true``. Everything that can be wrong with the input (eval names, the URI, the LM, eval
+configs, the judge) fails before any evaluation runs; an eval that fails later marks only its
+own run FAILED, the others go on, and the process exits non-zero at the end.
+
+Eval config fields can be overridden on the command line as ``--<eval>.<field> VALUE``
+(``-P core.n_tokens=8192`` through ``mlflow run``); ``k_values``-like tuple fields take
+comma-separated values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from importlib import metadata as importlib_metadata
+from typing import Any
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.tracking import MlflowClient
+
+from evaluation.hook_cache import HookCache, default_hook_cache_dir
+from evaluation.schema import EvalOutput, sae_bench_document
+from project.lm import LoadedLM, check_layer, hook_name, load_lm
+from project.registry import load_sae, parse_model_uri
+from project.saes import SparseAutoencoder
+from project.tracking import DEFAULT_EXPERIMENT, RUN_TYPE_TAG, configure_tracking, ui_hint
+
+log = logging.getLogger(__name__)
+
+EVAL_RUN_TYPE = "eval"
+BATCH_RUN_TYPE = "evaluate"
+CONFIG_HASH_TAG = "eval_config_hash"
+VERSION_LINK_TAG = "eval.{name}.run_id"
+_ALL_VERSIONS_URI = re.compile(r"^models:/(?P<name>[^/@]+)/?$")
+# Version tags that are not the SAE's own description (links and training metrics).
+_SKIP_VERSION_TAG_PREFIXES = ("eval.", "metric.", "mlflow.")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """Where an eval lives; imported only when used, so a missing module fails only its name."""
+
+    module: str
+    config_class: str
+    uses_hook_cache: bool = False
+    uses_judge: bool = False
+
+    def load(self) -> tuple[type, Callable[..., EvalOutput]]:
+        """(config class, compute); ValueError if the module cannot be imported."""
+        try:
+            module = importlib.import_module(self.module)
+        except ImportError as err:
+            raise ValueError(f"eval module {self.module} cannot be imported: {err}") from err
+        return getattr(module, self.config_class), module.compute
+
+    def eval_type_id(self, name: str) -> str:
+        """SAEBench's ``eval_type_id`` (the module's ``EVAL_TYPE_ID``, else the eval's name)."""
+        return str(getattr(importlib.import_module(self.module), "EVAL_TYPE_ID", name))
+
+
+EVALS: dict[str, EvalSpec] = {
+    "core": EvalSpec("evaluation.core", "CoreConfig", uses_hook_cache=True),
+    "sparse_probing": EvalSpec(
+        "evaluation.sparse_probing", "SparseProbingConfig", uses_hook_cache=True
+    ),
+    "absorption": EvalSpec("evaluation.absorption", "AbsorptionConfig"),
+    "autointerp": EvalSpec("evaluation.autointerp", "AutointerpConfig", uses_judge=True),
+}
+
+
+def eval_registry() -> dict[str, tuple[type, Callable[..., EvalOutput]]]:
+    """name → (config class, compute) for every eval whose module imports."""
+    registry = {}
+    for name, spec in EVALS.items():
+        try:
+            registry[name] = spec.load()
+        except ValueError as err:
+            log.warning("eval %s is unavailable: %s", name, err)
+    return registry
+
+
+@dataclass
+class EvalRunResult:
+    """What happened to one (model version, eval)."""
+
+    model_uri: str  # models:/NAME/VERSION
+    eval_name: str
+    status: str  # "FINISHED" or "FAILED"
+    run_id: str | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    reused: bool = False
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "FINISHED"
+
+
+class EvaluationFailed(RuntimeError):
+    """Some evals failed (their runs are FAILED); ``results`` holds every outcome."""
+
+    def __init__(self, results: list[EvalRunResult]) -> None:
+        self.results = results
+        failed = [f"{r.eval_name} on {r.model_uri}: {r.error}" for r in results if not r.ok]
+        super().__init__(f"{len(failed)} evaluation(s) failed: " + "; ".join(failed))
+
+
+# ---------------------------------------------------------------------------------------------
+# input resolution (everything here runs before any evaluation)
+
+
+def parse_evals(evals: list[str] | str) -> list[str]:
+    """Eval names in order, deduplicated; ValueError naming unknown ones and the valid ones."""
+    names = [e.strip() for e in evals.split(",")] if isinstance(evals, str) else list(evals)
+    names = list(dict.fromkeys(n for n in names if n))
+    unknown = [n for n in names if n not in EVALS]
+    if unknown or not names:
+        raise ValueError(
+            f"unknown eval name(s) {unknown or names}; valid evals: {', '.join(EVALS)}"
+        )
+    return names
+
+
+def resolve_versions(model_uri: str) -> list[ModelVersion]:
+    """The model versions a URI names: one for /VERSION or @ALIAS, all for a bare name."""
+    client = MlflowClient()
+    bare = _ALL_VERSIONS_URI.match(model_uri)
+    if bare:
+        name = bare["name"]
+        escaped = name.replace("'", "\\'")
+        try:
+            versions = client.search_model_versions(f"name = '{escaped}'")
+        except mlflow.exceptions.MlflowException as err:
+            raise ValueError(f"model URI {model_uri!r} does not resolve: {err.message}") from err
+        if not versions:
+            raise ValueError(
+                f"model URI {model_uri!r} does not resolve: no registered model {name!r} with "
+                "any version"
+            )
+        return sorted(versions, key=lambda v: int(v.version))
+    try:
+        name, version, alias = parse_model_uri(model_uri)
+    except ValueError as err:
+        raise ValueError(f"{err}, or models:/NAME for every version") from None
+    try:
+        if version:
+            return [client.get_model_version(name, version)]
+        return [client.get_model_version_by_alias(name, alias)]
+    except mlflow.exceptions.MlflowException as err:
+        raise ValueError(f"model URI {model_uri!r} does not resolve: {err.message}") from err
+
+
+def _version_uri(mv: ModelVersion) -> str:
+    return f"models:/{mv.name}/{mv.version}"
+
+
+def _version_site(mv: ModelVersion) -> tuple[str, int]:
+    """(LM name, layer) of a version, from its tags; ValueError if they are missing or odd."""
+    tags = mv.tags or {}
+    missing = [k for k in ("model_name", "layer") if k not in tags]
+    if missing:
+        raise ValueError(f"{_version_uri(mv)} lacks the version tags {missing}")
+    try:
+        layer = int(tags["layer"])
+    except ValueError:
+        raise ValueError(
+            f"{_version_uri(mv)} has a non-integer layer tag {tags['layer']!r}"
+        ) from None
+    hook = tags.get("hook_name", hook_name(layer))
+    if hook != hook_name(layer):
+        raise ValueError(
+            f"{_version_uri(mv)} is an SAE at {hook!r}; evaluation supports the residual stream "
+            f"after a block ({hook_name(layer)!r})"
+        )
+    return tags["model_name"], layer
+
+
+def config_hash(eval_name: str, config: Any, judge: str | None, mv: ModelVersion) -> str:
+    """Identity of an evaluation: eval, whole config, judge (if used) and the exact version."""
+    payload = {
+        "eval": eval_name,
+        "config": asdict(config) if is_dataclass(config) else dict(config),
+        "judge": judge,
+        "version": [mv.name, str(mv.version), mv.run_id, mv.source],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
+        :16
+    ]
+
+
+def _convert(text: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        lowered = text.strip().lower()
+        if lowered not in {"true", "false", "1", "0", "yes", "no"}:
+            raise ValueError(f"{text!r} is not a boolean (use true or false)")
+        return lowered in {"true", "1", "yes"}
+    if isinstance(default, int):
+        value = float(text)
+        if not value.is_integer():
+            raise ValueError(f"{text!r} is not an integer")
+        return int(value)
+    if isinstance(default, float):
+        return float(text)
+    if isinstance(default, tuple):
+        return tuple(_convert(p, default[0] if default else "") for p in text.split(",") if p)
+    return text
+
+
+def config_from_overrides(config_cls: type, overrides: dict[str, str], eval_name: str) -> Any:
+    """An eval config with string overrides (from the command line) converted by field type."""
+    defaults = config_cls()
+    names = [f.name for f in fields(config_cls)]
+    values = {}
+    for key, text in overrides.items():
+        if key not in names:
+            raise ValueError(f"{eval_name} has no config field {key!r}; fields: {', '.join(names)}")
+        try:
+            values[key] = _convert(text, getattr(defaults, key))
+        except ValueError as err:
+            raise ValueError(f"{eval_name}.{key}={text!r}: {err}") from None
+    return config_cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+
+
+def find_existing_run(mv: ModelVersion, eval_name: str, digest: str) -> Any | None:
+    """The latest FINISHED eval run of this version with this config hash, if any."""
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    name = mv.name.replace("'", "\\'")
+    runs = client.search_runs(
+        experiments,
+        filter_string=(
+            f"tags.`{RUN_TYPE_TAG}` = '{EVAL_RUN_TYPE}' AND tags.eval = '{eval_name}' "
+            f"AND tags.model_name = '{name}' AND tags.model_version = '{mv.version}' "
+            f"AND tags.{CONFIG_HASH_TAG} = '{digest}' AND attributes.status = 'FINISHED'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def run_tags(mv: ModelVersion, eval_name: str, digest: str) -> dict[str, str]:
+    """Tags linking an eval run to its version, plus the version's own tags."""
+    tags: dict[str, str] = {}
+    for key, value in (mv.tags or {}).items():
+        if key.startswith(_SKIP_VERSION_TAG_PREFIXES):
+            continue
+        # The registered model's name takes "model_name"; the LM's moves to "lm_name".
+        tags["lm_name" if key == "model_name" else key] = str(value)
+    tags.update(
+        {
+            RUN_TYPE_TAG: EVAL_RUN_TYPE,
+            "eval": eval_name,
+            "model_name": mv.name,
+            "model_version": str(mv.version),
+            "model_uri": _version_uri(mv),
+            "training_run_id": (mv.tags or {}).get("training_run_id") or mv.run_id or "",
+            CONFIG_HASH_TAG: digest,
+        }
+    )
+    return tags
+
+
+def _params(config: Any, judge: str | None) -> dict[str, str]:
+    values = asdict(config) if is_dataclass(config) else dict(config)
+    params = {
+        k: ",".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
+        for k, v in values.items()
+    }
+    if judge is not None:
+        params["judge"] = judge
+    return params
+
+
+def _sae_lens_version() -> str:
+    try:
+        return importlib_metadata.version("sae-lens")
+    except importlib_metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@contextmanager
+def _parent_run() -> Iterator[None]:
+    """Nest eval runs under the caller's active run, or under the `mlflow run` launcher run."""
+    launcher = os.environ.get("MLFLOW_RUN_ID")
+    if mlflow.active_run() is None and launcher:
+        # start_run resumes $MLFLOW_RUN_ID whenever it is set, nested or not: take it out while
+        # the eval runs start, or the first of them would be the launcher run itself.
+        os.environ.pop("MLFLOW_RUN_ID")
+        try:
+            with mlflow.start_run(run_id=launcher):
+                mlflow.set_tag(RUN_TYPE_TAG, BATCH_RUN_TYPE)
+                yield
+        finally:
+            os.environ["MLFLOW_RUN_ID"] = launcher
+    else:
+        yield
+
+
+def _log_eval_run(
+    name: str,
+    spec: EvalSpec,
+    compute: Callable[..., EvalOutput],
+    config: Any,
+    mv: ModelVersion,
+    sae: SparseAutoencoder,
+    lm: LoadedLM,
+    layer: int,
+    judge_name: str | None,
+    judge: Any,
+    hook_cache: HookCache,
+    digest: str,
+    started_runs: list[str],
+) -> EvalRunResult:
+    uri = _version_uri(mv)
+    started = time.perf_counter()
+    with mlflow.start_run(
+        run_name=f"{name}-{mv.name}-v{mv.version}",
+        nested=mlflow.active_run() is not None,
+        tags=run_tags(mv, name, digest),
+    ) as run:
+        started_runs.append(run.info.run_id)
+        mlflow.log_params(_params(config, judge_name))
+        if spec.uses_judge:
+            output = compute(sae, lm, layer, config, judge)
+        elif spec.uses_hook_cache:
+            output = compute(sae, lm, layer, config, hook_cache=hook_cache)
+        else:
+            output = compute(sae, lm, layer, config)
+        metrics = output.flat_metrics()
+        mlflow.log_metrics(metrics)
+        document = sae_bench_document(
+            spec.eval_type_id(name),
+            config,
+            output,
+            sae_cfg_dict=sae.saelens_cfg(),
+            registry_uri=uri,
+            sae_lens_version=_sae_lens_version(),
+        )
+        mlflow.log_dict(document, f"{name}_eval_results.json")
+        for table_name, table in output.tables.items():
+            mlflow.log_table(table, f"tables/{table_name}.json")
+        seconds = time.perf_counter() - started
+        mlflow.set_tag("eval_seconds", f"{seconds:.1f}")
+    MlflowClient().set_model_version_tag(
+        mv.name, mv.version, VERSION_LINK_TAG.format(name=name), run.info.run_id
+    )
+    log.info("%s on %s finished in %.1fs (run %s)", name, uri, seconds, run.info.run_id)
+    return EvalRunResult(uri, name, "FINISHED", run.info.run_id, metrics, seconds=seconds)
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+
+
+def evaluate(
+    model_uri: str,
+    evals: list[str],
+    judge: str = "offline",
+    force: bool = False,
+    *,
+    configs: dict[str, Any] | None = None,
+    hook_cache: HookCache | None = None,
+    lms: dict[str, LoadedLM] | None = None,
+) -> list[EvalRunResult]:
+    """Evaluate every version ``model_uri`` names with each eval; one MLflow run per pair.
+
+    Args:
+        model_uri: ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` or ``models:/NAME``.
+        evals: eval names (keys of ``EVALS``).
+        judge: judge for evals that use one (autointerp): "offline", "hf" or "openai".
+        force: recompute even where a FINISHED run with the same config exists.
+        configs: eval name → config instance (default: each eval's default config).
+        hook_cache: shared hook activations (default: in memory and under
+            ``$SAEFLOW_CACHE_DIR/hook_activations``).
+        lms: already loaded LMs by name (as in the versions' ``model_name`` tag).
+
+    Raises:
+        ValueError: bad input (eval names, URI, LM, configs, judge), before any run starts.
+        EvaluationFailed: after every eval was tried, if any failed (its run is FAILED).
+    """
+    names = parse_evals(evals)
+    configs = dict(configs or {})
+    unknown = sorted(set(configs) - set(names))
+    if unknown:
+        raise ValueError(f"configs given for evals not requested: {unknown}")
+    loaded = {name: EVALS[name].load() for name in names}
+    for name, (config_cls, _) in loaded.items():
+        config = configs.setdefault(name, config_cls())
+        if not isinstance(config, config_cls):
+            raise ValueError(f"config for {name} must be a {config_cls.__name__}")
+        if callable(getattr(config, "validate", None)):
+            config.validate()
+    versions = resolve_versions(model_uri)
+    sites = {mv.version: _version_site(mv) for mv in versions}
+    lms = dict(lms or {})
+    for lm_name, layer in sites.values():
+        if lm_name not in lms:
+            lms[lm_name] = load_lm(lm_name)
+        check_layer(lms[lm_name], layer)
+    for mv in versions:
+        d_in = (mv.tags or {}).get("d_in")
+        lm = lms[sites[mv.version][0]]
+        if d_in is not None and int(d_in) != lm.d_model:
+            raise ValueError(f"{_version_uri(mv)} has d_in {d_in} but {lm.name} has {lm.d_model}")
+    judges: dict[str, Any] = {}
+    if any(EVALS[n].uses_judge for n in names):
+        try:
+            from project.judges import build_judge
+        except ImportError as err:
+            raise ValueError(f"judge {judge!r} needs project.judges: {err}") from err
+        for lm_name, lm in lms.items():
+            judges[lm_name] = build_judge(judge, lm=lm)
+    hook_cache = hook_cache if hook_cache is not None else HookCache(default_hook_cache_dir())
+
+    results: list[EvalRunResult] = []
+    with _parent_run():
+        for mv in versions:
+            results.extend(
+                _evaluate_version(
+                    mv, names, loaded, configs, sites, lms, judge, judges, force, hook_cache
+                )
+            )
+    if any(not r.ok for r in results):
+        raise EvaluationFailed(results)
+    return results
+
+
+def _evaluate_version(
+    mv: ModelVersion,
+    names: list[str],
+    loaded: dict[str, tuple[type, Callable[..., EvalOutput]]],
+    configs: dict[str, Any],
+    sites: dict[str, tuple[str, int]],
+    lms: dict[str, LoadedLM],
+    judge_name: str,
+    judges: dict[str, Any],
+    force: bool,
+    hook_cache: HookCache,
+) -> list[EvalRunResult]:
+    uri = _version_uri(mv)
+    lm_name, layer = sites[mv.version]
+    results = []
+    sae: SparseAutoencoder | None = None
+    for name in names:
+        spec = EVALS[name]
+        judge_used = judge_name if spec.uses_judge else None
+        digest = config_hash(name, configs[name], judge_used, mv)
+        existing = None if force else find_existing_run(mv, name, digest)
+        if existing is not None:
+            run_id = existing.info.run_id
+            log.info("%s on %s: reusing FINISHED run %s (force=true recomputes)", name, uri, run_id)
+            MlflowClient().set_model_version_tag(
+                mv.name, mv.version, VERSION_LINK_TAG.format(name=name), run_id
+            )
+            results.append(
+                EvalRunResult(uri, name, "FINISHED", run_id, dict(existing.data.metrics), True)
+            )
+            continue
+        started = time.perf_counter()
+        started_runs: list[str] = []
+        try:
+            if sae is None:
+                sae = load_sae(uri)
+            results.append(
+                _log_eval_run(
+                    name,
+                    spec,
+                    loaded[name][1],
+                    configs[name],
+                    mv,
+                    sae,
+                    lms[lm_name],
+                    layer,
+                    judge_used,
+                    judges.get(lm_name),
+                    hook_cache,
+                    digest,
+                    started_runs,
+                )
+            )
+        except Exception as err:  # noqa: BLE001 - this eval's run is FAILED; the others go on
+            log.exception("%s on %s failed", name, uri)
+            results.append(
+                EvalRunResult(
+                    uri,
+                    name,
+                    "FAILED",
+                    started_runs[0] if started_runs else None,
+                    error=f"{type(err).__name__}: {err}",
+                    seconds=time.perf_counter() - started,
+                )
+            )
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"force={text!r} is not a boolean (use true or false)")
+
+
+def _overrides(extra: list[str]) -> dict[str, dict[str, str]]:
+    """``--eval.field VALUE`` / ``--eval.field=VALUE`` pairs, by eval."""
+    out: dict[str, dict[str, str]] = {}
+    i = 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ValueError(
+                f"unexpected argument {arg!r}; eval config overrides look like --core.n_tokens 8192"
+            )
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(extra):
+                raise ValueError(f"{arg} needs a value")
+            value = extra[i + 1]
+            i += 1
+        eval_name, _, field_name = key.partition(".")
+        if eval_name not in EVALS:
+            raise ValueError(
+                f"override {arg!r} names unknown eval {eval_name!r}; valid: {', '.join(EVALS)}"
+            )
+        out.setdefault(eval_name, {})[field_name] = value
+        i += 1
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_uri", required=True)
+    parser.add_argument("--evals", default="core,sparse_probing,absorption,autointerp")
+    parser.add_argument("--judge", default="offline")
+    parser.add_argument("--force", type=_parse_bool, default=False)
+    args, extra = parser.parse_known_args()
+    names = parse_evals(args.evals)
+    overrides = _overrides(extra)
+    not_requested = sorted(set(overrides) - set(names))
+    if not_requested:
+        raise ValueError(f"config overrides given for evals not requested: {not_requested}")
+    configs = {
+        name: config_from_overrides(EVALS[name].load()[0], values, name)
+        for name, values in overrides.items()
+    }
+    tracking_uri = configure_tracking(experiment=DEFAULT_EXPERIMENT)
+    try:
+        results = evaluate(args.model_uri, names, args.judge, args.force, configs=configs)
+    except EvaluationFailed as failed:
+        _print_results(failed.results, tracking_uri)
+        raise
+    _print_results(results, tracking_uri)
+
+
+def _print_results(results: list[EvalRunResult], tracking_uri: str) -> None:
+    for r in results:
+        state = "reused" if r.reused else r.status.lower()
+        where = f"run {r.run_id}" if r.run_id else "no run"
+        print(
+            f"{r.eval_name:>15} {r.model_uri}: {state}, {where}"
+            + (f" ({r.error})" if r.error else "")
+        )
+    print(f"browse: {ui_hint(tracking_uri)}")
+
+
+if __name__ == "__main__":
+    from project.cli import run_entry_point
+
+    run_entry_point(main)

@@ -1,0 +1,272 @@
+"""sparse_probing: k-sparse probes on SAE latents against probes on the raw activations.
+
+For each binary task (evaluation/probing_tasks.py), every text is run through the LM to the
+SAE's hook once (hook activations cached in a :class:`~evaluation.hook_cache.HookCache` and
+shared by every SAE), and both the activations and the SAE latents are mean-pooled over the
+text's tokens (BOS excluded: its attention-sink norm would dominate the mean). Then, as
+SAEBench does:
+
+- ``sae_top_{k}_test_accuracy``: keep the k latents with the largest |mean(pos) − mean(neg)|
+  on the train split, fit a logistic regression on them, report test accuracy;
+- ``sae_test_accuracy``: the same probe on all latents;
+- ``llm_test_accuracy`` (and ``llm_top_{k}_test_accuracy``): the same on the raw activations.
+
+Features are standardised on the train split before the (L2-regularised) logistic regression.
+Metrics are means over tasks; per-task values are in the details.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from evaluation.hook_cache import HookCache
+from evaluation.probing_tasks import ProbingTask, check_sources, load_tasks, parse_sources
+from evaluation.schema import EvalOutput
+from project.lm import LoadedLM, check_layer
+from project.saes import SparseAutoencoder
+
+logger = logging.getLogger(__name__)
+
+EVAL_TYPE_ID = "sparse_probing"
+
+
+@dataclass
+class SparseProbingConfig:
+    """Which tasks, how big, and the probes.
+
+    ``tasks``: comma-separated sources, see evaluation/probing_tasks.py (``stdlib``,
+    ``PATH[:TEXT_COLUMN:LABEL_COLUMN]``, ``hf:NAME[@CONFIG]:TEXT_COLUMN:LABEL_COLUMN[:SPLIT]``).
+    Each task has ``n_train_per_class`` + ``n_test_per_class`` texts per class (fewer if a class
+    is short), each cut to ``max_tokens`` tokens including BOS.
+    """
+
+    tasks: str = "stdlib"
+    k_values: tuple[int, ...] = field(default=(1, 2, 5))
+    n_train_per_class: int = 100
+    n_test_per_class: int = 50
+    max_tokens: int = 64
+    max_rows: int = 20_000
+    max_classes: int = 4
+    probe_c: float = 1.0
+    batch_size: int = 16
+    sae_batch_tokens: int = 4096
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.k_values = tuple(int(k) for k in self.k_values)
+        if not self.k_values or any(k <= 0 for k in self.k_values):
+            raise ValueError(f"sparse_probing k_values={self.k_values!r} must be positive ints")
+        for name in (
+            "n_train_per_class",
+            "n_test_per_class",
+            "max_rows",
+            "max_classes",
+            "batch_size",
+            "sae_batch_tokens",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"sparse_probing {name}={value!r} must be a positive integer")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 2:
+            raise ValueError(f"sparse_probing max_tokens={self.max_tokens!r} must be >= 2")
+        if not self.probe_c > 0:
+            raise ValueError(f"sparse_probing probe_c={self.probe_c!r} must be > 0")
+        parse_sources(self.tasks)  # syntax errors name the source
+
+    def validate(self) -> None:
+        """Checks that read files or the hub (existence, columns), run before any evaluation."""
+        check_sources(parse_sources(self.tasks))
+
+
+# ---------------------------------------------------------------------------------------------
+# tokens and pooled features
+
+
+def tokenize_texts(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, max_tokens: int
+) -> tuple[Tensor, Tensor]:
+    """Right-padded ids [N, T] and attention mask, BOS first (when the tokenizer has one)."""
+    bos = tokenizer.bos_token_id
+    body = max_tokens - 1 if bos is not None else max_tokens
+    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    rows = [([bos] if bos is not None else []) + ids[:body] for ids in encoded]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids_NT = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask_NT = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids_NT[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask_NT[i, : len(row)] = 1
+    return ids_NT, mask_NT
+
+
+def _pool_mask(mask_NT: Tensor, has_bos: bool) -> Tensor:
+    pool_NT = mask_NT.clone().float()
+    if has_bos:
+        pool_NT[:, 0] = 0
+    # A text of BOS alone (empty after tokenisation) pools over BOS rather than nothing.
+    empty = pool_NT.sum(dim=1) == 0
+    pool_NT[empty, 0] = 1
+    return pool_NT
+
+
+@torch.no_grad()
+def pooled_latents(
+    sae: SparseAutoencoder, acts_NTD: Tensor, pool_NT: Tensor, batch_tokens: int
+) -> Tensor:
+    """Mean over each text's pooled positions of the SAE latents, [N, F]."""
+    n, t, d = acts_NTD.shape
+    rows_M, cols_M = pool_NT.nonzero(as_tuple=True)
+    sums_NF = torch.zeros(n, sae.cfg.d_sae)
+    for start in range(0, rows_M.shape[0], batch_tokens):
+        r, c = rows_M[start : start + batch_tokens], cols_M[start : start + batch_tokens]
+        sums_NF.index_add_(0, r, sae.encode(acts_NTD[r, c]).float())
+    return sums_NF / pool_NT.sum(dim=1, keepdim=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# probes
+
+
+def probe_accuracy(
+    train_X: np.ndarray,
+    train_y: np.ndarray,
+    test_X: np.ndarray,
+    test_y: np.ndarray,
+    c: float,
+    seed: int,
+) -> float:
+    """Test accuracy of a logistic regression fit on standardised train features."""
+    scaler = StandardScaler().fit(train_X)
+    probe = LogisticRegression(C=c, max_iter=2000, random_state=seed)
+    probe.fit(scaler.transform(train_X), train_y)
+    return float(probe.score(scaler.transform(test_X), test_y))
+
+
+def top_k_by_mean_difference(train_X: np.ndarray, train_y: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k features with the largest |mean(pos) − mean(neg)| (train split)."""
+    diff = np.abs(train_X[train_y == 1].mean(axis=0) - train_X[train_y == 0].mean(axis=0))
+    k = min(k, diff.shape[0])
+    return np.argsort(-diff, kind="stable")[:k]
+
+
+def task_metrics(
+    prefix: str,
+    train_X: np.ndarray,
+    train_y: np.ndarray,
+    test_X: np.ndarray,
+    test_y: np.ndarray,
+    config: SparseProbingConfig,
+) -> dict[str, float]:
+    """``{prefix}_test_accuracy`` and ``{prefix}_top_{k}_test_accuracy`` for one task."""
+    out = {
+        f"{prefix}_test_accuracy": probe_accuracy(
+            train_X, train_y, test_X, test_y, config.probe_c, config.seed
+        )
+    }
+    for k in config.k_values:
+        idx = top_k_by_mean_difference(train_X, train_y, k)
+        out[f"{prefix}_top_{k}_test_accuracy"] = probe_accuracy(
+            train_X[:, idx], train_y, test_X[:, idx], test_y, config.probe_c, config.seed
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# entry
+
+
+_TASKS: dict[tuple, list[ProbingTask]] = {}
+
+
+def tasks_for(config: SparseProbingConfig) -> list[ProbingTask]:
+    """The config's tasks (read once per process)."""
+    key = (
+        config.tasks,
+        config.n_train_per_class,
+        config.n_test_per_class,
+        config.max_rows,
+        config.max_classes,
+        config.seed,
+    )
+    if key not in _TASKS:
+        _TASKS[key] = load_tasks(
+            config.tasks,
+            n_train=config.n_train_per_class,
+            n_test=config.n_test_per_class,
+            max_rows=config.max_rows,
+            max_classes=config.max_classes,
+            seed=config.seed,
+        )
+    return _TASKS[key]
+
+
+def compute(
+    sae: SparseAutoencoder,
+    lm: LoadedLM,
+    layer: int,
+    config: SparseProbingConfig,
+    hook_cache: HookCache | None = None,
+) -> EvalOutput:
+    """k-sparse probing accuracies of ``sae`` against probes on the raw activations."""
+    check_layer(lm, layer)
+    if sae.cfg.d_in != lm.d_model:
+        raise ValueError(f"SAE d_in {sae.cfg.d_in} does not match {lm.name}'s d_model {lm.d_model}")
+    hook_cache = hook_cache if hook_cache is not None else HookCache()
+    sae.eval()
+    tasks = tasks_for(config)
+    if not tasks:
+        raise ValueError(f"sparse_probing found no usable tasks in {config.tasks!r}")
+    # Each distinct text once; sorted by length so that batches carry little padding.
+    texts = sorted({t for task in tasks for t in (*task.train_texts, *task.test_texts)})
+    ids_NT, mask_NT = tokenize_texts(texts, lm.tokenizer, config.max_tokens)
+    order = torch.argsort(mask_NT.sum(dim=1), stable=True)
+    ids_NT, mask_NT = ids_NT[order], mask_NT[order]
+    row_of = {texts[int(i)]: row for row, i in enumerate(order)}
+    acts_NTD = hook_cache.activations(
+        lm, layer, ids_NT, mask_NT, desc="sparse_probing: hook activations"
+    )
+    pool_NT = _pool_mask(mask_NT, lm.tokenizer.bos_token_id is not None)
+    llm_ND = ((acts_NTD * pool_NT[..., None]).sum(dim=1) / pool_NT.sum(dim=1, keepdim=True)).numpy()
+    sae_NF = pooled_latents(sae, acts_NTD, pool_NT, config.sae_batch_tokens).numpy()
+
+    details = []
+    for task in tqdm(tasks, desc="sparse_probing: tasks", leave=False):
+        train_rows = [row_of[t] for t in task.train_texts]
+        test_rows = [row_of[t] for t in task.test_texts]
+        train_y, test_y = np.array(task.train_labels), np.array(task.test_labels)
+        row = {"dataset_name": task.name, "n_train": len(train_rows), "n_test": len(test_rows)}
+        row |= task_metrics("llm", llm_ND[train_rows], train_y, llm_ND[test_rows], test_y, config)
+        row |= task_metrics("sae", sae_NF[train_rows], train_y, sae_NF[test_rows], test_y, config)
+        details.append(row)
+
+    def mean_of(name: str) -> float:
+        return float(np.mean([d[name] for d in details]))
+
+    names = ["test_accuracy", *(f"top_{k}_test_accuracy" for k in config.k_values)]
+    metrics = {
+        "llm": {f"llm_{n}": mean_of(f"llm_{n}") for n in names},
+        "sae": {f"sae_{n}": mean_of(f"sae_{n}") for n in names},
+    }
+    logger.info(
+        "sparse_probing over %d tasks: llm %.3f, sae %.3f, sae top-1 %.3f",
+        len(details),
+        metrics["llm"]["llm_test_accuracy"],
+        metrics["sae"]["sae_test_accuracy"],
+        metrics["sae"].get("sae_top_1_test_accuracy", float("nan")),
+    )
+    return EvalOutput(
+        metrics=metrics,
+        details=details,
+        unstructured={"n_texts": len(texts), "n_tasks": len(details)},
+        tables={"per_task": {key: [d[key] for d in details] for key in details[0]}},
+    )

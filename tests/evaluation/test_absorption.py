@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from evaluation.absorption import (
+    AbsorptionConfig,
+    _absorption,
+    _fit_logistic,
+    _prefix_ids,
+    _select_words,
+    _word_activations,
+    compute,
+)
+from evaluation.schema import EvalOutput
+from project.lm import LoadedLM, residual_activations
+from project.saes import SAEConfig, build_sae
+
+SMALL = {
+    "max_tokens_per_letter": 24,
+    "min_tokens_per_letter": 12,
+    "max_k_value": 3,
+    "n_icl_examples": 3,
+}
+
+
+@pytest.mark.parametrize("architecture", ["topk", "relu"])
+def test_compute_is_well_formed(tiny_lm: LoadedLM, architecture: str) -> None:
+    torch.manual_seed(0)
+    k = {"k": 8} if architecture == "topk" else {}
+    sae = build_sae(SAEConfig(architecture=architecture, d_in=tiny_lm.d_model, d_sae=128, **k))
+    out = compute(sae, tiny_lm, 2, AbsorptionConfig(**SMALL))
+    assert isinstance(out, EvalOutput)
+    metrics = out.metrics["absorption"]
+    assert all(math.isfinite(v) for v in metrics.values())
+    for name in ("mean_absorption_fraction_score", "mean_full_absorption_score"):
+        assert 0.0 <= metrics[name] <= 1.0
+    assert 1.0 <= metrics["mean_num_split_features"] <= 3.0
+    letters = [d["first_letter"] for d in out.details]
+    assert letters == sorted(letters) and len(letters) >= 20
+    for detail in out.details:
+        assert 1 <= detail["num_split_features"] == len(detail["split_features"]) <= 3
+        assert detail["num_full_absorption"] <= detail["num_probe_true_positives"] <= 12
+        if detail["num_probe_true_positives"]:
+            assert 0.0 <= detail["mean_absorption_fraction"] <= 1.0
+    assert out.unstructured["n_words"] == 24 * len(letters)
+
+
+def test_cached_prefix_matches_full_prompts(tiny_lm: LoadedLM) -> None:
+    config = AbsorptionConfig(**SMALL)
+    words = _select_words(tiny_lm, config)
+    prefix = _prefix_ids(tiny_lm, config, words.icl_ids)
+    assert tiny_lm.tokenizer.decode(prefix).count("has the first letter:") == 3
+    word_ids = words.token_ids[:7]
+    cached_ND = _word_activations(tiny_lm, 2, prefix, word_ids, batch_size=3)
+    full_BT = torch.tensor([[*prefix, w] for w in word_ids])
+    expected_ND = residual_activations(tiny_lm, full_BT, 2)[:, -1]
+    torch.testing.assert_close(cached_ND, expected_ND, atol=1e-5, rtol=1e-4)
+    # Only single-token, space-led alphabetic words of at least two letters are used.
+    texts = tiny_lm.tokenizer.batch_decode([[i] for i in words.token_ids])
+    assert all(t[0] == " " and t[1:].isalpha() and len(t) >= 3 for t in texts)
+    assert all(t[1].lower() == words.alphabet[c] for t, c in zip(texts, words.letters, strict=True))
+
+
+def test_fit_logistic_returns_raw_space_weights() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x_ND = torch.randn(400, 5, generator=generator) * torch.tensor([1.0, 10.0, 0.1, 3.0, 1.0])
+    x_ND += torch.tensor([5.0, -20.0, 1.0, 0.0, 2.0])
+    y_CN = torch.stack([x_ND[:, 1] > -20.0, x_ND[:, 2] > 1.05])
+    w_CK, b_C = _fit_logistic(x_ND, y_CN, l2=1e-4)
+    accuracy = (y_CN == (x_ND @ w_CK.T + b_C > 0).T).float().mean(1)
+    assert (accuracy > 0.95).all()
+    # Per-head inputs give the same answer as shared ones.
+    w2_CK, b2_C = _fit_logistic(x_ND.expand(2, -1, -1), y_CN, l2=1e-4)
+    torch.testing.assert_close(w2_CK, w_CK, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(b2_C, b_C, atol=1e-2, rtol=1e-2)
+
+
+def test_absorption_formula() -> None:
+    """SAEBench's rules on hand-made cases: latent 0 is the main latent, 1 an aligned absorber,
+    2 a latent orthogonal to the probe."""
+    config = AbsorptionConfig()
+    dec_proj_F = torch.tensor([1.0, 0.8, 0.0])
+    cos_F = torch.tensor([1.0, 0.8, 0.0])
+    main = torch.tensor([0])
+    f_NF = torch.tensor(
+        [
+            [2.0, 0.0, 5.0],  # the main latent carries everything: no absorption
+            [0.0, 2.5, 0.0],  # the main latent is silent, the absorber carries a: full
+            [1.0, 1.25, 0.0],  # half and half
+            [0.0, 0.1, 3.0],  # nothing aligned carries enough: not absorption
+        ]
+    )
+    act_proj_N = torch.tensor([2.0, 2.0, 2.0, 2.0])
+    fractions, full = _absorption(act_proj_N, f_NF, dec_proj_F, cos_F, main, config)
+    assert fractions == pytest.approx([0.0, 1.0, 0.5, 0.0])
+    assert full == [False, True, False, False]
+
+
+def test_config_validation(tiny_lm: LoadedLM) -> None:
+    with pytest.raises(ValueError, match="prompt_template='{word}:' must contain"):
+        AbsorptionConfig(prompt_template="{word}:")
+    with pytest.raises(ValueError, match="test_fraction=0.95 must lie in"):
+        AbsorptionConfig(test_fraction=0.95)
+    with pytest.raises(ValueError, match="max_tokens_per_letter=5 must be >= min"):
+        AbsorptionConfig(max_tokens_per_letter=5)
+    with pytest.raises(ValueError, match="f1_jump_threshold=2.0 must lie in"):
+        AbsorptionConfig(f1_jump_threshold=2.0)
+    sae = build_sae(SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4))
+    with pytest.raises(ValueError, match="SAE d_in=32 does not match"):
+        compute(sae, tiny_lm, 1, AbsorptionConfig(**SMALL))
+    with pytest.raises(ValueError, match="layer 4 is out of range"):
+        compute(sae, tiny_lm, 4, AbsorptionConfig(**SMALL))

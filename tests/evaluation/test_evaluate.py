@@ -1,0 +1,265 @@
+"""The evaluate entry point: runs per (version, eval), tags and links, idempotence, bad input."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from evaluation import evaluate as evaluate_module
+from evaluation import sparse_probing
+from evaluation.core import CoreConfig
+from evaluation.evaluate import EvaluationFailed, evaluate, main
+from evaluation.sparse_probing import SparseProbingConfig
+from project.lm import build_tiny_random_lm, hook_name
+from project.registry import register_sae
+from project.saes import SAEConfig, build_sae
+from project.tracking import RUN_TYPE_TAG
+
+NAME = "sae-tiny-l1"
+LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory: pytest.TempPathFactory, saeflow_cache_dir) -> str:
+    lm = build_tiny_random_lm("llama")
+    path = tmp_path_factory.mktemp("tiny-llama-eval")
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return str(path.resolve())
+
+
+@pytest.fixture(scope="module")
+def labels_tsv(tmp_path_factory: pytest.TempPathFactory) -> str:
+    lines = ["text\tlabel"] + [
+        f"{'lovely great' if i % 2 else 'awful poor'} thing {i}\t{i % 2}" for i in range(60)
+    ]
+    path = tmp_path_factory.mktemp("labels") / "labels.tsv"
+    path.write_text("\n".join(lines))
+    return str(path)
+
+
+def small_configs(labels_tsv: str) -> dict:
+    return {
+        "core": CoreConfig(context_size=16, n_tokens=150, n_ce_windows=4, batch_size=4),
+        "sparse_probing": SparseProbingConfig(
+            tasks=labels_tsv, n_train_per_class=20, n_test_per_class=10, max_tokens=12
+        ),
+    }
+
+
+def register_versions(lm_dir: str, ks: tuple[int, ...] = (4, 8)) -> list[str]:
+    """Register one random TopK SAE per k, as training would (tags included)."""
+    uris = []
+    for k in ks:
+        torch.manual_seed(k)
+        sae = build_sae(SAEConfig(architecture="topk", d_in=64, d_sae=128, k=k))
+        with mlflow.start_run() as run:
+            mlflow.set_tag(RUN_TYPE_TAG, "train")
+            version = register_sae(
+                sae,
+                registered_model=NAME,
+                tags={
+                    "architecture": "topk",
+                    "target_l0": k,
+                    "d_in": 64,
+                    "d_sae": 128,
+                    "model_name": lm_dir,
+                    "hook_name": hook_name(LAYER),
+                    "layer": LAYER,
+                    "n_tokens": 1000,
+                    "training_run_id": run.info.run_id,
+                },
+            )
+        uris.append(f"models:/{NAME}/{version.version}")
+    return uris
+
+
+def eval_runs(filter_extra: str = "") -> list:
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    query = f"tags.`{RUN_TYPE_TAG}` = 'eval'" + (f" AND {filter_extra}" if filter_extra else "")
+    return client.search_runs(experiments, query)
+
+
+def test_every_version_gets_one_linked_run_per_eval(
+    lm_dir: str, labels_tsv: str, tracking_uri: str
+) -> None:
+    register_versions(lm_dir)
+    results = evaluate(
+        f"models:/{NAME}", ["core", "sparse_probing"], configs=small_configs(labels_tsv)
+    )
+    assert [(r.model_uri, r.eval_name) for r in results] == [
+        (f"models:/{NAME}/1", "core"),
+        (f"models:/{NAME}/1", "sparse_probing"),
+        (f"models:/{NAME}/2", "core"),
+        (f"models:/{NAME}/2", "sparse_probing"),
+    ]
+    assert all(r.ok and not r.reused for r in results)
+    runs = eval_runs()
+    assert len(runs) == 4
+    client = MlflowClient()
+    for run in runs:
+        tags, eval_name = run.data.tags, run.data.tags["eval"]
+        assert run.info.status == "FINISHED"
+        assert tags["model_name"] == NAME and tags["lm_name"] == lm_dir
+        version = client.get_model_version(NAME, tags["model_version"])
+        assert tags["training_run_id"] == version.tags["training_run_id"] == version.run_id
+        assert tags["architecture"] == "topk" and tags["d_sae"] == "128" and tags["layer"] == "1"
+        assert tags["target_l0"] == version.tags["target_l0"]
+        assert tags["eval_config_hash"]
+        assert version.tags[f"eval.{eval_name}.run_id"] == run.info.run_id
+        document = mlflow.artifacts.load_dict(
+            f"runs:/{run.info.run_id}/{eval_name}_eval_results.json"
+        )
+        assert document["eval_type_id"] == eval_name
+        assert document["saeflow_registry_uri"] == f"models:/{NAME}/{tags['model_version']}"
+        assert document["sae_cfg_dict"]["d_sae"] == 128
+        if eval_name == "core":
+            assert run.data.params["n_tokens"] == "150"
+            for metric in ("l0", "explained_variance", "mse", "cossim", "ce_loss_score"):
+                assert metric in run.data.metrics
+            for metric in ("kl_div_score", "frac_dead_latents", "freq_over_1_percent"):
+                assert metric in run.data.metrics
+            assert run.data.metrics["l0"] <= int(tags["target_l0"])
+            assert set(document["eval_result_metrics"]) >= {
+                "model_behavior_preservation",
+                "model_performance_preservation",
+                "reconstruction_quality",
+                "shrinkage",
+                "sparsity",
+            }
+        else:
+            assert run.data.params["k_values"] == "1,2,5"
+            for metric in ("llm_test_accuracy", "sae_test_accuracy", "sae_top_1_test_accuracy"):
+                assert metric in run.data.metrics
+            assert document["eval_result_details"][0]["dataset_name"] == "labels: 1 vs 0"
+
+
+def test_same_config_reuses_the_finished_run_unless_forced(
+    lm_dir: str, labels_tsv: str, tracking_uri: str
+) -> None:
+    (uri,) = register_versions(lm_dir, ks=(4,))
+    configs = {"core": small_configs(labels_tsv)["core"]}
+    (first,) = evaluate(uri, ["core"], configs=configs)
+    (again,) = evaluate(uri, ["core"], configs=configs)
+    assert again.reused and again.run_id == first.run_id
+    assert again.metrics == pytest.approx(first.metrics)
+    assert len(eval_runs()) == 1
+    (forced,) = evaluate(uri, ["core"], force=True, configs=configs)
+    assert not forced.reused and forced.run_id != first.run_id
+    bigger = {"core": CoreConfig(context_size=16, n_tokens=200, n_ce_windows=4, batch_size=4)}
+    (other,) = evaluate(uri, ["core"], configs=bigger)
+    assert not other.reused
+    assert len(eval_runs()) == 3
+    # The version links the latest run.
+    version = MlflowClient().get_model_version(NAME, "1")
+    assert version.tags["eval.core.run_id"] == other.run_id
+
+
+def test_an_alias_names_one_version(lm_dir: str, labels_tsv: str, tracking_uri: str) -> None:
+    register_versions(lm_dir)
+    MlflowClient().set_registered_model_alias(NAME, "best", "2")
+    configs = {"core": small_configs(labels_tsv)["core"]}
+    (result,) = evaluate(f"models:/{NAME}@best", ["core"], configs=configs)
+    assert result.model_uri == f"models:/{NAME}/2"
+
+
+@pytest.mark.parametrize(
+    ("uri", "evals", "judge", "message"),
+    [
+        (f"models:/{NAME}/1", ["core", "bogus"], "offline", "bogus.*valid evals: core"),
+        ("models:/no-such-model", ["core"], "offline", "models:/no-such-model"),
+        (f"models:/{NAME}/99", ["core"], "offline", f"models:/{NAME}/99"),
+        (f"models:/{NAME}@nope", ["core"], "offline", f"models:/{NAME}@nope"),
+        ("runs:/abc/sae", ["core"], "offline", "runs:/abc/sae"),
+        (f"models:/{NAME}/1", ["core", "autointerp"], "sorcerer", "sorcerer"),
+    ],
+)
+def test_bad_input_fails_before_any_run(
+    lm_dir: str, tracking_uri: str, uri: str, evals: list, judge: str, message: str
+) -> None:
+    register_versions(lm_dir, ks=(4,))
+    with pytest.raises(ValueError, match=message):
+        evaluate(uri, evals, judge)
+    assert eval_runs() == []
+
+
+def test_unreachable_judge_endpoint_fails_before_any_run(
+    lm_dir: str, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    register_versions(lm_dir, ks=(4,))
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    with pytest.raises(ValueError, match="127.0.0.1:9"):
+        evaluate(f"models:/{NAME}/1", ["core", "autointerp"], "openai")
+    assert eval_runs() == []
+
+
+def test_a_failing_eval_fails_only_its_own_run(
+    lm_dir: str, labels_tsv: str, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (uri,) = register_versions(lm_dir, ks=(4,))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("probe exploded")
+
+    monkeypatch.setattr(sparse_probing, "compute", broken)
+    with pytest.raises(EvaluationFailed, match="probe exploded") as failed:
+        evaluate(uri, ["sparse_probing", "core"], configs=small_configs(labels_tsv))
+    by_eval = {r.eval_name: r for r in failed.value.results}
+    assert by_eval["core"].ok and not by_eval["sparse_probing"].ok
+    client = MlflowClient()
+    assert client.get_run(by_eval["sparse_probing"].run_id).info.status == "FAILED"
+    assert client.get_run(by_eval["core"].run_id).info.status == "FINISHED"
+    # The failed eval is retried next time; the finished one is reused.
+    monkeypatch.undo()
+    results = evaluate(uri, ["sparse_probing", "core"], configs=small_configs(labels_tsv))
+    assert [(r.eval_name, r.reused) for r in results] == [
+        ("sparse_probing", False),
+        ("core", True),
+    ]
+
+
+def test_command_line_takes_config_overrides(
+    lm_dir: str,
+    tracking_uri: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    (uri,) = register_versions(lm_dir, ks=(4,))
+    argv = [
+        "evaluate",
+        f"--model_uri={uri}",
+        "--evals=core",
+        "--judge=offline",
+        "--force=false",
+        "--core.n_tokens",
+        "120",
+        "--core.context_size=16",
+        "--core.n_ce_windows=2",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    main()
+    (run,) = eval_runs()
+    assert run.data.params["n_tokens"] == "120" and run.data.params["context_size"] == "16"
+    out = capsys.readouterr().out
+    assert run.info.run_id in out and "browse:" in out
+
+    monkeypatch.setattr(sys, "argv", [*argv[:5], "--core.no_such_field=1"])
+    with pytest.raises(ValueError, match="no_such_field"):
+        main()
+    monkeypatch.setattr(sys, "argv", [*argv[:4], "--force=maybe"])
+    with pytest.raises(SystemExit):
+        main()
+
+
+def test_registry_lists_every_eval() -> None:
+    assert set(evaluate_module.EVALS) == {"core", "sparse_probing", "absorption", "autointerp"}
+    config_cls, compute = evaluate_module.EVALS["core"].load()
+    assert config_cls is CoreConfig and callable(compute)
+    assert Path(evaluate_module.__file__).name == "evaluate.py"

@@ -1,0 +1,196 @@
+"""sparse_probing: tasks with real labels, k-sparse selection, probes on a tiny LM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evaluation import probing_tasks
+from evaluation.hook_cache import HookCache
+from evaluation.probing_tasks import TaskSource, load_tasks, parse_sources, stdlib_tasks
+from evaluation.sparse_probing import (
+    SparseProbingConfig,
+    compute,
+    task_metrics,
+    tokenize_texts,
+    top_k_by_mean_difference,
+)
+from project.lm import LoadedLM
+from project.saes import SAEConfig, build_sae
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+SMS = SHARED / "sms_spam.tsv"
+SST2 = SHARED / "sst2_dev.tsv"
+
+
+def test_probes_on_real_labelled_data_beat_chance(tiny_lm: LoadedLM) -> None:
+    if not SMS.is_file() or not SST2.is_file():
+        pytest.skip(f"shared labelled data not found under {SHARED}")
+    config = SparseProbingConfig(
+        tasks=f"{SMS},{SST2}:sentence:label", n_train_per_class=150, n_test_per_class=75
+    )
+    sae = build_sae(SAEConfig(architecture="topk", d_in=64, d_sae=256, k=16)).eval()
+    out = compute(sae, tiny_lm, 1, config, HookCache())
+    by_task = {d["dataset_name"]: d for d in out.details}
+    assert set(by_task) == {"sms_spam: spam vs ham", "sst2_dev: 1 vs 0"}
+    # Even a random LM's mean-pooled residual carries bag-of-words information.
+    assert by_task["sms_spam: spam vs ham"]["llm_test_accuracy"] > 0.75
+    assert out.metrics["llm"]["llm_test_accuracy"] > 0.6
+    assert set(out.metrics["sae"]) == {
+        "sae_test_accuracy",
+        "sae_top_1_test_accuracy",
+        "sae_top_2_test_accuracy",
+        "sae_top_5_test_accuracy",
+    }
+    for row in out.details:
+        assert row["n_train"] == 300 and row["n_test"] == 150
+        for key, value in row.items():
+            if key.endswith("accuracy"):
+                assert 0 <= value <= 1, key
+    assert out.metrics["sae"]["sae_test_accuracy"] == pytest.approx(
+        np.mean([d["sae_test_accuracy"] for d in out.details])
+    )
+    assert out.tables["per_task"]["dataset_name"] == list(by_task)
+
+
+def test_stdlib_tasks_are_real_balanced_and_disjoint() -> None:
+    tasks = stdlib_tasks(n_train=40, n_test=20, seed=0)
+    assert len(tasks) >= 8
+    names = {t.name for t in tasks}
+    assert {
+        "stdlib: email vs rest",
+        "stdlib: asyncio vs xml",
+        "stdlib: docstring vs comment",
+    } <= names
+    for task in tasks:
+        assert sum(task.train_labels) * 2 == len(task.train_labels)
+        assert sum(task.test_labels) * 2 == len(task.test_labels)
+        assert not set(task.train_texts) & set(task.test_texts)
+    # Labels are where the text comes from: email's positives are email's snippets.
+    pool = probing_tasks._stdlib_pool(60, 0)
+    package_of = {s.text: s.package for s in pool}
+    email = next(t for t in tasks if t.name == "stdlib: email vs rest")
+    for text, label in zip(email.train_texts, email.train_labels, strict=True):
+        assert (package_of[text] == "email") == bool(label)
+
+
+def test_top_k_selection_picks_the_separating_latents() -> None:
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 100)
+    X = rng.normal(size=(200, 50))
+    X[:, 7] += 3 * y
+    X[:, 11] -= 2 * y
+    assert list(top_k_by_mean_difference(X, y, 2)) == [7, 11]
+    config = SparseProbingConfig(k_values=(1, 2))
+    metrics = task_metrics("sae", X[::2], y[::2], X[1::2], y[1::2], config)
+    assert metrics["sae_top_1_test_accuracy"] > 0.85
+    assert set(metrics) == {
+        "sae_test_accuracy",
+        "sae_top_1_test_accuracy",
+        "sae_top_2_test_accuracy",
+    }
+
+
+def test_texts_are_pooled_without_bos_and_padding(tiny_lm: LoadedLM) -> None:
+    ids_NT, mask_NT = tokenize_texts(["a b c d e f", "x"], tiny_lm.tokenizer, 4)
+    assert ids_NT.shape == (2, 4)
+    assert ids_NT[0, 0] == ids_NT[1, 0] == tiny_lm.tokenizer.bos_token_id
+    assert mask_NT.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+
+
+def test_task_sources_parse() -> None:
+    assert parse_sources("stdlib") == [TaskSource("stdlib")]
+    (hub,) = parse_sources("hf:stanfordnlp/sst2:sentence:label:validation")
+    assert hub == TaskSource("hf", "stanfordnlp/sst2", "sentence", "label", None, "validation")
+    (hub,) = parse_sources("hf:glue@sst2:sentence:label")
+    assert (hub.name, hub.config_name, hub.split) == ("glue", "sst2", "train")
+    (file,) = parse_sources("/data/reviews.csv:review:stars")
+    assert file == TaskSource("file", "/data/reviews.csv", "review", "stars")
+    for bad in ("hf:only-a-name", "notes.txt", ""):
+        with pytest.raises(ValueError):
+            parse_sources(bad)
+
+
+def test_file_sources_are_checked_before_work(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        SparseProbingConfig(tasks=str(tmp_path / "missing.tsv")).validate()
+    path = tmp_path / "reviews.csv"
+    path.write_text("review,stars,extra\ngood,5,x\n")
+    with pytest.raises(ValueError, match="name the text and label columns"):
+        SparseProbingConfig(tasks=str(path)).validate()
+    with pytest.raises(ValueError, match="no column 'rating'"):
+        SparseProbingConfig(tasks=f"{path}:review:rating").validate()
+    SparseProbingConfig(tasks=f"{path}:review:stars").validate()
+
+
+def test_multiclass_files_give_one_vs_rest_tasks(tmp_path: Path) -> None:
+    path = tmp_path / "topics.jsonl"
+    rows = [
+        {"text": f"{topic} document number {i}", "topic": topic}
+        for topic in ("sports", "politics", "science")
+        for i in range(40)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    tasks = load_tasks(f"{path}:text:topic", n_train=20, n_test=10, max_classes=2)
+    assert [t.name for t in tasks] == ["topics: sports vs rest", "topics: politics vs rest"]
+    for task in tasks:
+        positive = task.name.split(": ")[1].split(" vs")[0]
+        for text, label in zip(task.test_texts, task.test_labels, strict=True):
+            assert text.startswith(positive) == bool(label)
+
+
+def test_hub_datasets_are_read_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config_name=None, split="train", streaming=False):
+        calls.append((name, config_name, split, streaming))
+        return iter(
+            {"sentence": f"text {i} {'good' if i % 2 else 'bad'}", "label": i % 2}
+            for i in range(80)
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    tasks = load_tasks("hf:someone/reviews@en:sentence:label:validation", n_train=20, n_test=10)
+    assert calls == [("someone/reviews", "en", "validation", True)]
+    (task,) = tasks
+    assert task.name == "someone/reviews: 1 vs 0"
+    assert len(task.train_texts) == 40 and len(task.test_texts) == 20
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"k_values": (0, 2)}, "k_values"),
+        ({"n_train_per_class": 0}, "n_train_per_class=0"),
+        ({"max_tokens": 1}, "max_tokens=1"),
+        ({"probe_c": 0.0}, "probe_c"),
+        ({"tasks": "hf:x"}, "hf:x"),
+    ],
+)
+def test_bad_probing_config_is_rejected(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SparseProbingConfig(**overrides)
+
+
+def test_a_second_sae_reuses_the_hook_activations(tiny_lm: LoadedLM, tmp_path: Path) -> None:
+    path = tmp_path / "labels.tsv"
+    lines = ["text\tlabel"] + [
+        f"{'great fine' if i % 2 else 'awful bad'} item {i}\t{i % 2}" for i in range(60)
+    ]
+    path.write_text("\n".join(lines))
+    config = SparseProbingConfig(tasks=str(path), n_train_per_class=20, n_test_per_class=10)
+    cache = HookCache()
+    saes = [build_sae(SAEConfig(architecture="relu", d_in=64, d_sae=128)).eval() for _ in range(2)]
+    first = compute(saes[0], tiny_lm, 1, config, cache)
+    misses = cache.misses
+    second = compute(saes[1], tiny_lm, 1, config, cache)
+    assert cache.misses == misses
+    # The LLM probe does not depend on the SAE.
+    assert first.metrics["llm"] == second.metrics["llm"]
+    assert torch.isfinite(torch.tensor(list(second.metrics["sae"].values()))).all()
