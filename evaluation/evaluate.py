@@ -42,6 +42,7 @@ from mlflow.tracking import MlflowClient
 
 from evaluation.hook_cache import HookCache, default_hook_cache_dir
 from evaluation.schema import EvalOutput, sae_bench_document
+from project.cli import parse_bool, run_entry_point
 from project.lm import LoadedLM, check_layer, hook_name, load_lm
 from project.registry import load_sae, parse_model_uri
 from project.saes import SparseAutoencoder
@@ -525,15 +526,6 @@ def _evaluate_version(
 # command line
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in {"1", "true", "yes", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "off"}:
-        return False
-    raise argparse.ArgumentTypeError(f"force={text!r} is not a boolean (use true or false)")
-
-
 def _overrides(extra: list[str]) -> dict[str, dict[str, str]]:
     """``--eval.field VALUE`` / ``--eval.field=VALUE`` pairs, by eval."""
     out: dict[str, dict[str, str]] = {}
@@ -565,7 +557,7 @@ def main() -> None:
     parser.add_argument("--model_uri", required=True)
     parser.add_argument("--evals", default="core,sparse_probing,absorption,autointerp")
     parser.add_argument("--judge", default="offline")
-    parser.add_argument("--force", type=_parse_bool, default=False)
+    parser.add_argument("--force", type=parse_bool, default=False)
     args, extra = parser.parse_known_args()
     names = parse_evals(args.evals)
     overrides = _overrides(extra)
@@ -597,6 +589,4 @@ def _print_results(results: list[EvalRunResult], tracking_uri: str) -> None:
 
 
 if __name__ == "__main__":
-    from project.cli import run_entry_point
-
     run_entry_point(main)

@@ -17,8 +17,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -41,6 +39,7 @@ from project.corpus import (
     stdlib_dir,
     token_windows,
 )
+from project.fsutil import atomic_write_dir
 from project.lm import (
     LoadedLM,
     canonical_model_name,
@@ -290,29 +289,11 @@ def _s3_download(client: Any, uri: str, key: str, local: Path) -> None:
                 bucket, _s3_object_key(prefix, key, shard["file"]), str(tmp / shard["file"])
             )
 
-    _atomic_write_dir(local, write)
+    atomic_write_dir(local, write, lambda d: (d / METADATA_FILE).is_file())
 
 
 # ---------------------------------------------------------------------------------------------
 # harvest
-
-
-def _atomic_write_dir(target: Path, write: Any) -> None:
-    """Run write(tmp) on a sibling temp dir, then rename it to `target` (complete or absent)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name[:16]}-", dir=target.parent))
-    # mkdtemp makes the dir private (0700); give it the usual umask-derived mode instead.
-    tmp.chmod(0o777 & ~_umask())
-    try:
-        write(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / METADATA_FILE).is_file():
-                raise
-            logger.info("cache entry %s was completed concurrently; keeping that one", target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _dataset_for(spec: CorpusSpec, fingerprint: str) -> mlflow.data.meta_dataset.MetaDataset:
@@ -500,7 +481,7 @@ def harvest(
             # Written last: a directory with metadata.json is a complete cache.
             (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
 
-        _atomic_write_dir(local, write)
+        atomic_write_dir(local, write, lambda d: (d / METADATA_FILE).is_file())
         cache = ActivationCache(local)
         if remote:
             _s3_upload(client, local, str(cache_root), key)
@@ -524,9 +505,3 @@ def _reused(local: Path) -> HarvestResult:
     return HarvestResult(
         cache=cache, harvest_run_id=cache.metadata.get("harvest_run_id"), reused=True
     )
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -15,7 +15,7 @@ EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
         return True
@@ -45,7 +45,7 @@ def add_dataclass_arguments(
         default = field.default if field.default is not MISSING else field.default_factory()  # type: ignore[misc]
         kind: Callable[[str], Any] = type(default)
         if isinstance(default, bool):
-            kind = _parse_bool
+            kind = parse_bool
         elif isinstance(default, int):
             kind = _parse_int
         parser.add_argument(f"--{field.name}", type=kind, default=default)

@@ -17,8 +17,6 @@ import importlib.metadata
 import logging
 import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,6 +31,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from project.fsutil import atomic_write_dir
 
 logger = logging.getLogger(__name__)
 
@@ -113,25 +113,6 @@ def _gguf_cache_key(gguf: Path) -> str:
     return f"{gguf.stem.lower()}-{h.hexdigest()[:12]}"
 
 
-def _atomic_save_dir(target: Path, write: Callable[[Path], None]) -> None:
-    """Write a directory via a sibling temp dir + rename, so `target` is complete or absent."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-    # mkdtemp makes the dir private (0700); give it the usual umask-derived mode instead.
-    tmp.chmod(0o777 & ~_umask())
-    try:
-        write(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not target.exists():
-                raise
-            # Another process finished the same entry first; theirs is as good as ours.
-            logger.info("cache entry %s was written concurrently; keeping that one", target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _load_gguf(
     gguf: Path, dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Path]:
@@ -157,7 +138,7 @@ def _load_gguf(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    _atomic_save_dir(entry, write)
+    atomic_write_dir(entry, write, Path.exists)
     return model.to(dtype), tokenizer, entry
 
 
@@ -298,7 +279,9 @@ def load_tokenizer(name: str = DEFAULT_LM) -> PreTrainedTokenizerBase:
         if (entry / "tokenizer_config.json").is_file():
             return AutoTokenizer.from_pretrained(entry)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    _atomic_save_dir(saeflow_cache_dir() / "tokenizers" / key, tokenizer.save_pretrained)
+    atomic_write_dir(
+        saeflow_cache_dir() / "tokenizers" / key, tokenizer.save_pretrained, Path.exists
+    )
     return tokenizer
 
 
@@ -488,9 +471,3 @@ def build_tiny_random_lm(
         d_model=d_model,
         weights_path="",
     )
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
