@@ -41,10 +41,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from evaluation.hook_cache import HookCache, logits_from_hook
+from evaluation.hook_cache import HookCache, check_sae_fits, logits_from_hook
 from evaluation.schema import EvalOutput
 from project.corpus import DEFAULT_CORPUS, iter_texts, resolve_corpus, token_windows
-from project.lm import LoadedLM, check_layer
+from project.lm import LoadedLM
 from project.saes import SparseAutoencoder
 
 logger = logging.getLogger(__name__)
@@ -398,9 +398,7 @@ def compute(
     hook_cache: HookCache | None = None,
 ) -> EvalOutput:
     """All core metrics of ``sae`` (trained on block ``layer``'s output of ``lm``)."""
-    check_layer(lm, layer)
-    if sae.cfg.d_in != lm.d_model:
-        raise ValueError(f"SAE d_in {sae.cfg.d_in} does not match {lm.name}'s d_model {lm.d_model}")
+    check_sae_fits(sae, lm, layer)
     hook_cache = hook_cache if hook_cache is not None else HookCache()
     sae.eval()
     ids_WT = eval_windows(config, lm.tokenizer)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from project.lm import LoadedLM, check_layer, decoder_blocks, residual_activations
+from project.saes import SparseAutoencoder
 
 logger = logging.getLogger(__name__)
 
@@ -324,3 +325,10 @@ def logits_from_hook(
         for i, block in enumerate(originals):
             blocks[i] = block
     return out.logits.float()
+
+
+def check_sae_fits(sae: SparseAutoencoder, lm: LoadedLM, layer: int) -> None:
+    """The SAE reads block ``layer`` of ``lm``: the layer exists and the widths agree."""
+    check_layer(lm, layer)
+    if sae.cfg.d_in != lm.d_model:
+        raise ValueError(f"SAE d_in {sae.cfg.d_in} does not match {lm.name}'s d_model {lm.d_model}")

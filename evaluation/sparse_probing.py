@@ -28,10 +28,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from evaluation.hook_cache import HookCache
+from evaluation.hook_cache import HookCache, check_sae_fits
 from evaluation.probing_tasks import ProbingTask, check_sources, load_tasks, parse_sources
 from evaluation.schema import EvalOutput
-from project.lm import LoadedLM, check_layer
+from project.lm import LoadedLM
 from project.saes import SparseAutoencoder
 
 logger = logging.getLogger(__name__)
@@ -218,9 +218,7 @@ def compute(
     hook_cache: HookCache | None = None,
 ) -> EvalOutput:
     """k-sparse probing accuracies of ``sae`` against probes on the raw activations."""
-    check_layer(lm, layer)
-    if sae.cfg.d_in != lm.d_model:
-        raise ValueError(f"SAE d_in {sae.cfg.d_in} does not match {lm.name}'s d_model {lm.d_model}")
+    check_sae_fits(sae, lm, layer)
     hook_cache = hook_cache if hook_cache is not None else HookCache()
     sae.eval()
     tasks = tasks_for(config)

@@ -24,7 +24,7 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (use true or false)")
 
 
-def _parse_int(text: str) -> int:
+def parse_int(text: str) -> int:
     """Integers as MLflow may pass them: "4", "4.0", "1e6"."""
     try:
         value = float(text)
@@ -47,7 +47,7 @@ def add_dataclass_arguments(
         if isinstance(default, bool):
             kind = parse_bool
         elif isinstance(default, int):
-            kind = _parse_int
+            kind = parse_int
         parser.add_argument(f"--{field.name}", type=kind, default=default)
 
 

@@ -51,7 +51,7 @@ from mlflow.entities.model_registry import ModelVersion
 from torch import Tensor
 
 from project import dictionary_learning
-from project.cli import run_entry_point
+from project.cli import parse_int, run_entry_point
 from project.corpus import DEFAULT_CORPUS, iter_texts, resolve_corpus, token_windows
 from project.lm import DEFAULT_LM, LoadedLM, check_layer, hook_name, load_lm, residual_activations
 from project.registry import default_registered_model_name, register_sae
@@ -561,13 +561,7 @@ def _parse_layer(text: str) -> int | None:
     """``--layer``: "auto"/"none" or an integer as MLflow may pass it ("4", "4.0")."""
     if text.strip().lower() in _AUTO:
         return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer layer or 'auto'") from None
-    if not value.is_integer():
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer layer or 'auto'")
-    return int(value)
+    return parse_int(text)
 
 
 def main() -> None:
