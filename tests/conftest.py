@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import boto3
@@ -51,6 +51,32 @@ def saeflow_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
 def tiny_lm(saeflow_cache_dir: Path) -> LoadedLM:
     """A 4-layer, d_model 64 random Llama with the SmolLM2 tokenizer (session-wide, read-only)."""
     return build_tiny_random_lm("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir_for(
+    tmp_path_factory: pytest.TempPathFactory, saeflow_cache_dir: Path
+) -> Callable[[str], str]:
+    """Save a tiny random LM of a family as a local HF directory (once per family): the form
+    in which users name a model, so entry points load it through `load_lm` like any other."""
+    saved: dict[str, str] = {}
+
+    def save(family: str) -> str:
+        if family not in saved:
+            lm = build_tiny_random_lm(family)
+            path = tmp_path_factory.mktemp(f"tiny-{family}")
+            lm.model.save_pretrained(path)
+            lm.tokenizer.save_pretrained(path)
+            saved[family] = str(path.resolve())
+        return saved[family]
+
+    return save
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tiny_lm_dir_for: Callable[[str], str]) -> str:
+    """The `tiny_lm` Llama as a local HF directory."""
+    return tiny_lm_dir_for("llama")
 
 
 @pytest.fixture(scope="session")

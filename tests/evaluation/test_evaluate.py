@@ -15,22 +15,13 @@ from evaluation import sparse_probing
 from evaluation.core import CoreConfig
 from evaluation.evaluate import EvaluationFailed, evaluate, main
 from evaluation.sparse_probing import SparseProbingConfig
-from project.lm import build_tiny_random_lm, hook_name
+from project.lm import hook_name
 from project.registry import register_sae
 from project.saes import SAEConfig, build_sae
 from project.tracking import RUN_TYPE_TAG
 
 NAME = "sae-tiny-l1"
 LAYER = 1
-
-
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory: pytest.TempPathFactory, saeflow_cache_dir) -> str:
-    lm = build_tiny_random_lm("llama")
-    path = tmp_path_factory.mktemp("tiny-llama-eval")
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return str(path.resolve())
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +43,7 @@ def small_configs(labels_tsv: str) -> dict:
     }
 
 
-def register_versions(lm_dir: str, ks: tuple[int, ...] = (4, 8)) -> list[str]:
+def register_versions(tiny_lm_dir: str, ks: tuple[int, ...] = (4, 8)) -> list[str]:
     """Register one random TopK SAE per k, as training would (tags included)."""
     uris = []
     for k in ks:
@@ -68,7 +59,7 @@ def register_versions(lm_dir: str, ks: tuple[int, ...] = (4, 8)) -> list[str]:
                     "target_l0": k,
                     "d_in": 64,
                     "d_sae": 128,
-                    "model_name": lm_dir,
+                    "model_name": tiny_lm_dir,
                     "hook_name": hook_name(LAYER),
                     "layer": LAYER,
                     "n_tokens": 1000,
@@ -87,9 +78,9 @@ def eval_runs(filter_extra: str = "") -> list:
 
 
 def test_every_version_gets_one_linked_run_per_eval(
-    lm_dir: str, labels_tsv: str, tracking_uri: str
+    tiny_lm_dir: str, labels_tsv: str, tracking_uri: str
 ) -> None:
-    register_versions(lm_dir)
+    register_versions(tiny_lm_dir)
     results = evaluate(
         f"models:/{NAME}", ["core", "sparse_probing"], configs=small_configs(labels_tsv)
     )
@@ -106,7 +97,7 @@ def test_every_version_gets_one_linked_run_per_eval(
     for run in runs:
         tags, eval_name = run.data.tags, run.data.tags["eval"]
         assert run.info.status == "FINISHED"
-        assert tags["model_name"] == NAME and tags["lm_name"] == lm_dir
+        assert tags["model_name"] == NAME and tags["lm_name"] == tiny_lm_dir
         version = client.get_model_version(NAME, tags["model_version"])
         assert tags["training_run_id"] == version.tags["training_run_id"] == version.run_id
         assert tags["architecture"] == "topk" and tags["d_sae"] == "128" and tags["layer"] == "1"
@@ -141,9 +132,9 @@ def test_every_version_gets_one_linked_run_per_eval(
 
 
 def test_same_config_reuses_the_finished_run_unless_forced(
-    lm_dir: str, labels_tsv: str, tracking_uri: str
+    tiny_lm_dir: str, labels_tsv: str, tracking_uri: str
 ) -> None:
-    (uri,) = register_versions(lm_dir, ks=(4,))
+    (uri,) = register_versions(tiny_lm_dir, ks=(4,))
     configs = {"core": small_configs(labels_tsv)["core"]}
     (first,) = evaluate(uri, ["core"], configs=configs)
     (again,) = evaluate(uri, ["core"], configs=configs)
@@ -161,8 +152,8 @@ def test_same_config_reuses_the_finished_run_unless_forced(
     assert version.tags["eval.core.run_id"] == other.run_id
 
 
-def test_an_alias_names_one_version(lm_dir: str, labels_tsv: str, tracking_uri: str) -> None:
-    register_versions(lm_dir)
+def test_an_alias_names_one_version(tiny_lm_dir: str, labels_tsv: str, tracking_uri: str) -> None:
+    register_versions(tiny_lm_dir)
     MlflowClient().set_registered_model_alias(NAME, "best", "2")
     configs = {"core": small_configs(labels_tsv)["core"]}
     (result,) = evaluate(f"models:/{NAME}@best", ["core"], configs=configs)
@@ -181,18 +172,18 @@ def test_an_alias_names_one_version(lm_dir: str, labels_tsv: str, tracking_uri: 
     ],
 )
 def test_bad_input_fails_before_any_run(
-    lm_dir: str, tracking_uri: str, uri: str, evals: list, judge: str, message: str
+    tiny_lm_dir: str, tracking_uri: str, uri: str, evals: list, judge: str, message: str
 ) -> None:
-    register_versions(lm_dir, ks=(4,))
+    register_versions(tiny_lm_dir, ks=(4,))
     with pytest.raises(ValueError, match=message):
         evaluate(uri, evals, judge)
     assert eval_runs() == []
 
 
 def test_unreachable_judge_endpoint_fails_before_any_run(
-    lm_dir: str, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+    tiny_lm_dir: str, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    register_versions(lm_dir, ks=(4,))
+    register_versions(tiny_lm_dir, ks=(4,))
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
     monkeypatch.setenv("OPENAI_API_KEY", "test")
     with pytest.raises(ValueError, match="127.0.0.1:9"):
@@ -201,9 +192,9 @@ def test_unreachable_judge_endpoint_fails_before_any_run(
 
 
 def test_a_failing_eval_fails_only_its_own_run(
-    lm_dir: str, labels_tsv: str, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+    tiny_lm_dir: str, labels_tsv: str, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (uri,) = register_versions(lm_dir, ks=(4,))
+    (uri,) = register_versions(tiny_lm_dir, ks=(4,))
 
     def broken(*args, **kwargs):
         raise RuntimeError("probe exploded")
@@ -226,12 +217,12 @@ def test_a_failing_eval_fails_only_its_own_run(
 
 
 def test_command_line_takes_config_overrides(
-    lm_dir: str,
+    tiny_lm_dir: str,
     tracking_uri: str,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
 ) -> None:
-    (uri,) = register_versions(lm_dir, ks=(4,))
+    (uri,) = register_versions(tiny_lm_dir, ks=(4,))
     argv = [
         "evaluate",
         f"--model_uri={uri}",

@@ -26,20 +26,11 @@ from torch import Tensor
 
 from project import dictionary_learning
 from project.import_sae import import_sae, residual_layer
-from project.lm import LoadedLM
 from project.registry import VERSION_TAG_KEYS, load_sae
 from project.tracking import RUN_TYPE_TAG
 
 D_IN, D_SAE, K = 64, 256, 8
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def tiny_lm_dir(tiny_lm: LoadedLM, tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("tiny-llama-import")
-    tiny_lm.model.save_pretrained(path)
-    tiny_lm.tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def assert_nothing_logged() -> None:

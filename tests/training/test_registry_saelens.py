@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -9,7 +10,6 @@ import pytest
 import torch
 from sae_lens import SAE
 
-from project.lm import build_tiny_random_lm
 from project.registry import SAE_ARTIFACT, load_sae
 from project.saes import ARCHITECTURES
 from training.config import TrainConfig
@@ -17,12 +17,8 @@ from training.sweep import SweepConfig, sweep
 
 
 @pytest.fixture(scope="module")
-def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    lm = build_tiny_random_lm("qwen2")
-    path = tmp_path_factory.mktemp("tiny-qwen2")
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return str(path)
+def tiny_lm_dir(tiny_lm_dir_for: Callable[[str], str]) -> str:
+    return tiny_lm_dir_for("qwen2")  # a second family beside the Llama of the other tests
 
 
 def test_every_architecture_round_trips_through_the_registry_into_saelens(

@@ -11,22 +11,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from project.lm import build_tiny_random_lm
 from project.registry import load_sae
 from training import module as training_module
 from training.config import TrainConfig
 from training.run import harvest_for, train_and_register
 from training.sweep import SweepConfig, sweep
 from training.train import resume, train
-
-
-@pytest.fixture(scope="session")
-def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    lm = build_tiny_random_lm("llama")
-    path = tmp_path_factory.mktemp("tiny-llama")
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def tiny_config(tiny_lm_dir: str, tmp_path: Path, **overrides) -> TrainConfig:
