@@ -31,9 +31,16 @@ Per letter c:
      and that latent carries ≥ 0.4·a.
    The letter's scores are the means over its probe true positives.
 
-Reported (category ``absorption``): ``mean_absorption_fraction_score``,
+Reported: in category ``mean`` (SAEBench's), ``mean_absorption_fraction_score``,
 ``mean_full_absorption_score``, ``mean_num_split_features`` (means over letters, letters with no
-probe true positive left out) and their standard deviations; per letter in the details.
+probe true positive left out) and their standard deviations; in ``first_letter_latents``,
+``mean_main_latents_test_f1`` (test F1 of the k-sparse probe on the main latents) and
+``mean_probe_test_f1`` (the LM probe's). Per letter in the details.
+
+Absorption scores low for two opposite reasons: the SAE's letter latents fire where they should
+(good), or the SAE has no letter latents at all, so nothing can absorb them (a random SAE, or an
+SAE too small or too briefly trained to learn them). ``mean_main_latents_test_f1`` tells the two
+apart; read the absorption scores together with it.
 """
 
 from __future__ import annotations
@@ -399,16 +406,24 @@ def compute(
     def std(values: list[float]) -> float:
         return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
+    main_f1 = [d["main_latents_test_f1"] for d in details]
     return EvalOutput(
         metrics={
-            "absorption": {
+            "mean": {
                 "mean_absorption_fraction_score": float(np.mean(fraction)),
                 "mean_full_absorption_score": float(np.mean(full_rate)),
                 "mean_num_split_features": float(np.mean(n_split)),
                 "std_dev_absorption_fraction_score": std(fraction),
                 "std_dev_full_absorption_score": std(full_rate),
                 "std_dev_num_split_features": std(n_split),
-            }
+            },
+            # Absorption is only meaningful where the SAE has first-letter latents to absorb
+            # from: an SAE without them (a random one) absorbs nothing and scores 0 above. How
+            # well the main latents alone classify the letter says whether it has them.
+            "first_letter_latents": {
+                "mean_main_latents_test_f1": float(np.mean(main_f1)),
+                "mean_probe_test_f1": float(np.mean([d["probe_test_f1"] for d in details])),
+            },
         },
         details=details,
         unstructured={
@@ -416,12 +431,6 @@ def compute(
             "n_test_words": int(test_N.sum()),
             "letters": words.alphabet,
             "letters_scored": [d["first_letter"] for d in scored],
-            "mean_probe_test_f1": float(np.mean([d["probe_test_f1"] for d in details])),
-            # How well the main latents alone classify the letter: low for SAEs without
-            # first-letter latents (a random SAE), which absorption alone does not show.
-            "mean_main_latents_test_f1": float(
-                np.mean([d["main_latents_test_f1"] for d in details])
-            ),
             "icl_prefix": lm.tokenizer.decode(prefix),
             "seconds": {"lm": round(lm_s, 2), "total": round(elapsed, 2)},
         },

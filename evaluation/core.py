@@ -43,7 +43,13 @@ from transformers import PreTrainedTokenizerBase
 
 from evaluation.hook_cache import HookCache, check_sae_fits, logits_from_hook
 from evaluation.schema import EvalOutput
-from project.corpus import DEFAULT_CORPUS, iter_texts, resolve_corpus, token_windows
+from project.corpus import (
+    DEFAULT_CORPUS,
+    iter_texts,
+    resolve_corpus,
+    stdlib_texts,
+    token_windows,
+)
 from project.lm import LoadedLM
 from project.saes import SparseAutoencoder
 
@@ -104,29 +110,6 @@ class CoreConfig:
 # evaluation tokens
 
 
-def _stdlib_tail_texts() -> Iterator[str]:
-    """The stdlib corpus's docstrings and comment blocks, files in reverse order.
-
-    Same documents as ``iter_texts("stdlib")`` (minus the pydoc topics at its very end), read
-    from the last file backwards, so that evaluation text is not the training harvest's.
-    """
-    import ast
-
-    # project.corpus exposes only forward iteration; its file list and parsers are reused here.
-    from project.corpus import _comment_blocks, _docstrings, _is_prose, _stdlib_files
-
-    for path in reversed(_stdlib_files()):
-        if path.parent.name == "pydoc_data":
-            continue
-        source = path.read_bytes()
-        try:
-            tree = ast.parse(source, filename=str(path))
-        except (SyntaxError, ValueError, UnicodeDecodeError):
-            continue
-        comments = [(line, text) for line, text in _comment_blocks(source) if _is_prose(text)]
-        yield from (text for _, text in sorted([*_docstrings(tree), *comments]))
-
-
 @lru_cache(maxsize=8)
 def _windows(
     dataset: str,
@@ -138,7 +121,7 @@ def _windows(
     tokenizer: PreTrainedTokenizerBase,  # hashed by identity: one entry per loaded tokenizer
 ) -> Tensor:
     spec = resolve_corpus(dataset, text_column=text_column, split=split)
-    texts = _stdlib_tail_texts() if from_end and spec.kind == "stdlib" else iter_texts(spec)
+    texts = stdlib_texts(from_end=True) if from_end and spec.kind == "stdlib" else iter_texts(spec)
     windows = list(token_windows(texts, tokenizer, context_size, n_windows * context_size))
     if len(windows) < n_windows:
         raise ValueError(

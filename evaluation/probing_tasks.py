@@ -312,7 +312,7 @@ def _package_files(package: str) -> list[Path]:
 
 def _snippets(package: str) -> Iterator[_Snippet]:
     # The corpus's own parsers, so probing text is the same kind of text SAEs are trained on.
-    from project.corpus import _MIN_TEXT_CHARS, _comment_blocks, _is_prose
+    from project.corpus import MIN_TEXT_CHARS, comment_blocks, is_prose
 
     kinds = {
         ast.Module: "module",
@@ -331,10 +331,10 @@ def _snippets(package: str) -> Iterator[_Snippet]:
             if kind is None:
                 continue
             doc = ast.get_docstring(node, clean=True)  # type: ignore[arg-type]
-            if doc and len(doc) >= _MIN_TEXT_CHARS:
+            if doc and len(doc) >= MIN_TEXT_CHARS:
                 yield _Snippet(doc, package, kind)
-        for _, text in _comment_blocks(source):
-            if _is_prose(text):
+        for _, text in comment_blocks(source):
+            if is_prose(text):
                 yield _Snippet(text, package, "comment")
 
 

@@ -38,7 +38,10 @@ DEFAULT_CORPUS = "stdlib"
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 # Test suites, IDLE's tests and lib2to3's fixtures are code-like or deliberately broken text.
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-_MIN_TEXT_CHARS = 40  # one-liners like "Return x." add little text and many EOS tokens
+MIN_TEXT_CHARS = 40  # one-liners like "Return x." add little text and many EOS tokens
+# Names the stdlib file order; part of the corpus fingerprint, so caches of another order miss.
+_STDLIB_ORDER = "sha256-v2"  # bump when the order or the text filters change
+_WORD_RE = re.compile(r"[A-Za-z]{3,}")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _VALID_FORMS = (
     f"'{DEFAULT_CORPUS}', a local .txt/.jsonl/.parquet file or a directory of them, "
@@ -71,27 +74,37 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _stdlib_files() -> list[Path]:
+def stdlib_files() -> list[Path]:
+    """The stdlib corpus's source files, in the corpus's fixed order.
+
+    The order is a hash of each file's relative path, not the alphabet: any prefix of the
+    corpus (a 100k-token harvest, a 25k-token autointerp scan) then spans dozens of modules,
+    where alphabetically the first ~60k tokens are all ``_pydecimal``. Reading the list from the
+    end gives text disjoint from a harvest's (the core eval's held-out tokens).
+    """
     root = stdlib_dir()
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS)
-        files.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py"))
-    # Sort by relative path so the order does not depend on os.walk's traversal.
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+        dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP_DIRS]
+        files.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
+    return sorted(files, key=lambda p: _order_key(p.relative_to(root).as_posix()))
 
 
-def _docstrings(tree: ast.Module) -> Iterator[tuple[int, str]]:
+def _order_key(relative_path: str) -> str:
+    return hashlib.sha256(f"{_STDLIB_ORDER}:{relative_path}".encode()).hexdigest()
+
+
+def docstrings(tree: ast.Module) -> Iterator[tuple[int, str]]:
     """(line, text) of module, class and function docstrings."""
     kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
     for node in ast.walk(tree):
         if isinstance(node, kinds):
             doc = ast.get_docstring(node, clean=True)
-            if doc and len(doc) >= _MIN_TEXT_CHARS:
+            if doc and len(doc) >= MIN_TEXT_CHARS:
                 yield getattr(node, "lineno", 0), doc
 
 
-def _comment_blocks(source: bytes) -> Iterator[tuple[int, str]]:
+def comment_blocks(source: bytes) -> Iterator[tuple[int, str]]:
     """(line, text) of runs of comments on consecutive lines, joined into one paragraph.
 
     Comments double the stdlib corpus (docstrings alone are ~0.55M SmolLM2 tokens) and are
@@ -118,10 +131,19 @@ def _comment_blocks(source: bytes) -> Iterator[tuple[int, str]]:
         yield first, " ".join(block)
 
 
-def _is_prose(text: str) -> bool:
-    # Drops banners, ascii art and commented-out code tables, which are mostly non-letters.
-    letters = sum(c.isalpha() or c.isspace() for c in text)
-    return len(text) >= _MIN_TEXT_CHARS and letters >= 0.8 * len(text)
+def is_prose(text: str) -> bool:
+    """Whether a comment block reads as prose: mostly letters (drops banners, ascii art and
+    commented-out code) and mostly lower-case letters (drops the codec tables of ``encodings``,
+    "LATIN CAPITAL LETTER A WITH ...", a fifth of the library's comment text, and shouted
+    licence disclaimers: at most half the words may be all capitals)."""
+    letters_or_space = sum(c.isalpha() or c.isspace() for c in text)
+    words = _WORD_RE.findall(text)
+    shouted = sum(w.isupper() for w in words)
+    return (
+        len(text) >= MIN_TEXT_CHARS
+        and letters_or_space >= 0.8 * len(text)
+        and shouted <= 0.5 * len(words)
+    )
 
 
 def _pydoc_topics(path: Path) -> Iterator[str]:
@@ -138,28 +160,35 @@ def _pydoc_topics(path: Path) -> Iterator[str]:
                     yield text
 
 
-def _iter_stdlib() -> Iterator[str]:
+def stdlib_file_texts(path: Path) -> Iterator[str]:
+    """The docstrings and prose comment blocks of one source file, in source order (related
+    text stays adjacent); nothing for a file that does not parse."""
+    source = path.read_bytes()
+    try:
+        tree = ast.parse(source, filename=str(path))
+    except (SyntaxError, ValueError, UnicodeDecodeError):
+        return  # a few deliberately invalid files (e.g. bad-encoding fixtures)
+    comments = [(line, text) for line, text in comment_blocks(source) if is_prose(text)]
+    yield from (text for _, text in sorted([*docstrings(tree), *comments]))
+
+
+def stdlib_texts(*, from_end: bool = False) -> Iterator[str]:
+    """The stdlib corpus's documents; ``from_end`` reads the files last to first and leaves out
+    the pydoc help topics (which close the forward order)."""
     root = stdlib_dir()
     topics = root / "pydoc_data" / "topics.py"
-    for path in _stdlib_files():
-        if path == topics:
-            continue
-        source = path.read_bytes()
-        try:
-            tree = ast.parse(source, filename=str(path))
-        except (SyntaxError, ValueError, UnicodeDecodeError):
-            continue  # a few deliberately invalid files (e.g. bad-encoding fixtures)
-        # Docstrings and comment blocks in source order, so related text stays adjacent.
-        comments = [(line, text) for line, text in _comment_blocks(source) if _is_prose(text)]
-        yield from (text for _, text in sorted([*_docstrings(tree), *comments]))
-    if topics.is_file():
+    files = [p for p in stdlib_files() if p != topics]
+    for path in reversed(files) if from_end else files:
+        yield from stdlib_file_texts(path)
+    if not from_end and topics.is_file():
         yield from _pydoc_topics(topics)
 
 
 def _stdlib_fingerprint() -> str:
     h = hashlib.sha256(f"{platform.python_implementation()}:{platform.python_version()}".encode())
     root = stdlib_dir()
-    for path in _stdlib_files():
+    h.update(_STDLIB_ORDER.encode())
+    for path in stdlib_files():
         h.update(f"{path.relative_to(root).as_posix()}:{path.stat().st_size};".encode())
     return f"stdlib:{platform.python_version()}:{h.hexdigest()[:16]}"
 
@@ -368,7 +397,7 @@ def iter_texts(spec: CorpusSpec) -> Iterator[str]:
     """The corpus documents in a deterministic order (blank documents skipped)."""
     kind = spec.kind
     if kind == "stdlib":
-        yield from _iter_stdlib()
+        yield from stdlib_texts()
     elif kind == "local":
         yield from _iter_local(Path(spec.source), spec.text_column)
     else:

@@ -609,6 +609,7 @@ _STOPWORDS = frozenset(
 )
 _WORD_RE = re.compile(r"[A-Za-z][A-Za-z'-]{2,}")
 _MAX_WORD_CANDIDATES = 12
+_MAX_TOKEN_CANDIDATES = 20
 
 
 def _best_threshold(pos: Tensor, neg: Tensor) -> float:
@@ -686,8 +687,9 @@ def _load_encoder(path: Path) -> tuple[Any, Any]:
 class OfflineJudge(Judge):
     """Deterministic judge from a sentence-embedding model (and an LM's perplexity), no network.
 
-    **explain**: the most frequent marked tokens (each example counted once per token; at most
-    ``max_tokens_listed``, JSON-quoted) plus up to ``n_context_words`` key words of the
+    **explain**: up to ``max_tokens_listed`` marked tokens, JSON-quoted as written (leading space
+    included), chosen greedily to tell the examples from random corpus windows (see
+    :meth:`_distinctive_tokens`), plus up to ``n_context_words`` key words of the
     examples: words found in at least two examples (stop words dropped), ranked by cosine
     similarity of their embedding to the mean embedding of the examples ("embedding
     centrality"). Example: ``"def", "class" (context: function, method, argument)``.
@@ -783,13 +785,9 @@ class OfflineJudge(Judge):
 
     # ------------------------------------------------------------------ explain / detect
     def explain(self, examples: list[str]) -> str:
-        counts: Counter[str] = Counter()
-        for example in examples:
-            marked = {_display_token(t) for t in _MARK_RE.findall(example)}
-            counts.update(t for t in marked if t)
-        tokens = [t for t, _ in counts.most_common(self.max_tokens_listed)]
         clean = [strip_marks(ex) for ex in examples]
-        words = self._key_words(clean, exclude={t.lower() for t in tokens})
+        tokens = self._distinctive_tokens(examples, clean)
+        words = self._key_words(clean, exclude={_display_token(t).lower() for t in tokens})
         if tokens:
             explanation = ", ".join(json.dumps(t, ensure_ascii=False) for t in tokens)
             if words:
@@ -804,6 +802,45 @@ class OfflineJudge(Judge):
         if len(positives):
             self._thresholds[explanation] = _best_threshold(positives, negatives)
         return explanation
+
+    def _distinctive_tokens(self, examples: list[str], clean: list[str]) -> list[str]:
+        """The marked tokens that best tell the examples from random text, chosen greedily.
+
+        A token is matched as written, its leading space included (" in" is the word, not the
+        "in" of "string"). Each step adds the marked token that most raises (share of examples
+        containing a chosen token) - (share of reference windows containing one); tokens that
+        are everywhere (" the", ".") never raise it, so a latent firing on them gets a context
+        description instead.
+        """
+        counts: Counter[str] = Counter()
+        for example in examples:
+            counts.update({t for t in _MARK_RE.findall(example) if t.strip(" ↵")})
+        candidates = [t for t, _ in counts.most_common(_MAX_TOKEN_CANDIDATES)]
+        if not candidates or not clean:
+            return []
+        reference = self._reference_windows()
+        in_examples = {t: torch.tensor([t in c for c in clean]) for t in candidates}
+        in_reference = {t: torch.tensor([t in w for w in reference]) for t in candidates}
+        chosen: list[str] = []
+        covered_pos = torch.zeros(len(clean), dtype=torch.bool)
+        covered_ref = torch.zeros(len(reference), dtype=torch.bool)
+        value = 0.0
+        while len(chosen) < self.max_tokens_listed:
+            best, best_value = None, value + 1e-9
+            for t in candidates:  # most frequently marked first: ties keep the commoner token
+                if t in chosen:
+                    continue
+                tpr = float((covered_pos | in_examples[t]).float().mean())
+                fpr = float((covered_ref | in_reference[t]).float().mean()) if reference else 0.0
+                if tpr - fpr > best_value:
+                    best, best_value = t, tpr - fpr
+            if best is None:
+                break
+            chosen.append(best)
+            covered_pos |= in_examples[best]
+            covered_ref |= in_reference[best]
+            value = best_value
+        return chosen
 
     def _key_words(self, clean: list[str], exclude: set[str]) -> list[str]:
         doc_freq: Counter[str] = Counter()

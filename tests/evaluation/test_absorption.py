@@ -33,11 +33,14 @@ def test_compute_is_well_formed(tiny_lm: LoadedLM, architecture: str) -> None:
     sae = build_sae(SAEConfig(architecture=architecture, d_in=tiny_lm.d_model, d_sae=128, **k))
     out = compute(sae, tiny_lm, 2, AbsorptionConfig(**SMALL))
     assert isinstance(out, EvalOutput)
-    metrics = out.metrics["absorption"]
+    metrics = out.metrics["mean"]
     assert all(math.isfinite(v) for v in metrics.values())
     for name in ("mean_absorption_fraction_score", "mean_full_absorption_score"):
         assert 0.0 <= metrics[name] <= 1.0
     assert 1.0 <= metrics["mean_num_split_features"] <= 3.0
+    letter_latents = out.metrics["first_letter_latents"]
+    assert 0.0 <= letter_latents["mean_main_latents_test_f1"] <= 1.0
+    assert letter_latents["mean_probe_test_f1"] > 0.0
     letters = [d["first_letter"] for d in out.details]
     assert letters == sorted(letters) and len(letters) >= 20
     for detail in out.details:

@@ -113,7 +113,7 @@ def test_planted_single_token_latent(tiny_lm: LoadedLM) -> None:
     tokenizer = tiny_lm.tokenizer
     spec = resolve_corpus("stdlib")
     ids_WT = torch.stack(list(token_windows(iter_texts(spec), tokenizer, 64, 64 * 400)))
-    target = tokenizer.convert_tokens_to_ids("Ġresult")
+    target = tokenizer.convert_tokens_to_ids("Ġfile")
     acts_WT = (ids_WT == target).float() * torch.linspace(1.0, 2.0, ids_WT.shape[1])
     config = AutointerpConfig(context_size=64)
     valid_WT = torch.ones_like(ids_WT, dtype=torch.bool)
@@ -133,18 +133,18 @@ def test_planted_single_token_latent(tiny_lm: LoadedLM) -> None:
     )
     assert examples is not None
     assert len(examples.generation) == 15 and len(examples.scoring) == 14
-    assert all("<< result>>" in w for w in examples.generation)
+    assert all("<< file>>" in w for w in examples.generation)
     assert all("<<" not in w for w in examples.scoring)
-    # A window is active iff it holds the token (the substring may also be " results").
-    assert all(" result" in w for w, y in zip(examples.scoring, examples.labels, strict=True) if y)
+    # A window is active iff it holds the token (the substring may also be " files").
+    assert all(" file" in w for w, y in zip(examples.scoring, examples.labels, strict=True) if y)
     assert sum(examples.labels) >= 4  # the 2 top and 2 importance-weighted windows
-    agree = [(" result" in w) == y for w, y in zip(examples.scoring, examples.labels, strict=True)]
-    assert _score_latent(_LexicalOracle(), examples) == (" result", sum(agree) / 14)
+    agree = [(" file" in w) == y for w, y in zip(examples.scoring, examples.labels, strict=True)]
+    assert _score_latent(_LexicalOracle(), examples) == (" file", sum(agree) / 14)
     assert sum(agree) >= 12
     offline = build_judge("offline")
     offline.observe_corpus([text.window(row[:21].tolist(), None, 0.0) for row in ids_WT[::4]])
     explanation, score = _score_latent(offline, examples)
-    assert '"result"' in explanation
+    assert '" file"' in explanation  # quoted as written, leading space included
     assert score >= 0.7, (explanation, score)
 
 
