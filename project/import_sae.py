@@ -10,7 +10,11 @@
 - a local SAELens directory (``cfg.json`` + ``sae_weights.safetensors``), also one SAELens
   itself wrote;
 - a dictionary_learning checkpoint directory (``ae.pt`` + ``config.json``), converted by
-  :mod:`project.dictionary_learning`.
+  :mod:`project.dictionary_learning`;
+- ``random:models:/NAME/VERSION`` (or ``@ALIAS``): a control, an SAE of that version's exact
+  config freshly initialised (seeded; no training), for the same LM and layer. It joins the
+  same registered model by default with the tags ``baseline=random_init`` and ``baseline_of``,
+  so ``evaluate -P model_uri=models:/NAME`` scores it beside the trained versions.
 
 The version looks like a trained one: the SAELens-format artifact, the version tags of
 ``VERSION_TAG_KEYS`` (``n_tokens`` is "0": saeflow harvested nothing for it;
@@ -37,6 +41,7 @@ release is also compared with SAELens' own encode/decode on the sampled activati
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import math
 import re
@@ -54,8 +59,8 @@ from project import dictionary_learning
 from project.cli import parse_int, run_entry_point
 from project.corpus import DEFAULT_CORPUS, iter_texts, resolve_corpus, token_windows
 from project.lm import DEFAULT_LM, LoadedLM, check_layer, hook_name, load_lm, residual_activations
-from project.registry import default_registered_model_name, register_sae
-from project.saes import SparseAutoencoder, load_sae_dir
+from project.registry import default_registered_model_name, load_sae, register_sae
+from project.saes import SparseAutoencoder, build_sae, load_sae_dir
 from project.saes.base import explained_variance
 from project.saes.io import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, saeflow_config_from_saelens
 from project.tracking import (
@@ -69,6 +74,8 @@ from project.tracking import (
 log = logging.getLogger(__name__)
 
 SAE_LENS_PREFIX = "sae_lens:"
+RANDOM_PREFIX = "random:"
+RANDOM_SEED = 0
 # The same tag training.run sets on its runs (kept here so project/ does not import training/).
 # Activation sample for the measured L0 / metrics and the SAELens comparison.
 MEASURE_TOKENS = 2048
@@ -89,7 +96,7 @@ class LoadedSource:
     """An SAE read from a source, before any LM is involved."""
 
     sae: SparseAutoencoder
-    source_format: str  # "sae_lens_release", "sae_lens_dir" or "dictionary_learning"
+    source_format: str  # "sae_lens_release", "sae_lens_dir", "dictionary_learning", "random_init"
     model_name: str | None  # the LM the source says it belongs to
     hook_name: str | None
     # A target L0 the source states (k, or a saeflow/dictionary_learning target), if any.
@@ -192,6 +199,8 @@ def load_source(source: str) -> LoadedSource:
     """Read the SAE at ``source`` and run the checks that need no LM."""
     if source.startswith(SAE_LENS_PREFIX):
         loaded = _load_release(source)
+    elif source.startswith(RANDOM_PREFIX):
+        loaded = _random_like(source.removeprefix(RANDOM_PREFIX))
     else:
         path = Path(source).expanduser()
         if path.is_file() and path.name in {
@@ -224,9 +233,37 @@ def load_source(source: str) -> LoadedSource:
     return loaded
 
 
+def _random_like(model_uri: str) -> LoadedSource:
+    """A freshly initialised SAE with the config of the registered version ``model_uri``."""
+    if not model_uri.startswith("models:/"):
+        raise ValueError(
+            f"source {RANDOM_PREFIX}{model_uri!r}: after {RANDOM_PREFIX!r} give a registered "
+            "version, models:/NAME/VERSION or models:/NAME@ALIAS"
+        )
+    try:
+        reference = load_sae(model_uri)
+    except Exception as err:  # noqa: BLE001 - MLflow raises several types for a bad URI
+        raise ValueError(f"source {RANDOM_PREFIX}{model_uri}: {err}") from err
+    cfg = copy.deepcopy(reference.cfg)
+    for key in ("saeflow_source", "source_model_name", "source_hook_name"):
+        cfg.metadata.pop(key, None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        sae = build_sae(cfg)
+    stated = float(cfg.k) if cfg.k else (cfg.target_l0 or None)
+    return LoadedSource(
+        sae=sae,
+        source_format="random_init",
+        model_name=cfg.metadata.get("model_name"),
+        hook_name=cfg.metadata.get("hook_name"),
+        stated_target_l0=stated,
+        extra_tags={"baseline": "random_init", "baseline_of": model_uri},
+    )
+
+
 def _origin(source: str) -> str:
     """What the ``source`` tag records: the release as given, a directory as absolute path."""
-    if source.startswith(SAE_LENS_PREFIX):
+    if source.startswith((SAE_LENS_PREFIX, RANDOM_PREFIX)):
         return source
     return str(Path(source).expanduser().resolve())
 

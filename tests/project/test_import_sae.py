@@ -122,6 +122,44 @@ def test_saelens_directory_imports_like_a_trained_version(
     np.testing.assert_allclose(predicted, reference.encode(x_BD).detach().numpy(), atol=1e-5)
 
 
+def test_random_baseline_of_a_registered_version(
+    tiny_lm_dir: str, tmp_path: Path, tracking_uri: str
+) -> None:
+    source = tmp_path / "saelens"
+    saelens_sae("topk").save_model(source)
+    trained = import_sae(str(source), model=tiny_lm_dir)
+    trained_uri = f"models:/{trained.name}/{trained.version}"
+
+    control = import_sae(f"random:{trained_uri}")
+
+    # Same registered model, site and config; fresh weights; tagged as the control it is.
+    assert control.name == trained.name and int(control.version) == int(trained.version) + 1
+    tags = control.tags
+    assert tags["baseline"] == "random_init" and tags["baseline_of"] == trained_uri
+    assert tags["source_format"] == "random_init" and tags["source"] == f"random:{trained_uri}"
+    for key in ("architecture", "d_in", "d_sae", "layer", "hook_name", "model_name", "target_l0"):
+        assert tags[key] == trained.tags[key], key
+    random_sae = load_sae(f"models:/{control.name}/{control.version}")
+    trained_sae = load_sae(trained_uri)
+    assert random_sae.cfg.k == trained_sae.cfg.k == 8
+    assert not torch.allclose(random_sae.W_dec, trained_sae.W_dec)
+    # Seeded: a second control has the same weights.
+    again = import_sae(f"random:{trained_uri}")
+    torch.testing.assert_close(
+        load_sae(f"models:/{again.name}/{again.version}").W_dec, random_sae.W_dec
+    )
+
+
+def test_random_baseline_of_a_missing_version_fails_and_registers_nothing(
+    tracking_uri: str,
+) -> None:
+    with pytest.raises(ValueError, match=r"random:models:/no-such-sae/1"):
+        import_sae("random:models:/no-such-sae/1")
+    with pytest.raises(ValueError, match=r"give a registered version, models:/NAME/VERSION"):
+        import_sae("random:/some/dir")
+    assert_nothing_logged()
+
+
 def test_d_in_that_does_not_fit_the_lm_fails_and_registers_nothing(
     tiny_lm_dir: str, tmp_path: Path, tracking_uri: str
 ) -> None:
