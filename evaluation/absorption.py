@@ -63,6 +63,7 @@ except ImportError:  # pragma: no cover - every supported transformers has it
 from tqdm.auto import tqdm
 
 from evaluation.schema import EvalOutput
+from project.checks import check_in_range, check_ints
 from project.lm import LoadedLM, check_layer, decoder_blocks
 from project.saes.base import SparseAutoencoder
 
@@ -99,17 +100,17 @@ class AbsorptionConfig:
             raise ValueError(
                 f"prompt_template={self.prompt_template!r} must contain {{word}} and {{letter}}"
             )
-        for name, low in (
-            ("n_icl_examples", 0),
-            ("min_word_chars", 1),
-            ("min_tokens_per_letter", 4),
-            ("max_k_value", 1),
-            ("absorption_fraction_max_absorbing_latents", 1),
-            ("lm_batch_size", 1),
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+        check_ints(
+            self,
+            {
+                "n_icl_examples": 0,
+                "min_word_chars": 1,
+                "min_tokens_per_letter": 4,
+                "max_k_value": 1,
+                "absorption_fraction_max_absorbing_latents": 1,
+                "lm_batch_size": 1,
+            },
+        )
         if self.max_tokens_per_letter < self.min_tokens_per_letter:
             raise ValueError(
                 f"max_tokens_per_letter={self.max_tokens_per_letter!r} must be >= "
@@ -117,15 +118,17 @@ class AbsorptionConfig:
             )
         if not 0.1 <= self.test_fraction <= 0.9:
             raise ValueError(f"test_fraction={self.test_fraction!r} must lie in [0.1, 0.9]")
-        for name in (
-            "f1_jump_threshold",
-            "absorption_fraction_probe_cos_sim_threshold",
-            "full_absorption_probe_cos_sim_threshold",
-            "probe_projection_proportion_threshold",
-        ):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name}={value!r} must lie in [0, 1]")
+        check_in_range(
+            self,
+            (
+                "f1_jump_threshold",
+                "absorption_fraction_probe_cos_sim_threshold",
+                "full_absorption_probe_cos_sim_threshold",
+                "probe_projection_proportion_threshold",
+            ),
+            0.0,
+            1.0,
+        )
         if not self.probe_l2 > 0:
             raise ValueError(f"probe_l2={self.probe_l2!r} must be > 0")
 

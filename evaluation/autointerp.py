@@ -37,6 +37,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from evaluation.schema import EvalOutput
+from project.checks import check_ints
 from project.corpus import DEFAULT_CORPUS, iter_texts, resolve_corpus, token_windows
 from project.judges import Judge
 from project.lm import LoadedLM, check_layer, residual_activations
@@ -78,21 +79,21 @@ class AutointerpConfig:
     seed: int = 42
 
     def __post_init__(self) -> None:
-        for name, low in (
-            ("n_latents", 1),
-            ("n_tokens", 1),
-            ("lm_batch_size", 1),
-            ("n_top_ex_for_generation", 1),
-            ("n_iw_ex_for_generation", 0),
-            ("n_top_ex_for_scoring", 0),
-            ("n_iw_ex_for_scoring", 0),
-            ("n_random_ex_for_scoring", 0),
-            ("min_firings", 1),
-            ("n_reference_windows", 0),
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+        check_ints(
+            self,
+            {
+                "n_latents": 1,
+                "n_tokens": 1,
+                "lm_batch_size": 1,
+                "n_top_ex_for_generation": 1,
+                "n_iw_ex_for_generation": 0,
+                "n_top_ex_for_scoring": 0,
+                "n_iw_ex_for_scoring": 0,
+                "n_random_ex_for_scoring": 0,
+                "min_firings": 1,
+                "n_reference_windows": 0,
+            },
+        )
         if self.window_tokens < 1 or self.window_tokens % 2 == 0:
             raise ValueError(f"window_tokens={self.window_tokens!r} must be a positive odd integer")
         if self.context_size < self.window_tokens + 1:

@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 from evaluation.hook_cache import HookCache, check_sae_fits
 from evaluation.probing_tasks import ProbingTask, check_sources, load_tasks, parse_sources
 from evaluation.schema import EvalOutput
+from project.checks import check_ints
 from project.lm import LoadedLM
 from project.saes import SparseAutoencoder
 
@@ -65,19 +66,18 @@ class SparseProbingConfig:
         self.k_values = tuple(int(k) for k in self.k_values)
         if not self.k_values or any(k <= 0 for k in self.k_values):
             raise ValueError(f"sparse_probing k_values={self.k_values!r} must be positive ints")
-        for name in (
-            "n_train_per_class",
-            "n_test_per_class",
-            "max_rows",
-            "max_classes",
-            "batch_size",
-            "sae_batch_tokens",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"sparse_probing {name}={value!r} must be a positive integer")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 2:
-            raise ValueError(f"sparse_probing max_tokens={self.max_tokens!r} must be >= 2")
+        check_ints(
+            self,
+            {
+                "n_train_per_class": 1,
+                "n_test_per_class": 1,
+                "max_rows": 1,
+                "max_classes": 1,
+                "batch_size": 1,
+                "sae_batch_tokens": 1,
+                "max_tokens": 2,
+            },
+        )
         if not self.probe_c > 0:
             raise ValueError(f"sparse_probing probe_c={self.probe_c!r} must be > 0")
         parse_sources(self.tasks)  # syntax errors name the source

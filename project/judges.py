@@ -43,6 +43,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from project.checks import check_int
 from project.lm import DEFAULT_LM, LoadedLM, load_lm
 
 logger = logging.getLogger(__name__)
@@ -1012,10 +1013,10 @@ class OfflineJudgeOptions:
     n_reference_windows: int = 200
 
     def __post_init__(self) -> None:
-        _check_int("max_tokens_listed", self.max_tokens_listed, 1)
-        _check_int("n_context_words", self.n_context_words, 0)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("n_reference_windows", self.n_reference_windows, 10)
+        check_int("max_tokens_listed", self.max_tokens_listed, 1)
+        check_int("n_context_words", self.n_context_words, 0)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("n_reference_windows", self.n_reference_windows, 10)
         if self.model_path is not None and not (Path(self.model_path) / "config.json").is_file():
             raise ValueError(f"model_path={self.model_path!r} is not a model directory")
 
@@ -1029,7 +1030,7 @@ class HFJudgeOptions:
     max_new_tokens: int = 128
 
     def __post_init__(self) -> None:
-        _check_int("max_new_tokens", self.max_new_tokens, 8)
+        check_int("max_new_tokens", self.max_new_tokens, 8)
 
 
 @dataclass
@@ -1058,9 +1059,9 @@ class OpenAIJudgeOptions:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not 0 < value <= 600:
                 raise ValueError(f"{name}={value!r} must lie in (0, 600] seconds")
-        _check_int("max_retries", self.max_retries, 0)
-        _check_int("max_concurrency", self.max_concurrency, 1)
-        _check_int("max_tokens", self.max_tokens, 8)
+        check_int("max_retries", self.max_retries, 0)
+        check_int("max_concurrency", self.max_concurrency, 1)
+        check_int("max_tokens", self.max_tokens, 8)
 
 
 _OPTIONS: dict[str, type] = {
@@ -1068,11 +1069,6 @@ _OPTIONS: dict[str, type] = {
     "hf": HFJudgeOptions,
     "openai": OpenAIJudgeOptions,
 }
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
 
 
 def _coerce(cls: type, options: dict[str, Any]) -> Any:

@@ -1,0 +1,32 @@
+"""Range checks for config dataclasses: each error names the field, its value and what is valid.
+
+Configs call these from ``__post_init__`` so that bad input fails before any expensive work.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def check_int(name: str, value: Any, low: int) -> None:
+    """``value`` must be an int (not a bool) >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+
+
+def check_ints(config: Any, lows: dict[str, int]) -> None:
+    """:func:`check_int` for each field of ``config`` named in ``lows`` (field -> minimum)."""
+    for name, low in lows.items():
+        check_int(name, getattr(config, name), low)
+
+
+def check_in_range(config: Any, names: tuple[str, ...], low: float, high: float) -> None:
+    """Each named field of ``config`` must be a number in [low, high]."""
+    for name in names:
+        value = getattr(config, name)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not low <= value <= high
+        ):
+            raise ValueError(f"{name}={value!r} must lie in [{low:g}, {high:g}]")
