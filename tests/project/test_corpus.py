@@ -15,8 +15,13 @@ from project.corpus import (
     DEFAULT_CORPUS,
     CorpusSpec,
     corpus_fingerprint,
+    is_prose,
     iter_texts,
     resolve_corpus,
+    stdlib_dir,
+    stdlib_file_texts,
+    stdlib_files,
+    stdlib_texts,
     token_windows,
 )
 from project.lm import LoadedLM
@@ -50,6 +55,35 @@ def test_stdlib_corpus_yields_real_english_text() -> None:
     # Deterministic order.
     assert list(itertools.islice(iter_texts(spec), 300)) == texts
     assert corpus_fingerprint(spec) == corpus_fingerprint(resolve_corpus("stdlib"))
+
+
+def test_stdlib_order_spreads_any_prefix_over_many_modules() -> None:
+    files = stdlib_files()
+    relative = [p.relative_to(stdlib_dir()).as_posix() for p in files]
+    assert relative != sorted(relative) and len(set(relative)) == len(relative)
+    # The first 300 documents come from many files, not one module's docstrings.
+    sources = []
+    for path in files:
+        sources.extend(path.name for _ in stdlib_file_texts(path))
+        if len(sources) >= 300:
+            break
+    assert len(set(sources[:300])) >= 15
+    # Read from the end: the same files, reversed, without the help topics.
+    tail_docs = list(itertools.islice(stdlib_texts(from_end=True), 5))
+    last_with_text = next(p for p in reversed(files) if list(stdlib_file_texts(p)))
+    assert tail_docs[0] == next(stdlib_file_texts(last_with_text))
+
+
+def test_codec_tables_and_shouting_are_not_prose() -> None:
+    table = (
+        "0x00c4 -> LATIN CAPITAL LETTER A WITH DIAERESIS 0x00c5 -> LATIN CAPITAL LETTER A WITH RING"
+    )
+    assert not is_prose(table)
+    assert not is_prose("THE SOFTWARE IS PROVIDED AS IS WITHOUT WARRANTY OF ANY KIND, EXPRESS")
+    assert is_prose(
+        "Return the number of bytes written to the stream; see RFC 2822 for the format."
+    )
+    assert not any("LATIN CAPITAL LETTER" in t for t in itertools.islice(stdlib_texts(), 3000))
 
 
 def test_local_jsonl_parquet_and_txt(tmp_path: Path) -> None:
