@@ -577,6 +577,45 @@ def main() -> None:
     _print_results(results, tracking_uri)
 
 
+# The metric of each eval that the summary table shows (all are logged in the runs).
+SUMMARY_METRICS = (
+    ("core", "explained_variance", "EV"),
+    ("core", "ce_loss_score", "CE score"),
+    ("sparse_probing", "sae_top_1_test_accuracy", "probe top-1"),
+    ("absorption", "mean_absorption_fraction_score", "absorption"),
+    ("absorption", "mean_main_latents_test_f1", "letter F1"),
+    ("autointerp", "autointerp_score", "autointerp"),
+)
+
+
+def summary_table(results: list[EvalRunResult]) -> list[str]:
+    """One line per model version: its architecture and L0 target (or that it is a random
+    control) and the headline metric of each eval that ran."""
+    by_version: dict[str, dict[str, float]] = {}
+    for r in results:
+        row = by_version.setdefault(r.model_uri, {})
+        row.update({f"{r.eval_name}:{k}": v for k, v in r.metrics.items()})
+    columns = [
+        (key, title)
+        for eval_name, metric, title in SUMMARY_METRICS
+        if any(f"{eval_name}:{metric}" in row for row in by_version.values())
+        for key in [f"{eval_name}:{metric}"]
+    ]
+    client = MlflowClient()
+    lines = [f"{'version':<40} {'SAE':<18}" + "".join(f" {t:>11}" for _, t in columns)]
+    for uri, row in by_version.items():
+        name, version = uri.removeprefix("models:/").rsplit("/", 1)
+        tags = client.get_model_version(name, version).tags
+        kind = f"{tags.get('architecture', '?')} L0 {tags.get('target_l0', '?')}"
+        if tags.get("baseline"):
+            kind += f" ({tags['baseline']})"
+        cells = "".join(
+            f" {row[key]:>11.3f}" if key in row else f" {'-':>11}" for key, _ in columns
+        )
+        lines.append(f"{uri:<40} {kind:<18}{cells}")
+    return lines
+
+
 def _print_results(results: list[EvalRunResult], tracking_uri: str) -> None:
     for r in results:
         state = "reused" if r.reused else r.status.lower()
@@ -585,6 +624,10 @@ def _print_results(results: list[EvalRunResult], tracking_uri: str) -> None:
             f"{r.eval_name:>15} {r.model_uri}: {state}, {where}"
             + (f" ({r.error})" if r.error else "")
         )
+    try:
+        print("\n".join(summary_table(results)))
+    except Exception as err:  # noqa: BLE001 - the runs are logged; a summary is a convenience
+        log.warning("no summary table: %s", err)
     print(f"browse: {ui_hint(tracking_uri)}")
 
 

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from evaluation import evaluate as evaluate_module
 from evaluation import sparse_probing
 from evaluation.core import CoreConfig
-from evaluation.evaluate import EvaluationFailed, evaluate, main
+from evaluation.evaluate import EvaluationFailed, evaluate, main, summary_table
 from evaluation.sparse_probing import SparseProbingConfig
 from project.lm import hook_name
 from project.registry import register_sae
@@ -129,6 +129,14 @@ def test_every_version_gets_one_linked_run_per_eval(
             for metric in ("llm_test_accuracy", "sae_test_accuracy", "sae_top_1_test_accuracy"):
                 assert metric in run.data.metrics
             assert document["eval_result_details"][0]["dataset_name"] == "labels: 1 vs 0"
+
+    # The printed summary: one line per version with its headline metrics.
+    header, *rows = summary_table(results)
+    assert header.split()[:4] == ["version", "SAE", "EV", "CE"]
+    assert "probe top-1" in header and "autointerp" not in header
+    assert [row.split()[0] for row in rows] == [f"models:/{NAME}/1", f"models:/{NAME}/2"]
+    first = next(r for r in results if r.eval_name == "core")
+    assert f"{first.metrics['explained_variance']:.3f}" in rows[0]
 
 
 def test_same_config_reuses_the_finished_run_unless_forced(
