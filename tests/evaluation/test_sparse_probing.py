@@ -78,6 +78,30 @@ def test_stdlib_tasks_are_real_balanced_and_disjoint() -> None:
         assert (package_of[text] == "email") == bool(label)
 
 
+def test_effect_size_selection_ignores_a_loud_uninformative_feature() -> None:
+    """A feature of huge variance with a small mean shift (a "massive activation" dimension)
+    wins SAEBench's raw mean difference; the effect size picks the separating one."""
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 200)
+    X = rng.normal(size=(400, 20))
+    X[:, 3] += 1.5 * y  # separates the classes
+    X[:, 9] = rng.normal(scale=50.0, size=400) + 4.0 * y  # loud, barely informative
+    assert top_k_by_mean_difference(X, y, 1)[0] == 9
+    assert top_k_by_mean_difference(X, y, 1, standardise=True)[0] == 3
+    raw = task_metrics("llm", X[::2], y[::2], X[1::2], y[1::2], SparseProbingConfig(k_values=(1,)))
+    effect = task_metrics(
+        "llm",
+        X[::2],
+        y[::2],
+        X[1::2],
+        y[1::2],
+        SparseProbingConfig(k_values=(1,), top_k_selection="effect_size"),
+    )
+    assert effect["llm_top_1_test_accuracy"] > raw["llm_top_1_test_accuracy"] + 0.15
+    with pytest.raises(ValueError, match="top_k_selection='t_test' is not one of"):
+        SparseProbingConfig(top_k_selection="t_test")
+
+
 def test_top_k_selection_picks_the_separating_latents() -> None:
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1], 100)
