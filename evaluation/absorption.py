@@ -346,9 +346,10 @@ def compute(
     y_train_CN = y_CN[:, train_N]
     pos_mean_CF = (y_train_CN.float() @ f_train) / y_train_CN.sum(1, keepdim=True)
     neg_mean_CF = ((~y_train_CN).float() @ f_train) / (~y_train_CN).sum(1, keepdim=True)
-    ranked_CK = (pos_mean_CF - neg_mean_CF).topk(config.max_k_value, dim=1).indices
-    f1_CK = torch.zeros(n_letters, config.max_k_value)
-    for k in tqdm(range(1, config.max_k_value + 1), desc="absorption: k-sparse", leave=False):
+    max_k = min(config.max_k_value, f_NF.shape[1])  # a narrow SAE has fewer latents to try
+    ranked_CK = (pos_mean_CF - neg_mean_CF).topk(max_k, dim=1).indices
+    f1_CK = torch.zeros(n_letters, max_k)
+    for k in tqdm(range(1, max_k + 1), desc="absorption: k-sparse", leave=False):
         index_CK = ranked_CK[:, :k]
         feats_CNK = f_NF.T[index_CK].permute(0, 2, 1)  # [C, N, k]
         w_CK, b_C = _fit_logistic(feats_CNK[:, train_N], y_train_CN, config.probe_l2)
@@ -360,7 +361,7 @@ def compute(
     details = []
     for c, letter in enumerate(words.alphabet):
         best, n_main = -math.inf, 0
-        for k in range(config.max_k_value):
+        for k in range(max_k):
             if float(f1_CK[c, k]) > best + config.f1_jump_threshold:
                 best, n_main = float(f1_CK[c, k]), k + 1
             else:

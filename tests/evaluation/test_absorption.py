@@ -15,7 +15,7 @@ from evaluation.absorption import (
     compute,
 )
 from evaluation.schema import EvalOutput
-from project.lm import LoadedLM, residual_activations
+from project.lm import LoadedLM, load_lm, residual_activations
 from project.saes import SAEConfig, build_sae
 
 SMALL = {
@@ -116,3 +116,71 @@ def test_config_validation(tiny_lm: LoadedLM) -> None:
         compute(sae, tiny_lm, 1, AbsorptionConfig(**SMALL))
     with pytest.raises(ValueError, match="layer 4 is out of range"):
         compute(sae, tiny_lm, 4, AbsorptionConfig(**SMALL))
+
+
+def _planted_sae(
+    lm: LoadedLM, layer: int, config: AbsorptionConfig, letter: int, absorber_cos: float
+) -> tuple[torch.nn.Module, float]:
+    """A TopK (k = 1) SAE with a main latent for ``letter`` that reads the LM probe's own
+    direction p, and an "absorber" latent that fires on ~40% of all words (a random direction
+    u, whatever their letter) with a larger activation, so that on those c-words it wins the top
+    slot and silences the main latent. Its decoder row has cosine ``absorber_cos`` with p.
+
+    Returns the SAE and the share of the letter's test words on which the absorber fires."""
+    words = _select_words(lm, config)
+    prefix = _prefix_ids(lm, config, words.icl_ids)
+    x_ND = _word_activations(lm, layer, prefix, words.token_ids, config.lm_batch_size)
+    letters_N = torch.tensor(words.letters)
+    test_N = torch.tensor(words.is_test)
+    y_CN = letters_N[None, :] == torch.arange(len(words.alphabet))[:, None]
+    # The same fit as compute's, so p is the direction the eval will measure against.
+    w_CD, b_C = _fit_logistic(x_ND[~test_N], y_CN[:, ~test_N], config.probe_l2)
+    p_D = w_CD[letter] / w_CD[letter].norm()
+    cut = float(-b_C[letter] / w_CD[letter].norm())  # the probe fires where p·x > cut
+    generator = torch.Generator().manual_seed(0)
+    u_D = torch.randn(x_ND.shape[1], generator=generator)
+    u_D -= (u_D @ p_D) * p_D
+    u_D /= u_D.norm()
+    u_cut = float((x_ND @ u_D).quantile(0.6))
+    v_D = torch.randn(x_ND.shape[1], generator=generator)
+    v_D -= (v_D @ p_D) * p_D + (v_D @ u_D) * u_D
+    v_D /= v_D.norm()
+
+    sae = build_sae(SAEConfig(architecture="topk", d_in=x_ND.shape[1], d_sae=8, k=1))
+    with torch.no_grad():
+        for parameter in sae.parameters():
+            parameter.zero_()
+        sae.W_enc[:, 0] = p_D
+        sae.b_enc[0] = -cut
+        sae.W_enc[:, 1] = 100.0 * u_D
+        sae.b_enc[1] = -100.0 * u_cut
+        sae.b_enc[2:] = -1e6  # unused latents never fire
+        sae.W_dec[0] = p_D
+        sae.W_dec[1] = absorber_cos * p_D + math.sqrt(1.0 - absorber_cos**2) * v_D
+        sae.W_dec[2:] = v_D
+    c_test = y_CN[letter] & test_N
+    share = float(((x_ND[c_test] @ u_D) > u_cut).float().mean())
+    return sae.eval(), share
+
+
+@pytest.mark.slow
+def test_planted_absorption_is_found_and_an_orthogonal_absorber_is_not() -> None:
+    """On SmolLM2, whose residual stream carries first letters (a random tiny LM's does not)."""
+    lm, layer, letter = load_lm(), 4, 1
+    config = AbsorptionConfig(max_tokens_per_letter=100)
+    absorbing, share = _planted_sae(lm, layer, config, letter, absorber_cos=0.9)
+    assert 0.15 < share < 0.7  # the plant covers some of the letter's words, not all
+    detail = compute(absorbing, lm, layer, config).details[letter]
+    assert detail["split_features"][0] == 0  # the main latent is the probe-direction one
+    assert 1 not in detail["split_features"]  # the absorber is no split feature
+    assert detail["num_probe_true_positives"] >= 20
+    # Absorbed words: the main latent is silent and the absorber carries the projection.
+    assert detail["mean_absorption_fraction"] > 0.1
+    assert detail["full_absorption_rate"] > 0.1
+
+    # The same plant with a decoder orthogonal to the probe absorbs nothing.
+    orthogonal, _ = _planted_sae(lm, layer, config, letter, absorber_cos=0.0)
+    control = compute(orthogonal, lm, layer, config).details[letter]
+    assert control["split_features"][0] == 0
+    assert control["mean_absorption_fraction"] == 0.0
+    assert control["full_absorption_rate"] == 0.0
