@@ -59,7 +59,12 @@ from project import dictionary_learning
 from project.cli import parse_int, run_entry_point
 from project.corpus import DEFAULT_CORPUS, iter_texts, resolve_corpus, token_windows
 from project.lm import DEFAULT_LM, LoadedLM, check_layer, hook_name, load_lm, residual_activations
-from project.registry import default_registered_model_name, load_sae, register_sae
+from project.registry import (
+    default_registered_model_name,
+    load_sae,
+    model_version,
+    register_sae,
+)
 from project.saes import SparseAutoencoder, build_sae, load_sae_dir
 from project.saes.base import explained_variance
 from project.saes.io import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, saeflow_config_from_saelens
@@ -104,6 +109,8 @@ class LoadedSource:
     # SAELens' own module, to compare encode/decode with (releases only).
     reference: Any = None
     extra_tags: dict[str, str] = field(default_factory=dict)
+    # The registered model an "auto" name resolves to (a control joins its reference's).
+    registered_model: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +131,8 @@ def import_sae(
             checkpoint directory.
         model: the LM the SAE reads (any form ``load_lm`` accepts); None = the LM the source
             names, else the default LM.
-        registered_model: registered model name; "auto" = ``sae-<lm>-l<layer>-resid-post``.
+        registered_model: registered model name; "auto" = ``sae-<lm>-l<layer>-resid-post``, or
+            for a ``random:`` control the registered model of the version it copies.
         layer: the residual-stream layer (resid_post of decoder block ``layer``); None = from
             the source's hook name. Given both, they must agree.
 
@@ -169,7 +177,7 @@ def import_sae(
 
     name = registered_model
     if name.strip().lower() in _AUTO:
-        name = default_registered_model_name(lm.name, resolved_layer)
+        name = loaded.registered_model or default_registered_model_name(lm.name, resolved_layer)
     hook = hook_name(resolved_layer)
     sae.cfg.metadata.update(
         {
@@ -241,6 +249,7 @@ def _random_like(model_uri: str) -> LoadedSource:
             "version, models:/NAME/VERSION or models:/NAME@ALIAS"
         )
     try:
+        version = model_version(model_uri)
         reference = load_sae(model_uri)
     except Exception as err:  # noqa: BLE001 - MLflow raises several types for a bad URI
         raise ValueError(f"source {RANDOM_PREFIX}{model_uri}: {err}") from err
@@ -251,13 +260,16 @@ def _random_like(model_uri: str) -> LoadedSource:
         torch.manual_seed(RANDOM_SEED)
         sae = build_sae(cfg)
     stated = float(cfg.k) if cfg.k else (cfg.target_l0 or None)
+    tags = version.tags or {}
     return LoadedSource(
         sae=sae,
         source_format="random_init",
-        model_name=cfg.metadata.get("model_name"),
-        hook_name=cfg.metadata.get("hook_name"),
+        # The version's tags name its site even where the SAE's own metadata does not.
+        model_name=tags.get("model_name") or cfg.metadata.get("model_name"),
+        hook_name=tags.get("hook_name") or cfg.metadata.get("hook_name"),
         stated_target_l0=stated,
         extra_tags={"baseline": "random_init", "baseline_of": model_uri},
+        registered_model=version.name,
     )
 
 

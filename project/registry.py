@@ -104,21 +104,29 @@ def register_sae(
     return client.get_model_version(registered_model, version.version)
 
 
+def model_version(uri: str) -> ModelVersion:
+    """The version ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` names.
+
+    Raises:
+        ValueError: a malformed URI, or one that does not resolve (the message names it).
+    """
+    name, version, alias = parse_model_uri(uri)
+    client = MlflowClient()
+    try:
+        if version:
+            return client.get_model_version(name, version)
+        return client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException as err:
+        raise ValueError(f"model URI {uri!r} does not resolve: {err.message}") from err
+
+
 def load_sae(uri: str) -> SparseAutoencoder:
     """Load a registered SAE (``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``), eval mode.
 
     Reads the SAELens directory with safetensors: works with
     MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false.
     """
-    name, version, alias = parse_model_uri(uri)
-    client = MlflowClient()
-    try:
-        mv = (
-            client.get_model_version(name, version)
-            if version
-            else client.get_model_version_by_alias(name, alias)
-        )
-    except mlflow.exceptions.MlflowException as err:
-        raise ValueError(f"model URI {uri!r} does not resolve: {err.message}") from err
+    mv = model_version(uri)
+    name = mv.name
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}"))
     return load_sae_dir(local / "artifacts" / SAE_ARTIFACT).eval()

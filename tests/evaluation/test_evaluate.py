@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from project.tracking import RUN_TYPE_TAG
 
 NAME = "sae-tiny-l1"
 LAYER = 1
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -262,3 +265,57 @@ def test_registry_lists_every_eval() -> None:
     config_cls, compute = evaluate_module.EVALS["core"].load()
     assert config_cls is CoreConfig and callable(compute)
     assert Path(evaluate_module.__file__).name == "evaluate.py"
+
+
+def _mlflow_run(entry_point: str, params: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    command = [str(mlflow_bin), "run", str(REPO), "-e", entry_point, "--env-manager", "local"]
+    for key, value in params.items():
+        command += ["-P", f"{key}={value}"]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True)
+
+
+def test_mlflow_run_random_control_then_all_four_evals(
+    tiny_lm_dir: str, labels_tsv: str, tracking_uri: str, tmp_path: Path
+) -> None:
+    """The user path of the README: register a random-init control of a version with the
+    import_sae entry point, then evaluate the registered model with all four evals."""
+    (uri,) = register_versions(tiny_lm_dir, ks=(4,))
+    imported = _mlflow_run("import_sae", {"source": f"random:{uri}"}, tmp_path)
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    control = MlflowClient().get_model_version(NAME, "2")
+    assert control.tags["baseline"] == "random_init" and control.tags["baseline_of"] == uri
+
+    small = {
+        "core.n_tokens": "150",
+        "core.context_size": "16",
+        "core.n_ce_windows": "4",
+        "sparse_probing.tasks": labels_tsv,
+        "sparse_probing.n_train_per_class": "20",
+        "sparse_probing.n_test_per_class": "10",
+        "absorption.max_tokens_per_letter": "24",
+        "absorption.min_tokens_per_letter": "12",
+        "absorption.max_k_value": "3",
+        "autointerp.n_latents": "4",
+        "autointerp.n_tokens": "4096",
+        "autointerp.context_size": "64",
+        "autointerp.min_firings": "8",
+    }
+    evals = "core,sparse_probing,absorption,autointerp"
+    params = {"model_uri": f"models:/{NAME}", "evals": evals, "judge": "offline", **small}
+    evaluated = _mlflow_run("evaluate", params, tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+
+    client = MlflowClient()
+    for version in ("1", "2"):
+        tags = client.get_model_version(NAME, version).tags
+        for name in evals.split(","):
+            run = client.get_run(tags[f"eval.{name}.run_id"])
+            assert run.info.status == "FINISHED" and run.data.tags["model_version"] == version
+    lines = evaluated.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("version"))
+    for title in ("EV", "CE score", "probe top-1", "absorption", "letter F1", "autointerp"):
+        assert title in header
+    control_row = next(line for line in lines if line.startswith(f"models:/{NAME}/2 "))
+    assert "random_init" in control_row
