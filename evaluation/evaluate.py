@@ -595,14 +595,14 @@ def summary_table(results: list[EvalRunResult]) -> list[str]:
     for r in results:
         row = by_version.setdefault(r.model_uri, {})
         row.update({f"{r.eval_name}:{k}": v for k, v in r.metrics.items()})
-    columns = [
-        (key, title)
-        for eval_name, metric, title in SUMMARY_METRICS
-        if any(f"{eval_name}:{metric}" in row for row in by_version.values())
-        for key in [f"{eval_name}:{metric}"]
-    ]
+    columns: list[tuple[str, str]] = []
+    for eval_name, metric, title in SUMMARY_METRICS:
+        key = f"{eval_name}:{metric}"
+        if any(key in row for row in by_version.values()):
+            columns.append((key, title))
     client = MlflowClient()
-    lines = [f"{'version':<40} {'SAE':<18}" + "".join(f" {t:>11}" for _, t in columns)]
+    width = max(len("version"), *(len(uri) for uri in by_version))
+    lines = [f"{'version':<{width}} {'SAE':<22}" + "".join(f" {t:>11}" for _, t in columns)]
     for uri, row in by_version.items():
         name, version = uri.removeprefix("models:/").rsplit("/", 1)
         tags = client.get_model_version(name, version).tags
@@ -612,7 +612,7 @@ def summary_table(results: list[EvalRunResult]) -> list[str]:
         cells = "".join(
             f" {row[key]:>11.3f}" if key in row else f" {'-':>11}" for key, _ in columns
         )
-        lines.append(f"{uri:<40} {kind:<18}{cells}")
+        lines.append(f"{uri:<{width}} {kind:<22}{cells}")
     return lines
 
 

@@ -127,6 +127,7 @@ def load_sae(uri: str) -> SparseAutoencoder:
     MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false.
     """
     mv = model_version(uri)
-    name = mv.name
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}"))
+    local = Path(
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}")
+    )
     return load_sae_dir(local / "artifacts" / SAE_ARTIFACT).eval()
