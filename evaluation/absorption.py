@@ -62,9 +62,10 @@ except ImportError:  # pragma: no cover - every supported transformers has it
     DynamicCache = None
 from tqdm.auto import tqdm
 
+from evaluation.hook_cache import check_sae_fits
 from evaluation.schema import EvalOutput
 from project.checks import check_in_range, check_ints
-from project.lm import LoadedLM, check_layer, decoder_blocks
+from project.lm import LoadedLM, decoder_blocks
 from project.saes.base import SparseAutoencoder
 
 logger = logging.getLogger(__name__)
@@ -308,9 +309,7 @@ def compute(
             vocabulary with too few single-token words.
     """
     started = time.perf_counter()
-    check_layer(lm, layer)
-    if sae.cfg.d_in != lm.d_model:
-        raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match {lm.name} d_model={lm.d_model}")
+    check_sae_fits(sae, lm, layer)
     words = _select_words(lm, config)
     prefix = _prefix_ids(lm, config, words.icl_ids)
     x_ND = _word_activations(lm, layer, prefix, words.token_ids, config.lm_batch_size)

@@ -36,11 +36,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from evaluation.hook_cache import check_sae_fits
 from evaluation.schema import EvalOutput
 from project.checks import check_ints
 from project.corpus import DEFAULT_CORPUS, iter_texts, resolve_corpus, token_windows
 from project.judges import Judge
-from project.lm import LoadedLM, check_layer, residual_activations
+from project.lm import LoadedLM, residual_activations
 from project.saes.base import SparseAutoencoder
 
 logger = logging.getLogger(__name__)
@@ -329,9 +330,7 @@ def compute(
             that cannot be resolved, or ``latents`` beyond d_sae.
     """
     started = time.perf_counter()
-    check_layer(lm, layer)
-    if sae.cfg.d_in != lm.d_model:
-        raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match {lm.name} d_model={lm.d_model}")
+    check_sae_fits(sae, lm, layer)
     if config.latents is not None and max(config.latents) >= sae.cfg.d_sae:
         raise ValueError(f"latents must be < d_sae={sae.cfg.d_sae}, got {max(config.latents)}")
     was_training = sae.training

@@ -331,4 +331,4 @@ def check_sae_fits(sae: SparseAutoencoder, lm: LoadedLM, layer: int) -> None:
     """The SAE reads block ``layer`` of ``lm``: the layer exists and the widths agree."""
     check_layer(lm, layer)
     if sae.cfg.d_in != lm.d_model:
-        raise ValueError(f"SAE d_in {sae.cfg.d_in} does not match {lm.name}'s d_model {lm.d_model}")
+        raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match {lm.name} d_model={lm.d_model}")
