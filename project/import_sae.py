@@ -61,7 +61,7 @@ from project.corpus import DEFAULT_CORPUS, iter_texts, resolve_corpus, token_win
 from project.lm import DEFAULT_LM, LoadedLM, check_layer, hook_name, load_lm, residual_activations
 from project.registry import (
     default_registered_model_name,
-    load_sae,
+    load_version,
     model_version,
     register_sae,
 )
@@ -250,7 +250,7 @@ def _random_like(model_uri: str) -> LoadedSource:
         )
     try:
         version = model_version(model_uri)
-        reference = load_sae(model_uri)
+        reference = load_version(version)
     except Exception as err:  # noqa: BLE001 - MLflow raises several types for a bad URI
         raise ValueError(f"source {RANDOM_PREFIX}{model_uri}: {err}") from err
     cfg = copy.deepcopy(reference.cfg)

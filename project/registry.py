@@ -126,7 +126,11 @@ def load_sae(uri: str) -> SparseAutoencoder:
     Reads the SAELens directory with safetensors: works with
     MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false.
     """
-    mv = model_version(uri)
+    return load_version(model_version(uri))
+
+
+def load_version(mv: ModelVersion) -> SparseAutoencoder:
+    """Load the SAE of an already resolved model version, eval mode (see :func:`load_sae`)."""
     local = Path(
         mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}")
     )
