@@ -5,8 +5,8 @@
 
 ``model_uri`` is ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` or ``models:/NAME`` (every
 version). Each (model version, eval) gets one run tagged ``saeflow.run_type=eval``, ``eval``,
-``model_name`` (the registered model), ``model_version``, ``training_run_id``, the version's
-own tags (its LM's name as ``lm_name``) and ``eval_config_hash``; its params are the eval
+``registered_model``, ``model_version``, ``model_uri``, ``training_run_id``, the version's
+own tags (its LM's name as ``lm_name``; vocabulary in project/tracking.py) and ``eval_config_hash``; its params are the eval
 config, its metrics the eval's (SAEBench names), and its artifact the SAEBench-schema document
 ``<eval>_eval_results.json``. The version gets a tag ``eval.<eval>.run_id`` pointing at it.
 
@@ -46,7 +46,18 @@ from project.cli import parse_bool, run_entry_point
 from project.lm import LoadedLM, check_layer, hook_name, load_lm
 from project.registry import load_sae, parse_model_uri
 from project.saes import SparseAutoencoder
-from project.tracking import DEFAULT_EXPERIMENT, RUN_TYPE_TAG, configure_tracking, ui_hint
+from project.tracking import (
+    DEFAULT_EXPERIMENT,
+    LM_TAG,
+    MODEL_VERSION_NUMBER_TAG,
+    REGISTERED_MODEL_TAG,
+    RUN_TYPE_TAG,
+    TRAINING_RUN_TAG,
+    configure_tracking,
+    lm_of,
+    ui_hint,
+    version_run_tags,
+)
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +192,7 @@ def _version_uri(mv: ModelVersion) -> str:
 def _version_site(mv: ModelVersion) -> tuple[str, int]:
     """(LM name, layer) of a version, from its tags; ValueError if they are missing or odd."""
     tags = mv.tags or {}
-    missing = [k for k in ("model_name", "layer") if k not in tags]
+    missing = [k for k, v in ((LM_TAG, lm_of(tags)), ("layer", tags.get("layer"))) if v is None]
     if missing:
         raise ValueError(f"{_version_uri(mv)} lacks the version tags {missing}")
     try:
@@ -196,7 +207,7 @@ def _version_site(mv: ModelVersion) -> tuple[str, int]:
             f"{_version_uri(mv)} is an SAE at {hook!r}; evaluation supports the residual stream "
             f"after a block ({hook_name(layer)!r})"
         )
-    return tags["model_name"], layer
+    return str(lm_of(tags)), layer
 
 
 def config_hash(eval_name: str, config: Any, judge: str | None, mv: ModelVersion) -> str:
@@ -258,7 +269,7 @@ def find_existing_run(mv: ModelVersion, eval_name: str, digest: str) -> Any | No
         experiments,
         filter_string=(
             f"tags.`{RUN_TYPE_TAG}` = '{EVAL_RUN_TYPE}' AND tags.eval = '{eval_name}' "
-            f"AND tags.model_name = '{name}' AND tags.model_version = '{mv.version}' "
+            f"AND tags.{REGISTERED_MODEL_TAG} = '{name}' AND tags.{MODEL_VERSION_NUMBER_TAG} = '{mv.version}' "
             f"AND tags.{CONFIG_HASH_TAG} = '{digest}' AND attributes.status = 'FINISHED'"
         ),
         order_by=["attributes.start_time DESC"],
@@ -273,16 +284,14 @@ def run_tags(mv: ModelVersion, eval_name: str, digest: str) -> dict[str, str]:
     for key, value in (mv.tags or {}).items():
         if key.startswith(_SKIP_VERSION_TAG_PREFIXES):
             continue
-        # The registered model's name takes "model_name"; the LM's moves to "lm_name".
-        tags["lm_name" if key == "model_name" else key] = str(value)
+        # Versions registered before the vocabulary was fixed called the LM "model_name".
+        tags[LM_TAG if key == "model_name" else key] = str(value)
+    tags.update(version_run_tags(mv.name, mv.version))
     tags.update(
         {
             RUN_TYPE_TAG: EVAL_RUN_TYPE,
             "eval": eval_name,
-            "model_name": mv.name,
-            "model_version": str(mv.version),
-            "model_uri": _version_uri(mv),
-            "training_run_id": (mv.tags or {}).get("training_run_id") or mv.run_id or "",
+            TRAINING_RUN_TAG: (mv.tags or {}).get(TRAINING_RUN_TAG) or mv.run_id or "",
             CONFIG_HASH_TAG: digest,
         }
     )
@@ -401,7 +410,7 @@ def evaluate(
         configs: eval name → config instance (default: each eval's default config).
         hook_cache: shared hook activations (default: in memory and under
             ``$SAEFLOW_CACHE_DIR/hook_activations``).
-        lms: already loaded LMs by name (as in the versions' ``model_name`` tag).
+        lms: already loaded LMs by name (as in the versions' ``lm_name`` tag).
 
     Raises:
         ValueError: bad input (eval names, URI, LM, configs, judge), before any run starts.

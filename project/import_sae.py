@@ -70,9 +70,11 @@ from project.saes.base import explained_variance
 from project.saes.io import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, saeflow_config_from_saelens
 from project.tracking import (
     DEFAULT_EXPERIMENT,
+    LM_TAG,
     MODEL_VERSION_TAG,
     RUN_TYPE_TAG,
     configure_tracking,
+    lm_of,
     ui_hint,
 )
 
@@ -181,7 +183,7 @@ def import_sae(
     hook = hook_name(resolved_layer)
     sae.cfg.metadata.update(
         {
-            "model_name": lm.name,
+            LM_TAG: lm.name,
             "hook_name": hook,
             "hook_layer": resolved_layer,
             "saeflow_source": _origin(source),
@@ -265,7 +267,7 @@ def _random_like(model_uri: str) -> LoadedSource:
         sae=sae,
         source_format="random_init",
         # The version's tags name its site even where the SAE's own metadata does not.
-        model_name=tags.get("model_name") or cfg.metadata.get("model_name"),
+        model_name=lm_of(tags) or cfg.metadata.get("model_name"),
         hook_name=tags.get("hook_name") or cfg.metadata.get("hook_name"),
         stated_target_l0=stated,
         extra_tags={"baseline": "random_init", "baseline_of": model_uri},
@@ -580,7 +582,7 @@ def _register(
             "target_l0_source": target_source,
             "d_in": sae.cfg.d_in,
             "d_sae": sae.cfg.d_sae,
-            "model_name": lm.name,
+            LM_TAG: lm.name,
             "hook_name": hook_name(layer),
             "layer": layer,
             "n_tokens": 0,

@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
 from project.saes import SparseAutoencoder, load_sae_dir, save_sae
+from project.tracking import LM_TAG
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ VERSION_TAG_KEYS = (
     "target_l0",
     "d_in",
     "d_sae",
-    "model_name",
+    LM_TAG,
     "hook_name",
     "layer",
     "n_tokens",
@@ -98,7 +99,7 @@ def register_sae(
     if not registered.description:
         client.update_registered_model(
             registered_model,
-            description=f"SAEs on {tags['model_name']} at {tags['hook_name']} (trained or imported)",
+            description=f"SAEs on {tags[LM_TAG]} at {tags['hook_name']} (trained or imported)",
         )
     log.info("registered %s version %s", registered_model, version.version)
     return client.get_model_version(registered_model, version.version)

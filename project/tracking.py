@@ -18,10 +18,45 @@ log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "saeflow"
 
-# Tags shared by every saeflow run, so the analysis can tell run kinds apart in search_runs.
+# ---------------------------------------------------------------------------------------------
+# The vocabulary. One name, one meaning, on registered versions and on every kind of run
+# (harvest, train, import, eval, steer, analysis), so that search_runs filters and the analysis
+# join on the same keys everywhere. Never reuse one of these names for something else.
+
+# The language model an SAE reads (a short name such as "smollm2-135m-instruct", a hub id or a
+# local path). On versions and on every run about a version. (SAELens's cfg.json calls this
+# ``metadata.model_name``; that is a file format, not a tag.)
+LM_TAG = "lm_name"
+# The MLflow registered model (one per LM and hook site): "sae-<lm>-l<layer>-resid-post".
+REGISTERED_MODEL_TAG = "registered_model"
+# The version number within the registered model, as a string ("3").
+MODEL_VERSION_NUMBER_TAG = "model_version"
+# The version's full URI, "models:/NAME/VERSION", on runs about a version.
+MODEL_URI_TAG = "model_uri"
+# What kind of run this is: harvest, train, sweep, import, eval, evaluate, steer, analyze, ...
 RUN_TYPE_TAG = "saeflow.run_type"
 # Set on a training or import run once its SAE is registered: "models:/NAME/VERSION".
 MODEL_VERSION_TAG = "saeflow.model_version"
+# The run that produced a version's weights (a training or import run).
+TRAINING_RUN_TAG = "training_run_id"
+
+# Version tags written before the vocabulary was fixed used "model_name" for the LM.
+_LEGACY_LM_TAG = "model_name"
+
+
+def lm_of(tags: dict[str, str]) -> str | None:
+    """The LM named by a version's (or run's) tags; reads versions registered before
+    ``lm_name`` existed (they said ``model_name``)."""
+    return tags.get(LM_TAG) or tags.get(_LEGACY_LM_TAG)
+
+
+def version_run_tags(name: str, version: str | int) -> dict[str, str]:
+    """The tags that link any run (eval, steer, probe, ...) to one registered version."""
+    return {
+        REGISTERED_MODEL_TAG: name,
+        MODEL_VERSION_NUMBER_TAG: str(version),
+        MODEL_URI_TAG: f"models:/{name}/{version}",
+    }
 
 
 def configure_tracking(tracking_uri: str | None = None, experiment: str | None = None) -> str:

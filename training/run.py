@@ -27,7 +27,7 @@ from project.activation_cache import HarvestRequest, HarvestResult, harvest
 from project.lm import LoadedLM, hook_name
 from project.registry import default_registered_model_name, register_sae
 from project.saes import SAEConfig, SparseAutoencoder, build_sae
-from project.tracking import MODEL_VERSION_TAG, RUN_TYPE_TAG
+from project.tracking import LM_TAG, MODEL_VERSION_TAG, RUN_TYPE_TAG
 from training.config import K_ARCHITECTURES, L1_ARCHITECTURES, TrainConfig
 from training.data import ActivationDataModule
 from training.module import SAETrainingModule, evaluate_sae
@@ -80,7 +80,7 @@ def sae_config_for(config: TrainConfig, d_in: int, model_name: str) -> SAEConfig
         d_in=d_in,
         d_sae=config.expansion * d_in,
         metadata={
-            "model_name": model_name,
+            LM_TAG: model_name,
             "hook_name": hook_name(config.layer),
             "hook_layer": config.layer,
             "context_size": config.context_size,
@@ -175,6 +175,7 @@ def train_and_register(
                 CHECKPOINT_DIR_TAG: str(checkpoint_dir),
                 "architecture": config.architecture,
                 "target_l0": str(config.target_l0),
+                LM_TAG: model_name,
                 "harvest_run_id": harvest_result.harvest_run_id or "",
                 "activation_cache": str(harvest_result.cache.directory),
             }
@@ -208,7 +209,7 @@ def train_and_register(
         "target_l0": config.target_l0,
         "d_in": d_in,
         "d_sae": sae_cfg.d_sae,
-        "model_name": model_name,
+        LM_TAG: model_name,
         "hook_name": hook_name(config.layer),
         "layer": config.layer,
         "n_tokens": config.n_tokens,

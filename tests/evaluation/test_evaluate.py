@@ -62,7 +62,7 @@ def register_versions(tiny_lm_dir: str, ks: tuple[int, ...] = (4, 8)) -> list[st
                     "target_l0": k,
                     "d_in": 64,
                     "d_sae": 128,
-                    "model_name": tiny_lm_dir,
+                    "lm_name": tiny_lm_dir,
                     "hook_name": hook_name(LAYER),
                     "layer": LAYER,
                     "n_tokens": 1000,
@@ -100,7 +100,8 @@ def test_every_version_gets_one_linked_run_per_eval(
     for run in runs:
         tags, eval_name = run.data.tags, run.data.tags["eval"]
         assert run.info.status == "FINISHED"
-        assert tags["model_name"] == NAME and tags["lm_name"] == tiny_lm_dir
+        assert tags["registered_model"] == NAME and tags["lm_name"] == tiny_lm_dir
+        assert "model_name" not in tags  # one word, one meaning (project/tracking.py)
         version = client.get_model_version(NAME, tags["model_version"])
         assert tags["training_run_id"] == version.tags["training_run_id"] == version.run_id
         assert tags["architecture"] == "topk" and tags["d_sae"] == "128" and tags["layer"] == "1"

@@ -96,7 +96,7 @@ def test_saelens_directory_imports_like_a_trained_version(
     assert tags["source_format"] == "sae_lens_dir" and tags["n_tokens"] == "0"
     assert tags["d_in"] == "64" and tags["d_sae"] == "256" and tags["layer"] == "1"
     assert tags["hook_name"] == "blocks.1.hook_resid_post"
-    assert tags["model_name"] == str(Path(tiny_lm_dir).resolve())
+    assert tags["lm_name"] == str(Path(tiny_lm_dir).resolve()) and "model_name" not in tags
     assert version.name == f"sae-{Path(tiny_lm_dir).name}-l1-resid-post"
     if kind == "topk":
         assert (tags["target_l0"], tags["target_l0_source"]) == ("8", "config")
@@ -137,7 +137,7 @@ def test_random_baseline_of_a_registered_version(
     tags = control.tags
     assert tags["baseline"] == "random_init" and tags["baseline_of"] == trained_uri
     assert tags["source_format"] == "random_init" and tags["source"] == f"random:{trained_uri}"
-    for key in ("architecture", "d_in", "d_sae", "layer", "hook_name", "model_name", "target_l0"):
+    for key in ("architecture", "d_in", "d_sae", "layer", "hook_name", "lm_name", "target_l0"):
         assert tags[key] == trained.tags[key], key
     random_sae = load_sae(f"models:/{control.name}/{control.version}")
     trained_sae = load_sae(trained_uri)
@@ -471,7 +471,7 @@ def test_dictionary_learning_checkpoint_imports(
     source = write_dl(tmp_path / "trainer_0", state, config)
     version = import_sae(str(source))
     tags = version.tags
-    assert tags["model_name"] == str(Path(tiny_lm_dir).resolve())
+    assert tags["lm_name"] == str(Path(tiny_lm_dir).resolve()) and "model_name" not in tags
     assert set(VERSION_TAG_KEYS) <= set(tags)
     assert tags["architecture"] == "batchtopk" and tags["source_format"] == "dictionary_learning"
     assert (tags["target_l0"], tags["target_l0_source"]) == ("8", "config")
