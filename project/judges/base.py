@@ -1,0 +1,125 @@
+"""The judge interface: :class:`Judge` (explain / detect / rate / identity) and
+:class:`ChatJudge`, the base of the judges that ask a chat model."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from project.judges.prompts import (
+    detection_messages,
+    explanation_messages,
+    parse_detection,
+    parse_explanation,
+    parse_rating,
+    rating_messages,
+)
+
+logger = logging.getLogger(__name__)
+
+# Keep only the last failures' raw answers for the eval's "unstructured" record.
+_MAX_FAILURE_LOG = 20
+
+# ---------------------------------------------------------------------------------------------
+# the interface
+
+
+class Judge(ABC):
+    """Explainer, detection scorer and rater behind one interface.
+
+    ``parse_failures`` counts answers that could not be parsed (and, for HTTP judges, requests
+    that failed after retries); ``failure_log`` keeps the last few raw answers. Both are safe to
+    update from several threads (``max_concurrency`` > 1 lets callers issue calls in parallel).
+    """
+
+    name: ClassVar[str]
+    max_concurrency: int = 1
+
+    def __init__(self) -> None:
+        self.parse_failures = 0
+        self.failure_log: list[dict[str, str]] = []
+        self._lock = threading.Lock()
+
+    def _count_failure(self, what: str, raw: str) -> None:
+        with self._lock:
+            self.parse_failures += 1
+            self.failure_log.append({"call": what, "answer": raw[:500]})
+            del self.failure_log[:-_MAX_FAILURE_LOG]
+        logger.warning("judge %s: could not parse the %s answer %r", self.name, what, raw[:200])
+
+    @abstractmethod
+    def explain(self, examples: list[str]) -> str:
+        """A short description of what the marked tokens of ``examples`` have in common."""
+
+    @abstractmethod
+    def detect_or_none(self, explanation: str, windows: list[str]) -> list[bool] | None:
+        """Per window, whether a latent with this explanation fires in it; None (counted as a
+        parse failure) when the judge's answer could not be read."""
+
+    def detect(self, explanation: str, windows: list[str]) -> list[bool]:
+        """Like :meth:`detect_or_none`, with an unreadable answer read as "fires nowhere"."""
+        result = self.detect_or_none(explanation, windows)
+        return result if result is not None else [False] * len(windows)
+
+    @abstractmethod
+    def rate(self, kind: str, text: str, reference: str) -> int | None:
+        """0/1/2 on ``kind`` ∈ concept / instruct / fluency (``reference`` is the concept or the
+        instruction; unused for fluency); None when the answer could not be parsed."""
+
+    def observe_corpus(self, windows: list[str]) -> None:  # noqa: B027 - optional hook
+        """Optional: unmarked random windows of the evaluation corpus. Judges that calibrate on
+        random text (the offline judge) use them; LLM judges ignore them."""
+
+    def describe(self) -> dict[str, Any]:
+        """What to log about this judge (name, model, settings)."""
+        return {"name": self.name}
+
+
+class ChatJudge(Judge):
+    """A judge that asks a chat model with the prompts above; subclasses implement ``_chat``."""
+
+    max_tokens_explain = 64
+    max_tokens_detect = 32
+    max_tokens_rate = 128
+
+    @abstractmethod
+    def _chat(self, messages: list[dict[str, str]], max_tokens: int) -> str | None:
+        """The model's answer, or None when the request failed (already logged)."""
+
+    def _ask(self, what: str, messages: list[dict[str, str]], max_tokens: int) -> str | None:
+        answer = self._chat(messages, max_tokens)
+        if answer is None:
+            self._count_failure(what, "<request failed>")
+        return answer
+
+    def explain(self, examples: list[str]) -> str:
+        answer = self._ask("explain", explanation_messages(examples), self.max_tokens_explain)
+        if answer is None:
+            return ""
+        explanation = parse_explanation(answer)
+        if explanation is None:
+            self._count_failure("explain", answer)
+            return ""
+        return explanation
+
+    def detect_or_none(self, explanation: str, windows: list[str]) -> list[bool] | None:
+        messages = detection_messages(explanation, windows)
+        answer = self._ask("detect", messages, self.max_tokens_detect)
+        if answer is None:
+            return None
+        result = parse_detection(answer, len(windows))
+        if result is None:
+            self._count_failure("detect", answer)
+        return result
+
+    def rate(self, kind: str, text: str, reference: str) -> int | None:
+        messages = rating_messages(kind, text, reference)
+        answer = self._ask(f"rate:{kind}", messages, self.max_tokens_rate)
+        if answer is None:
+            return None
+        rating = parse_rating(answer)
+        if rating is None:
+            self._count_failure(f"rate:{kind}", answer)
+        return rating

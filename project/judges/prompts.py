@@ -1,0 +1,172 @@
+"""Prompts and answer parsing shared by the chat judges (SAEBench's autointerp prompts,
+AxBench's rating prompts, METHODS.md §2 and §3).
+
+The LLM judges ask for ``Rating: [[n]]`` and, for detection, a comma-separated list of window
+numbers (or "None"), as SAEBench does. Examples given to ``explain`` are text windows in which
+the tokens where the latent fires are marked ``<<like this>>``; newlines are shown as ``↵``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+RATING_KINDS = ("concept", "instruct", "fluency")
+_MARK_RE = re.compile(r"<<(.*?)>>", re.DOTALL)
+_RATING_RE = re.compile(r"Rating:\s*\[\[\s*(-?\d+(?:\.\d+)?)\s*\]\]", re.IGNORECASE)
+
+# ---------------------------------------------------------------------------------------------
+# parsing (pure functions, shared by the LLM judges)
+
+
+def parse_rating(answer: str) -> int | None:
+    """The n of the last ``Rating: [[n]]`` in ``answer`` if n is 0, 1 or 2, else None."""
+    matches = _RATING_RE.findall(answer or "")
+    if not matches:
+        return None
+    value = float(matches[-1])
+    if value not in (0.0, 1.0, 2.0):
+        return None
+    return int(value)
+
+
+def parse_detection(answer: str, n_windows: int) -> list[bool] | None:
+    """SAEBench's detection answer: comma-separated 1-based window numbers, or "None".
+
+    Returns one bool per window, or None when the answer is anything else (words other than
+    "and"/"None", numbers outside 1..n_windows).
+    """
+    text = (answer or "").strip().strip("`").strip()
+    if not text:
+        return None
+    text = re.sub(r"(?i)\bnone\b", "", text.rstrip("."))
+    text = re.sub(r"(?i)\band\b", ",", text).strip().strip("[]()")
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not all(p.isdigit() for p in parts):
+        return None
+    picked = {int(p) for p in parts}
+    if any(not 1 <= i <= n_windows for i in picked):
+        return None
+    return [i + 1 in picked for i in range(n_windows)]
+
+
+def parse_explanation(answer: str) -> str | None:
+    """The explanation in an explainer's answer: its first non-empty line, without a leading
+    "This neuron activates on" (SAEBench's parse); None if nothing is left."""
+    for line in (answer or "").splitlines():
+        line = line.strip()
+        if line:
+            break
+    else:
+        return None
+    line = re.sub(
+        r"(?i)^(explanation:\s*)?(this|the)\s+(neuron|latent|feature)\s+"
+        r"(activates|fires|responds)\s+(on|to|for)\s*",
+        "",
+        line,
+    )
+    line = line.strip().strip('"').rstrip(".").strip()
+    return line or None
+
+
+def strip_marks(window: str) -> str:
+    """A window without its ``<< >>`` activation marks."""
+    return _MARK_RE.sub(lambda m: m.group(1), window)
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts (SAEBench's autointerp prompts; AxBench's rating prompts)
+
+_EXPLAIN_SYSTEM = (
+    "We're studying neurons in a neural network. Each neuron activates on some particular "
+    "word/words/substring/concept in a short document. The activating words in each document "
+    "are indicated with << ... >>. We will give you a list of documents on which the neuron "
+    "activates, in order from most strongly activating to least strongly activating. Look at "
+    "the parts of the document the neuron activates for and summarize in a single sentence what "
+    "the neuron is activating on. Try not to be overly specific in your explanation. Note that "
+    "some neurons will activate only on specific words or substrings, but others will activate "
+    "on most/all words in a sentence provided that sentence contains some particular concept. "
+    "Your explanation should cover most or all activating words. Pay attention to things like "
+    "the capitalization and punctuation of the activating words or concepts, if that seems "
+    "relevant. Keep the explanation as short and simple as possible, limited to 20 words or "
+    "less. Omit punctuation and formatting. You should avoid giving long lists of words. "
+    'Your response should be in the form "This neuron activates on...".'
+)
+_DETECT_SYSTEM = (
+    "We're studying neurons in a neural network. Each neuron activates on some particular "
+    "word/words/substring/concept in a short document. You will be given a short explanation "
+    "of what this neuron activates for, and then be shown {n} example sequences in random "
+    "order. You will have to return a comma-separated list of the examples where you think the "
+    "neuron should activate at least once, on ANY of the words or substrings in the document. "
+    'For example, your response might look like "{example}". Try not to be overly specific in '
+    "your interpretation of the explanation. If you think there are no examples where the "
+    'neuron will activate, you should just respond with "None". You should include nothing '
+    'else in your response other than comma-separated numbers or the word "None" - this is '
+    "important."
+)
+_RATE_PROMPTS = {
+    "concept": (
+        "Please act as an impartial judge and evaluate whether the specified concept is "
+        "presented in the text fragment provided below. Focus solely on whether the concept is "
+        "clearly incorporated, without regard for grammar or logical coherence. Begin with one "
+        "short sentence explaining your judgement, then rate the concept's relevance on a scale "
+        "from 0 to 2, where 0 indicates the concept is not present at all, 1 indicates the "
+        "concept is somewhat present but minimally or awkwardly incorporated, and 2 indicates "
+        "the concept is more fully and effectively incorporated. Provide your rating using this "
+        'exact format: "Rating: [[score]]".\n\n[Concept Start]\n{reference}\n[Concept End]\n\n'
+        "[Text Fragment Start]\n{text}\n[Text Fragment End]"
+    ),
+    "instruct": (
+        "Please act as an impartial judge and evaluate whether the text fragment provided below "
+        "is related to and answers the instruction. Focus solely on the degree of relatedness "
+        "to the instruction, without regard for grammar, coherence, or informativeness. Begin "
+        "with one short sentence explaining your judgement, then rate it on a scale from 0 to "
+        "2, where 0 indicates the text is unrelated to the instruction, 1 indicates it is "
+        "somewhat related but only minimally or indirectly relevant, and 2 indicates it is "
+        "more clearly and directly related. Provide your rating using this exact format: "
+        '"Rating: [[score]]".\n\n[Instruction Start]\n{reference}\n[Instruction End]\n\n'
+        "[Text Fragment Start]\n{text}\n[Text Fragment End]"
+    ),
+    "fluency": (
+        "Please act as an impartial judge and evaluate the fluency of the text fragment "
+        "provided below. Focus solely on fluency, disregarding its completeness, relevance, "
+        "coherence with any broader context, or informativeness. Begin with one short sentence "
+        "explaining your judgement, then rate it on a scale from 0 to 2, where 0 indicates the "
+        "fragment is not fluent (highly unnatural, e.g. incomprehensible or repetitive), 1 "
+        "indicates it is somewhat fluent but contains noticeable errors or awkward phrasing, "
+        "and 2 indicates it is fluent and almost perfect. Provide your rating using this exact "
+        'format: "Rating: [[score]]".\n\n[Text Fragment Start]\n{text}\n[Text Fragment End]'
+    ),
+}
+
+
+def explanation_messages(examples: Sequence[str]) -> list[dict[str, str]]:
+    """Chat messages asking for an explanation of marked examples (SAEBench's prompt)."""
+    listing = "\n".join(f"{i + 1}. {ex}" for i, ex in enumerate(examples))
+    return [
+        {"role": "system", "content": _EXPLAIN_SYSTEM},
+        {"role": "user", "content": f"The activating documents are given below:\n\n{listing}"},
+    ]
+
+
+def detection_messages(explanation: str, windows: Sequence[str]) -> list[dict[str, str]]:
+    """Chat messages asking which unmarked windows the explained latent fires on."""
+    listing = "\n".join(f"{i + 1}. {strip_marks(w)}" for i, w in enumerate(windows))
+    example = ", ".join(str(i) for i in range(1, min(len(windows), 4) + 1, 2))
+    system = _DETECT_SYSTEM.format(n=len(windows), example=example or "1")
+    user = (
+        f"Here is the explanation: this neuron fires on {explanation}.\n\n"
+        f"Here are the examples:\n\n{listing}"
+    )
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def rating_messages(kind: str, text: str, reference: str) -> list[dict[str, str]]:
+    """Chat messages asking for a 0/1/2 ``Rating: [[n]]`` (AxBench's judge prompts)."""
+    check_kind(kind)
+    return [{"role": "user", "content": _RATE_PROMPTS[kind].format(reference=reference, text=text)}]
+
+
+def check_kind(kind: str) -> None:
+    if kind not in RATING_KINDS:
+        raise ValueError(f"unknown rating kind {kind!r}; valid: {', '.join(RATING_KINDS)}")
