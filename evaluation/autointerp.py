@@ -27,12 +27,15 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -49,6 +52,8 @@ logger = logging.getLogger(__name__)
 EVAL_TYPE_ID = "autointerp"
 # SAE-encode this many tokens at a time: bounds the dense [chunk, d_sae] latent matrix.
 _ENCODE_CHUNK = 4096
+# explain_latents encodes this many latent columns of the scan at a time.
+_EXPLAIN_CHUNK = 64
 # The last LM scan, reused when several SAEs of one (LM, layer) are evaluated in a process
 # (a sweep): the scan is most of the non-judge time. One entry (~60 MB for SmolLM2 defaults).
 _SCAN_CACHE: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
@@ -237,6 +242,40 @@ def _top_centres(acts_WT: Tensor, k: int, buffer: int) -> list[tuple[int, int]]:
     return chosen
 
 
+def _window_text(
+    centre: tuple[int, int],
+    acts_WT: Tensor,
+    ids_WT: Tensor,
+    buffer: int,
+    threshold: float,
+    marked: bool,
+    text: _TokenText,
+) -> tuple[str, float]:
+    """The window of ``2 * buffer + 1`` tokens around ``centre`` (activating tokens marked if
+    ``marked``) and the latent's largest activation in it."""
+    row, col = centre
+    span = slice(col - buffer, col + buffer + 1)
+    window_acts = acts_WT[row, span].tolist()
+    ids = ids_WT[row, span].tolist()
+    return text.window(ids, window_acts if marked else None, threshold), max(window_acts)
+
+
+def _importance_weighted(
+    centre_acts_WT: Tensor, ceiling: float, n: int, rng: np.random.Generator
+) -> list[tuple[int, int]] | None:
+    """``n`` centres below ``ceiling`` sampled with probability ∝ activation (SAEBench's
+    importance weighting), or None if fewer than ``n`` centres are active there."""
+    below = torch.where(centre_acts_WT < ceiling, centre_acts_WT, torch.zeros(()))
+    weights = below.flatten().numpy().astype(np.float64)
+    if int((weights > 1e-6).sum()) < n:
+        return None
+    if n == 0:
+        return []
+    picks = rng.choice(len(weights), size=n, replace=False, p=weights / weights.sum())
+    T = centre_acts_WT.shape[1]
+    return [divmod(int(i), T) for i in picks]
+
+
 def _build_examples(
     latent: int,
     acts_WT: Tensor,
@@ -261,22 +300,14 @@ def _build_examples(
     top_values = [float(acts_WT[r, c]) for r, c in top]
     threshold = config.act_threshold_frac * max(top_values)
     # Importance-weighted: below the weakest top centre, sampled ∝ activation (SAEBench).
-    below = torch.where(centre_acts_WT < min(top_values), centre_acts_WT, torch.zeros(()))
-    weights = below.flatten().numpy().astype(np.float64)
-    if int((weights > 1e-6).sum()) < n_iw:
+    iw = _importance_weighted(centre_acts_WT, min(top_values), n_iw, rng)
+    if iw is None:
         return None
-    iw_flat = rng.choice(len(weights), size=n_iw, replace=False, p=weights / weights.sum())
-    T = acts_WT.shape[1]
-    iw = [divmod(int(i), T) for i in iw_flat]
     picks = rng.choice(len(valid_centres), size=config.n_random_ex_for_scoring, replace=False)
     random_centres = [tuple(valid_centres[int(i)]) for i in picks]
 
     def window(centre: tuple[int, int], marked: bool) -> tuple[str, float]:
-        row, col = centre
-        span = slice(col - buffer, col + buffer + 1)
-        window_acts = acts_WT[row, span].tolist()
-        ids = ids_WT[row, span].tolist()
-        return text.window(ids, window_acts if marked else None, threshold), max(window_acts)
+        return _window_text(centre, acts_WT, ids_WT, buffer, threshold, marked, text)
 
     top_order = rng.permutation(n_top)
     iw_order = rng.permutation(n_iw)
@@ -299,16 +330,215 @@ def _build_examples(
     )
 
 
-def _score_latent(judge: Judge, examples: _LatentExamples) -> tuple[str, float]:
-    """(explanation, detection accuracy); NaN when the judge's answers could not be parsed."""
+def _generation_windows(
+    acts_WT: Tensor,
+    ids_WT: Tensor,
+    valid_WT: Tensor,
+    config: AutointerpConfig,
+    rng: np.random.Generator,
+    text: _TokenText,
+) -> list[str] | None:
+    """The explainer's windows for a latent outside autointerp's sample (explain_latents): up
+    to ``n_top_ex_for_generation`` top and ``n_iw_ex_for_generation`` importance-weighted
+    windows, marked, strongest first; None if the latent never fires in the scan. Nothing is
+    held out for scoring, so a rare latent still gets the windows it has."""
+    centre_acts_WT = torch.where(valid_WT, acts_WT, torch.zeros(()))
+    top = _top_centres(centre_acts_WT, config.n_top_ex_for_generation, config.buffer)
+    if not top:
+        return None
+    top_values = [float(acts_WT[r, c]) for r, c in top]
+    threshold = config.act_threshold_frac * max(top_values)
+    below = torch.where(centre_acts_WT < min(top_values), centre_acts_WT, torch.zeros(()))
+    n_iw = min(config.n_iw_ex_for_generation, int((below > 1e-6).sum()))
+    iw = _importance_weighted(centre_acts_WT, min(top_values), n_iw, rng) or []
+    windows = [
+        _window_text(c, acts_WT, ids_WT, config.buffer, threshold, True, text) for c in top + iw
+    ]
+    return [w for w, _ in sorted(windows, key=lambda p: -p[1])]
+
+
+def _score_latent(judge: Judge, examples: _LatentExamples) -> tuple[str, list[bool] | None]:
+    """(explanation, the judge's detection predictions); None when they could not be parsed."""
     explanation = judge.explain(examples.generation)
     if not explanation:
-        return explanation, math.nan
+        return explanation, None
     predictions = judge.detect_or_none(explanation, examples.scoring)
     if predictions is None or len(predictions) != len(examples.labels):
-        return explanation, math.nan
-    correct = sum(p == y for p, y in zip(predictions, examples.labels, strict=True))
-    return explanation, correct / len(examples.labels)
+        return explanation, None
+    return explanation, [bool(p) for p in predictions]
+
+
+def detection_scores(predictions: Sequence[bool], labels: Sequence[bool]) -> dict[str, float]:
+    """One latent's detection scores over its scoring windows.
+
+    ``accuracy`` is SAEBench's score. ``balanced_accuracy`` is the mean of the recalls on the
+    windows where the latent fires and on those where it does not (over the classes present), so
+    that any constant answer scores 0.5. ``never_fires`` and ``always_fires`` are the accuracies
+    of the two constant answers: with 10 random windows of 14, "never fires" scores ~10/14 on a
+    sparse latent, the floor SAEBench's accuracy must be read against.
+    """
+    if len(predictions) != len(labels) or not labels:
+        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
+    p = np.asarray(predictions, dtype=bool)
+    y = np.asarray(labels, dtype=bool)
+    recalls = [float((p[y == c] == c).mean()) for c in (True, False) if (y == c).any()]
+    return {
+        "accuracy": float((p == y).mean()),
+        "balanced_accuracy": float(np.mean(recalls)),
+        "never_fires": float((~y).mean()),
+        "always_fires": float(y.mean()),
+    }
+
+
+def bootstrap_interval(
+    values: Sequence[float], seed: int, confidence: float = 0.95
+) -> tuple[float, float]:
+    """A BCa bootstrap interval of the mean of ``values`` (``scipy.stats.bootstrap``); the
+    percentile interval where BCa is undefined, (v, v) for constant values, NaN for < 2."""
+    data = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
+    if len(data) < 2:
+        return math.nan, math.nan
+    if np.ptp(data) == 0:
+        return float(data[0]), float(data[0])
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # BCa warns and returns NaN on degenerate resamples
+            result = stats.bootstrap(
+                (data,),
+                np.mean,
+                confidence_level=confidence,
+                n_resamples=9999,
+                method=method,
+                rng=np.random.default_rng(seed),
+            )
+        low, high = result.confidence_interval
+        if math.isfinite(low) and math.isfinite(high):
+            return float(low), float(high)
+    return math.nan, math.nan
+
+
+def _judge_map(judge: Judge, fn: Callable[[Any], Any], items: list[Any], desc: str) -> list[Any]:
+    """``fn`` over ``items`` in order, concurrently up to the judge's ``max_concurrency``."""
+    workers = max(1, int(getattr(judge, "max_concurrency", 1)))
+    progress = dict(total=len(items), desc=desc, leave=False)
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(tqdm(pool.map(fn, items), **progress))
+    return [fn(item) for item in tqdm(items, **progress)]
+
+
+@dataclass
+class _Prepared:
+    """The LM scan seen as the protocol needs it, shared by compute and explain_latents."""
+
+    ids_WT: Tensor
+    acts_ND: Tensor  # counted positions only, [N, D]
+    flat_mask_N: Tensor  # which of the W*T positions are counted
+    valid_WT: Tensor  # possible window centres
+    valid_centres: list[list[int]]
+    text: _TokenText
+
+    def columns(self, sae: SparseAutoencoder, latents: list[int]) -> Tensor:
+        """The listed latents' activations over the scan, [W, T, L] (zero where not counted)."""
+        W, T = self.ids_WT.shape
+        columns_NL = torch.zeros(W * T, len(latents))
+        columns_NL[self.flat_mask_N] = _encode_columns(sae, self.acts_ND, latents)
+        return columns_NL.reshape(W, T, len(latents))
+
+
+def _prepare(
+    lm: LoadedLM, layer: int, config: AutointerpConfig, judge: Judge, rng: np.random.Generator
+) -> _Prepared:
+    """Scan the corpus (or reuse the scan) and show the judge ``n_reference_windows`` random
+    windows of it (the offline judge contrasts explanations with them)."""
+    ids_WT, mask_WT, acts_WTD = _scan(lm, layer, config)
+    W, T, D = acts_WTD.shape
+    flat_mask_N = mask_WT.flatten()
+    # Centres need a full window inside the sequence and a counted token.
+    valid_WT = mask_WT.clone()
+    valid_WT[:, : config.buffer] = False
+    valid_WT[:, T - config.buffer :] = False
+    valid_centres = torch.nonzero(valid_WT).tolist()
+    text = _TokenText(lm.tokenizer)
+    reference = []
+    picks = rng.choice(
+        len(valid_centres), size=min(config.n_reference_windows, len(valid_centres)), replace=False
+    )
+    for i in picks:
+        row, col = valid_centres[int(i)]
+        ids = ids_WT[row, col - config.buffer : col + config.buffer + 1].tolist()
+        reference.append(text.window(ids, None, 0.0))
+    judge.observe_corpus(reference)
+    return _Prepared(
+        ids_WT=ids_WT,
+        acts_ND=acts_WTD.reshape(W * T, D)[flat_mask_N],
+        flat_mask_N=flat_mask_N,
+        valid_WT=valid_WT,
+        valid_centres=valid_centres,
+        text=text,
+    )
+
+
+@torch.no_grad()
+def explain_latents(
+    sae: SparseAutoencoder,
+    lm: LoadedLM,
+    layer: int,
+    latent_ids: Sequence[int],
+    judge: Judge,
+    config: AutointerpConfig | None = None,
+) -> dict[int, str]:
+    """Explanations of the given latents by ``judge``, from the windows autointerp's explainer
+    would see (the top ``n_top_ex_for_generation`` and ``n_iw_ex_for_generation``
+    importance-weighted windows of the scan of ``config``, activating tokens marked).
+
+    Any latent can be asked for, not only autointerp's sample; each latent's windows depend on
+    ``config.seed`` and the latent alone, not on which others are asked for. A latent that never
+    fires in the scan has no key in the result; a latent the judge could not explain maps to "".
+
+    Raises:
+        ValueError: ``layer`` out of range, an SAE whose d_in is not the LM's width, or a latent
+            id outside [0, d_sae).
+    """
+    config = config or AutointerpConfig()
+    check_sae_fits(sae, lm, layer)
+    latents = list(dict.fromkeys(int(i) for i in latent_ids))
+    bad = [i for i in latents if not 0 <= i < sae.cfg.d_sae]
+    if bad:
+        raise ValueError(f"latent ids {bad} are outside [0, d_sae={sae.cfg.d_sae})")
+    if not latents:
+        return {}
+    was_training = sae.training
+    sae.eval()
+    try:
+        prepared = _prepare(lm, layer, config, judge, np.random.default_rng(config.seed))
+        windows: dict[int, list[str]] = {}
+        for start in range(0, len(latents), _EXPLAIN_CHUNK):
+            batch = latents[start : start + _EXPLAIN_CHUNK]
+            columns_WTL = prepared.columns(sae, batch)
+            for j, latent in enumerate(batch):
+                built = _generation_windows(
+                    columns_WTL[..., j],
+                    prepared.ids_WT,
+                    prepared.valid_WT,
+                    config,
+                    np.random.default_rng([config.seed, latent]),
+                    prepared.text,
+                )
+                if built is not None:
+                    windows[latent] = built
+    finally:
+        sae.train(was_training)
+    silent = [i for i in latents if i not in windows]
+    if silent:
+        logger.warning(
+            "explain_latents: %d latents never fired in the scan: %s", len(silent), silent[:20]
+        )
+    order = list(windows)
+    explanations = _judge_map(
+        judge, lambda i: judge.explain(windows[i]), order, f"explain: judge {judge.name}"
+    )
+    return {i: e or "" for i, e in zip(order, explanations, strict=True)}
 
 
 @torch.no_grad()
@@ -321,9 +551,14 @@ def compute(
 ) -> EvalOutput:
     """Explain a sample of live latents with ``judge`` and score its detection accuracy.
 
-    Returns metrics ``{"autointerp": {autointerp_score, autointerp_std_dev, n_latents_scored}}``
-    and the table ``autointerp_explanations`` (latent, explanation, score, max_activation m_i,
-    frequency), the concepts that steering reuses.
+    Returns metrics in category ``autointerp``: ``autointerp_score`` (SAEBench's: the mean
+    detection accuracy) with ``autointerp_std_dev`` and its 95% bootstrap interval over latents
+    (``_ci_low`` / ``_ci_high``); ``autointerp_balanced_accuracy`` (and its interval), where any
+    constant answer scores 0.5; the floor ``constant_answer_score``, the better of
+    ``autointerp_never_fires_score`` and ``autointerp_always_fires_score`` (the accuracy of a judge
+    that always answers "never fires" / "fires"); ``n_latents_scored``. The table
+    ``autointerp_explanations`` holds per latent the explanation, the scores, the max activation
+    m_i and the firing frequency: the concepts that steering reuses.
 
     Raises:
         ValueError: ``layer`` out of range, an SAE whose d_in is not the LM's width, a corpus
@@ -336,14 +571,12 @@ def compute(
     was_training = sae.training
     sae.eval()
     try:
-        ids_WT, mask_WT, acts_WTD = _scan(lm, layer, config)
-        W, T, D = acts_WTD.shape
-        acts_ND = acts_WTD.reshape(W * T, D)
-        flat_mask_N = mask_WT.flatten()
-        counts_F, max_F = _encode_columns(sae, acts_ND[flat_mask_N], None)
+        rng = np.random.default_rng(config.seed)
+        prepared = _prepare(lm, layer, config, judge, rng)
+        counts_F, max_F = _encode_columns(sae, prepared.acts_ND, None)
+        n_tokens = len(prepared.acts_ND)
         scan_s = time.perf_counter() - started
 
-        rng = np.random.default_rng(config.seed)
         if config.latents is not None:
             order = list(dict.fromkeys(config.latents))
             target = len(order)
@@ -356,27 +589,9 @@ def compute(
                 "only %d latents fired >= %d times in %d tokens (wanted %d)",
                 len(order),
                 config.min_firings,
-                int(flat_mask_N.sum()),
+                n_tokens,
                 config.n_latents,
             )
-        # Centres need a full window inside the sequence and a counted token.
-        valid_WT = mask_WT.clone()
-        valid_WT[:, : config.buffer] = False
-        valid_WT[:, T - config.buffer :] = False
-        text = _TokenText(lm.tokenizer)
-
-        reference = []
-        valid_centres = torch.nonzero(valid_WT).tolist()
-        picks = rng.choice(
-            len(valid_centres),
-            size=min(config.n_reference_windows, len(valid_centres)),
-            replace=False,
-        )
-        for i in picks:
-            row, col = valid_centres[int(i)]
-            ids = ids_WT[row, col - config.buffer : col + config.buffer + 1].tolist()
-            reference.append(text.window(ids, None, 0.0))
-        judge.observe_corpus(reference)
 
         examples: list[_LatentExamples] = []
         skipped: list[int] = []
@@ -386,21 +601,19 @@ def compute(
                 # Encode the next candidates only: a dense [tokens, d_sae] matrix is never kept.
                 batch = order[cursor : cursor + max(8, (target - len(examples)) * 3 // 2)]
                 cursor += len(batch)
-                columns_NL = torch.zeros(W * T, len(batch))
-                columns_NL[flat_mask_N] = _encode_columns(sae, acts_ND[flat_mask_N], batch)
-                columns_WTL = columns_NL.reshape(W, T, len(batch))
+                columns_WTL = prepared.columns(sae, batch)
                 for j, latent in enumerate(batch):
                     if len(examples) == target:
                         break
                     built = _build_examples(
                         latent,
                         columns_WTL[..., j],
-                        ids_WT,
-                        valid_WT,
-                        valid_centres,
+                        prepared.ids_WT,
+                        prepared.valid_WT,
+                        prepared.valid_centres,
                         config,
                         rng,
-                        text,
+                        prepared.text,
                     )
                     if built is None:
                         skipped.append(latent)
@@ -409,52 +622,49 @@ def compute(
                         bar.update(1)
 
         failures_before = judge.parse_failures
-        workers = max(1, int(getattr(judge, "max_concurrency", 1)))
-        progress = dict(total=len(examples), desc=f"autointerp: judge {judge.name}", leave=False)
-        if workers > 1:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                results = list(
-                    tqdm(pool.map(lambda e: _score_latent(judge, e), examples), **progress)
-                )
-        else:
-            results = [_score_latent(judge, e) for e in tqdm(examples, **progress)]
+        results = _judge_map(
+            judge, lambda e: _score_latent(judge, e), examples, f"autointerp: judge {judge.name}"
+        )
     finally:
         sae.train(was_training)
 
-    scores = [s for _, s in results if not math.isnan(s)]
-    n_tokens = int(flat_mask_N.sum())
-    if scores:
-        score_mean = float(np.mean(scores))
-        score_std = float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
-    else:
-        score_mean, score_std = math.nan, math.nan
+    nan_scores = dict.fromkeys(
+        ("accuracy", "balanced_accuracy", "never_fires", "always_fires"), math.nan
+    )
+    per_latent = [
+        detection_scores(p, e.labels) if p is not None else nan_scores
+        for (_, p), e in zip(results, examples, strict=True)
+    ]
+    scored = [s for s in per_latent if not math.isnan(s["accuracy"])]
+    metrics = _summary(scored, config.seed)
+    if not scored:
         logger.warning("autointerp scored no latent (%d candidates)", len(examples))
     latents = [e.latent for e in examples]
     table = {
         "latent": latents,
         "explanation": [explanation for explanation, _ in results],
-        "score": [s for _, s in results],
+        "score": [s["accuracy"] for s in per_latent],
+        "balanced_accuracy": [s["balanced_accuracy"] for s in per_latent],
+        "never_fires_score": [s["never_fires"] for s in per_latent],
         "max_activation": [float(max_F[i]) for i in latents],
         "frequency": [float(counts_F[i]) / max(1, n_tokens) for i in latents],
     }
     elapsed = time.perf_counter() - started
     logger.info(
-        "autointerp: score %.3f ± %.3f over %d latents (%d tokens, scan %.1fs, total %.1fs)",
-        score_mean,
-        score_std,
-        len(scores),
+        "autointerp: score %.3f [%.3f, %.3f], balanced %.3f, constant-answer floor %.3f over %d "
+        "latents (%d tokens, scan %.1fs, total %.1fs)",
+        metrics["autointerp_score"],
+        metrics["autointerp_score_ci_low"],
+        metrics["autointerp_score_ci_high"],
+        metrics["autointerp_balanced_accuracy"],
+        metrics["constant_answer_score"],
+        len(scored),
         n_tokens,
         scan_s,
         elapsed,
     )
     return EvalOutput(
-        metrics={
-            "autointerp": {
-                "autointerp_score": score_mean,
-                "autointerp_std_dev": score_std,
-                "n_latents_scored": float(len(scores)),
-            }
-        },
+        metrics={"autointerp": metrics},
         details=[],
         unstructured={
             "judge": judge.describe(),
@@ -468,3 +678,38 @@ def compute(
         },
         tables={"autointerp_explanations": table},
     )
+
+
+def _summary(scored: list[dict[str, float]], seed: int) -> dict[str, float]:
+    """SAE-level metrics from the scored latents' detection scores (NaN where none)."""
+
+    def column(name: str) -> list[float]:
+        return [s[name] for s in scored]
+
+    def mean(name: str) -> float:
+        return float(np.mean(column(name))) if scored else math.nan
+
+    accuracy = column("accuracy")
+    metrics = {
+        "autointerp_score": mean("accuracy"),
+        # 0 for one latent, NaN for none (as before the floor and intervals were added).
+        "autointerp_std_dev": float(np.std(accuracy, ddof=1))
+        if len(scored) > 1
+        else (0.0 if scored else math.nan),
+    }
+    low, high = bootstrap_interval(accuracy, seed)
+    metrics |= {"autointerp_score_ci_low": low, "autointerp_score_ci_high": high}
+    metrics["autointerp_balanced_accuracy"] = mean("balanced_accuracy")
+    low, high = bootstrap_interval(column("balanced_accuracy"), seed)
+    metrics |= {
+        "autointerp_balanced_accuracy_ci_low": low,
+        "autointerp_balanced_accuracy_ci_high": high,
+    }
+    never, always = mean("never_fires"), mean("always_fires")
+    metrics |= {
+        "autointerp_never_fires_score": never,
+        "autointerp_always_fires_score": always,
+        "constant_answer_score": max(never, always) if scored else math.nan,
+        "n_latents_scored": float(len(scored)),
+    }
+    return metrics

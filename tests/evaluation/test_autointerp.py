@@ -11,7 +11,10 @@ from evaluation.autointerp import (
     _build_examples,
     _score_latent,
     _TokenText,
+    bootstrap_interval,
     compute,
+    detection_scores,
+    explain_latents,
 )
 from evaluation.schema import EvalOutput
 from project.corpus import iter_texts, resolve_corpus, token_windows
@@ -50,9 +53,29 @@ def test_compute_with_offline_judge(tiny_lm: LoadedLM, random_sae: SparseAutoenc
     assert isinstance(out, EvalOutput)
     assert random_sae.training  # the caller's mode is restored
     metrics = out.metrics["autointerp"]
-    assert set(metrics) == {"autointerp_score", "autointerp_std_dev", "n_latents_scored"}
+    assert set(metrics) == {
+        "autointerp_score",
+        "autointerp_std_dev",
+        "autointerp_score_ci_low",
+        "autointerp_score_ci_high",
+        "autointerp_balanced_accuracy",
+        "autointerp_balanced_accuracy_ci_low",
+        "autointerp_balanced_accuracy_ci_high",
+        "autointerp_never_fires_score",
+        "autointerp_always_fires_score",
+        "constant_answer_score",
+        "n_latents_scored",
+    }
     assert all(math.isfinite(v) for v in metrics.values())
     assert 0.0 <= metrics["autointerp_score"] <= 1.0
+    score = metrics["autointerp_score"]
+    assert metrics["autointerp_score_ci_low"] <= score <= metrics["autointerp_score_ci_high"]
+    never, always = (
+        metrics["autointerp_never_fires_score"],
+        metrics["autointerp_always_fires_score"],
+    )
+    assert never + always == pytest.approx(1.0)
+    assert metrics["constant_answer_score"] == max(never, always)
     assert 0.0 <= metrics["autointerp_std_dev"] <= 1.0
     assert metrics["n_latents_scored"] == 4
     table = out.tables["autointerp_explanations"]
@@ -139,13 +162,19 @@ def test_planted_single_token_latent(tiny_lm: LoadedLM) -> None:
     assert all(" file" in w for w, y in zip(examples.scoring, examples.labels, strict=True) if y)
     assert sum(examples.labels) >= 4  # the 2 top and 2 importance-weighted windows
     agree = [(" file" in w) == y for w, y in zip(examples.scoring, examples.labels, strict=True)]
-    assert _score_latent(_LexicalOracle(), examples) == (" file", sum(agree) / 14)
+    explanation, predictions = _score_latent(_LexicalOracle(), examples)
+    assert explanation == " file"
+    oracle = detection_scores(predictions, examples.labels)
+    assert oracle["accuracy"] == sum(agree) / 14
     assert sum(agree) >= 12
     offline = build_judge("offline")
     offline.observe_corpus([text.window(row[:21].tolist(), None, 0.0) for row in ids_WT[::4]])
-    explanation, score = _score_latent(offline, examples)
+    explanation, predictions = _score_latent(offline, examples)
     assert '" file"' in explanation  # quoted as written, leading space included
-    assert score >= 0.7, (explanation, score)
+    scores = detection_scores(predictions, examples.labels)
+    assert scores["accuracy"] >= 0.7, (explanation, scores)
+    # Above the floor: a constant answer scores 0.5 balanced; this judge finds the token.
+    assert scores["balanced_accuracy"] > 0.7, (explanation, scores)
 
 
 def test_config_validation() -> None:
@@ -166,3 +195,87 @@ def test_bad_layer_or_width(tiny_lm: LoadedLM, random_sae: SparseAutoencoder) ->
     wide = build_sae(SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4))
     with pytest.raises(ValueError, match="SAE d_in=32 does not match"):
         compute(wide, tiny_lm, LAYER, AutointerpConfig(**SMALL), judge)
+
+
+def test_detection_scores_and_the_constant_answer_floor() -> None:
+    labels = [True, True, False, False, False, False, False, False, False, False]
+    never = detection_scores([False] * 10, labels)
+    assert never == {
+        "accuracy": 0.8,
+        "balanced_accuracy": 0.5,
+        "never_fires": 0.8,
+        "always_fires": 0.2,
+    }
+    assert detection_scores([True] * 10, labels)["balanced_accuracy"] == 0.5
+    # One hit of two, no false alarm: accuracy 0.9 but balanced (0.5 + 1) / 2.
+    one_hit = detection_scores([True] + [False] * 9, labels)
+    assert one_hit["accuracy"] == 0.9 and one_hit["balanced_accuracy"] == 0.75
+    # A latent that fires in every window: only the present class counts.
+    assert detection_scores([True, False], [True, True])["balanced_accuracy"] == 0.5
+    with pytest.raises(ValueError, match="3 predictions for 2 labels"):
+        detection_scores([True] * 3, [True, False])
+
+
+def test_a_never_fires_judge_scores_exactly_the_floor(
+    tiny_lm: LoadedLM, random_sae: SparseAutoencoder
+) -> None:
+    """SAEBench's accuracy of a judge that always answers "none fires" is the floor itself, and
+    its balanced accuracy 0.5: the floor is what the headline number must be read against."""
+    judge = _ScriptedChat("This neuron activates on commas.", "None")
+    out = compute(random_sae, tiny_lm, LAYER, AutointerpConfig(**SMALL), judge)
+    metrics = out.metrics["autointerp"]
+    assert metrics["n_latents_scored"] == 4
+    assert metrics["autointerp_score"] == pytest.approx(metrics["autointerp_never_fires_score"])
+    assert metrics["constant_answer_score"] >= metrics["autointerp_score"]
+    assert metrics["autointerp_balanced_accuracy"] == 0.5
+    table = out.tables["autointerp_explanations"]
+    assert table["score"] == table["never_fires_score"]
+
+
+def test_bootstrap_interval() -> None:
+    rng = np.random.default_rng(0)
+    values = rng.uniform(0.5, 1.0, size=100)
+    low, high = bootstrap_interval(values.tolist(), seed=1)
+    assert low < values.mean() < high
+    assert 0.02 < high - low < 0.1  # ≈ ±1.96 · 0.144 / √100
+    assert bootstrap_interval(values.tolist(), seed=1) == (low, high)  # seeded
+    assert bootstrap_interval([0.7] * 5, seed=1) == (0.7, 0.7)
+    assert all(math.isnan(v) for v in bootstrap_interval([0.7], seed=1))
+    wide_low, wide_high = bootstrap_interval(values[:10].tolist(), seed=1)
+    assert wide_high - wide_low > high - low
+
+
+class _RecordingJudge(_LexicalOracle):
+    """The lexical oracle, remembering the windows each explanation was asked from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[list[str]] = []
+
+    def explain(self, examples: list[str]) -> str:
+        self.seen.append(list(examples))
+        return super().explain(examples)
+
+
+def test_explain_latents_on_demand(tiny_lm: LoadedLM) -> None:
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(architecture="topk", d_in=tiny_lm.d_model, d_sae=128, k=8))
+    with torch.no_grad():
+        sae.b_enc[9] = -1e6  # latent 9 never fires
+    config = AutointerpConfig(**SMALL)
+    judge = _RecordingJudge()
+    explanations = explain_latents(sae, tiny_lm, LAYER, [5, 3, 9, 3], judge, config)
+    assert list(explanations) == [5, 3]  # asked order, duplicates once, the silent latent out
+    assert all(isinstance(e, str) and e for e in explanations.values())
+    for windows in judge.seen:
+        assert 1 <= len(windows) <= config.n_top_ex_for_generation + config.n_iw_ex_for_generation
+        assert all("<<" in w for w in windows[: min(3, len(windows))])  # top windows marked
+    # A latent's explanation does not depend on the others asked for.
+    alone = explain_latents(sae, tiny_lm, LAYER, [3], _RecordingJudge(), config)
+    assert alone == {3: explanations[3]}
+    # Latents below autointerp's min_firings (never in its sample) are explained too.
+    rare = AutointerpConfig(**{**SMALL, "min_firings": 10_000})
+    assert set(explain_latents(sae, tiny_lm, LAYER, [5], _RecordingJudge(), rare)) == {5}
+    with pytest.raises(ValueError, match=r"latent ids \[128\] are outside \[0, d_sae=128\)"):
+        explain_latents(sae, tiny_lm, LAYER, [1, 128], judge, config)
+    assert explain_latents(sae, tiny_lm, LAYER, [], judge, config) == {}
