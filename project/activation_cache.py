@@ -35,6 +35,7 @@ from project.corpus import (
     CorpusSpec,
     corpus_fingerprint,
     iter_texts,
+    region_rule,
     resolve_corpus,
     stdlib_dir,
     token_windows,
@@ -107,11 +108,14 @@ class HarvestRequest:
 
 
 def cache_key(request: HarvestRequest, corpus_fingerprint: str) -> str:
-    """sha256 of the canonical JSON of the request, the corpus fingerprint and the format."""
+    """sha256 of the canonical JSON of the request, the corpus fingerprint, the corpus region
+    rule (a harvest reads only the "harvest" region; caches from before the split, which saw the
+    whole corpus, miss) and the format."""
     payload = {
         "format_version": CACHE_FORMAT_VERSION,
         "request": asdict(request),
         "corpus_fingerprint": corpus_fingerprint,
+        "corpus_region": f"harvest:{region_rule()}",
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -322,7 +326,7 @@ def _tokenize_windows(request: HarvestRequest, spec: CorpusSpec, lm: LoadedLM) -
     windows = list(
         tqdm(
             token_windows(
-                iter_texts(spec),
+                iter_texts(spec, "harvest"),  # never the eval region the evals read
                 lm.tokenizer,
                 request.context_size,
                 n_windows * request.context_size,
@@ -468,6 +472,7 @@ def harvest(
                 "cache_key": key,
                 "uri": uri,
                 "corpus_fingerprint": fingerprint,
+                "corpus_region": f"harvest:{region_rule()}",
                 "model_name": lm.name,
                 "hook_name": hook_name(request.layer),
                 "d_in": lm.d_model,

@@ -9,6 +9,12 @@ A corpus source is one of:
   object per line, text in `text_column`), `.parquet` file (text in `text_column`), or a
   directory of such files (read recursively in sorted order);
 - otherwise a Hugging Face hub dataset name, streamed with `datasets.load_dataset`.
+
+Every corpus is split into two disjoint regions of whole documents: ``"harvest"`` (what
+activation caches, hence SAEs, are trained on) and ``"eval"`` (what evaluations read). The rule
+is a hash of each document's text (`region_of`), so it is the same for every corpus kind, needs
+no index or count of the corpus (hub datasets stream), and puts duplicated documents in one
+region, never both.
 """
 
 from __future__ import annotations
@@ -41,6 +47,13 @@ _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_te
 MIN_TEXT_CHARS = 40  # one-liners like "Return x." add little text and many EOS tokens
 # Names the stdlib file order; part of the corpus fingerprint, so caches of another order miss.
 _STDLIB_ORDER = "sha256-v2"  # bump when the order or the text filters change
+# The held-out rule: a document is in the eval region when this hash of its text is 0 mod
+# _EVAL_SHARE. Changing either changes which text SAEs see: bump _REGION_RULE (it is in the
+# activation cache key and in every eval's config).
+_REGION_SALT = b"saeflow-region-v1:"
+_EVAL_SHARE = 4
+_REGION_RULE = f"sha256-v1:1/{_EVAL_SHARE}"
+REGIONS = ("harvest", "eval")
 _WORD_RE = re.compile(r"[A-Za-z]{3,}")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _VALID_FORMS = (
@@ -80,8 +93,7 @@ def stdlib_files() -> list[Path]:
     The order is a hash of each file's relative path, not the alphabet: any prefix of the
     corpus (a 100k-token harvest, a 25k-token autointerp scan) then spans dozens of modules,
     where alphabetically a 25k-token scan is almost all ``_pydecimal`` (~27k tokens of text).
-    Reading the list from the end gives text disjoint from a harvest's (the core eval's
-    held-out tokens).
+    Held-out text comes from the eval region (`iter_texts`), not from a position in this order.
     """
     root = stdlib_dir()
     files = []
@@ -174,8 +186,9 @@ def stdlib_file_texts(path: Path) -> Iterator[str]:
 
 
 def stdlib_texts(*, from_end: bool = False) -> Iterator[str]:
-    """The stdlib corpus's documents; ``from_end`` reads the files last to first and leaves out
-    the pydoc help topics (which close the forward order)."""
+    """The stdlib corpus's documents, both regions (`iter_texts` reads one region);
+    ``from_end`` reads the files last to first and leaves out the pydoc help topics (which close
+    the forward order)."""
     root = stdlib_dir()
     topics = root / "pydoc_data" / "topics.py"
     files = [p for p in stdlib_files() if p != topics]
@@ -361,7 +374,7 @@ def resolve_corpus(
                     f"{', '.join(columns)}"
                 )
         spec = CorpusSpec(str(path), text_column, split, config_name)
-        if next(iter_texts(spec), None) is None:
+        if next(all_texts(spec), None) is None:
             raise ValueError(
                 f"corpus {source!r} is empty: it holds no non-blank text (for .jsonl/.parquet: "
                 f"no non-blank string in column {text_column!r})"
@@ -394,8 +407,47 @@ def resolve_corpus(
     return spec
 
 
-def iter_texts(spec: CorpusSpec) -> Iterator[str]:
-    """The corpus documents in a deterministic order (blank documents skipped)."""
+def region_of(text: str) -> str:
+    """ "eval" for a quarter of all documents (by a hash of the text), else "harvest"."""
+    digest = hashlib.sha256(_REGION_SALT + text.encode("utf-8", "surrogatepass")).digest()
+    return "eval" if int.from_bytes(digest[:8], "big") % _EVAL_SHARE == 0 else "harvest"
+
+
+def check_region(region: str) -> str:
+    """Return `region` if it is one of `REGIONS`, else raise ValueError naming the choices."""
+    if region not in REGIONS:
+        raise ValueError(f"corpus region {region!r} is not one of {', '.join(REGIONS)}")
+    return region
+
+
+def region_rule() -> str:
+    """A short id of the region rule (part of cache keys and eval configs)."""
+    return _REGION_RULE
+
+
+def region_description(spec: CorpusSpec) -> str:
+    """A human-readable statement of the eval region of `spec`, for eval configs and params."""
+    return (
+        f"eval region of {spec.source!r}: the documents whose sha256 of "
+        f"{_REGION_SALT.decode()!r} + text is 0 mod {_EVAL_SHARE} (1 in {_EVAL_SHARE}, rule "
+        f"{_REGION_RULE}); harvests read only the other documents"
+    )
+
+
+def iter_texts(spec: CorpusSpec, region: str = "harvest") -> Iterator[str]:
+    """The documents of one region of the corpus ("harvest" or "eval"), in the corpus's
+    deterministic order (blank documents skipped).
+
+    Raises:
+        ValueError: `region` is not "harvest" or "eval" (raised here, before any reading).
+    """
+    check_region(region)
+    return (text for text in all_texts(spec) if region_of(text) == region)
+
+
+def all_texts(spec: CorpusSpec) -> Iterator[str]:
+    """Every document of the corpus, both regions: for checks and counts, never for a harvest
+    or an eval (they read one region with `iter_texts`)."""
     kind = spec.kind
     if kind == "stdlib":
         yield from stdlib_texts()

@@ -16,7 +16,7 @@ from project.activation_cache import (
     cache_key,
     harvest,
 )
-from project.corpus import iter_texts, resolve_corpus, token_windows
+from project.corpus import iter_texts, region_of, resolve_corpus, token_windows
 from project.lm import LoadedLM, hook_name, residual_activations
 
 N_TOKENS = 500
@@ -58,7 +58,8 @@ def test_harvest_logs_one_run_then_reuses(tiny_lm: LoadedLM, tracking_uri: str, 
 
     # The cached rows are the hook activations of the corpus windows, position 0 excluded.
     spec = resolve_corpus("stdlib")
-    first_WT = torch.stack(list(token_windows(iter_texts(spec), tiny_lm.tokenizer, CONTEXT, 64)))
+    harvest_texts = iter_texts(spec, "harvest")
+    first_WT = torch.stack(list(token_windows(harvest_texts, tiny_lm.tokenizer, CONTEXT, 64)))
     expected_ND = residual_activations(tiny_lm, first_WT, 1)[:, 1:].reshape(-1, 64)
     torch.testing.assert_close(acts_ND[: expected_ND.shape[0]], expected_ND, atol=1e-5, rtol=1e-5)
 
@@ -113,6 +114,35 @@ def test_cache_key_is_stable_and_sensitive() -> None:
         {"dtype": "float16"},
     ):
         assert cache_key(dataclasses.replace(request, **change), "fp") != cache_key(request, "fp")
+
+
+def test_cache_key_names_the_corpus_region(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Caches written before the harvest/eval split saw the whole corpus: their key must differ.
+    before = cache_key(_request(), "fp")
+    monkeypatch.setattr(activation_cache, "region_rule", lambda: "another-rule")
+    assert cache_key(_request(), "fp") != before
+
+
+def test_harvest_windows_hold_no_eval_region_text(
+    tiny_lm: LoadedLM, tracking_uri: str, root: Path, tmp_path: Path
+) -> None:
+    # Each document carries a unique marker word, so any eval document in a window shows.
+    docs = [f"Document marker{i:03d} describes quiet gardens and rivers." for i in range(120)]
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    eval_markers = [f"marker{i:03d}" for i, d in enumerate(docs) if region_of(d) == "eval"]
+    assert 15 < len(eval_markers) < 50
+    request = _request(corpus=str(corpus), n_tokens=300, context_size=16)
+    spec = resolve_corpus(str(corpus))
+    windows_WT = activation_cache._tokenize_windows(request, spec, tiny_lm)
+    text = tiny_lm.tokenizer.decode(windows_WT.flatten().tolist())
+    assert "marker000" in text or "marker001" in text  # the windows do hold corpus text
+    assert not [m for m in eval_markers if m in text]
+    # The harvest itself reads those windows: its activations match them.
+    result = harvest(request, root, lm=tiny_lm)
+    assert result.cache.metadata["corpus_region"].startswith("harvest:")
+    expected_ND = residual_activations(tiny_lm, windows_WT, 1)[:, 1:].reshape(-1, 64)
+    torch.testing.assert_close(result.cache.load_all(), expected_ND[:300], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -13,10 +13,14 @@ import torch
 
 from project.corpus import (
     DEFAULT_CORPUS,
+    REGIONS,
     CorpusSpec,
+    all_texts,
     corpus_fingerprint,
     is_prose,
     iter_texts,
+    region_description,
+    region_of,
     resolve_corpus,
     stdlib_dir,
     stdlib_file_texts,
@@ -74,6 +78,41 @@ def test_stdlib_order_spreads_any_prefix_over_many_modules() -> None:
     assert tail_docs[0] == next(stdlib_file_texts(last_with_text))
 
 
+def _region_split(spec: CorpusSpec) -> dict[str, list[str]]:
+    return {region: list(iter_texts(spec, region)) for region in REGIONS}
+
+
+def test_regions_are_disjoint_and_cover_the_stdlib() -> None:
+    spec = resolve_corpus(DEFAULT_CORPUS)
+    # The first 3000 documents (a whole pass over the stdlib takes ~40 s here).
+    everything = list(itertools.islice(all_texts(spec), 3000))
+    split = {r: [t for t in everything if region_of(t) == r] for r in REGIONS}
+    assert not set(split["harvest"]) & set(split["eval"])
+    for region in REGIONS:  # iter_texts reads exactly that region, in corpus order
+        assert list(itertools.islice(iter_texts(spec, region), 300)) == split[region][:300]
+    # About a quarter of the documents (~200k SmolLM2 tokens of the stdlib's ~800k).
+    assert 0.2 < len(split["eval"]) / len(everything) < 0.3
+    description = region_description(spec)
+    assert "stdlib" in description and "1 in 4" in description
+
+
+def test_regions_are_disjoint_in_a_local_jsonl(tmp_path: Path) -> None:
+    docs = [f"Document number {i} says something about topic {i % 7}." for i in range(400)]
+    docs += docs[:50]  # a duplicated document lands in one region, never both
+    spec = resolve_corpus(str(_write_jsonl(tmp_path / "docs.jsonl", docs)))
+    split = _region_split(spec)
+    assert not set(split["harvest"]) & set(split["eval"])
+    assert len(split["harvest"]) + len(split["eval"]) == len(docs)
+    assert 60 < len(split["eval"]) < 140  # 1 in 4 of 450
+    # The order inside a region is the corpus's order.
+    assert split["eval"] == [d for d in docs if region_of(d) == "eval"]
+
+
+def test_unknown_region_fails_before_reading() -> None:
+    with pytest.raises(ValueError, match="'test' is not one of harvest, eval"):
+        iter_texts(CorpusSpec("/no/such/corpus.jsonl"), "test")
+
+
 def test_codec_tables_and_shouting_are_not_prose() -> None:
     table = (
         "0x00c4 -> LATIN CAPITAL LETTER A WITH DIAERESIS 0x00c5 -> LATIN CAPITAL LETTER A WITH RING"
@@ -94,9 +133,9 @@ def test_local_jsonl_parquet_and_txt(tmp_path: Path) -> None:
     for path in (jsonl, parquet):
         spec = resolve_corpus(str(path))
         assert spec.source == str(path.resolve()) and spec.kind == "local"
-        assert list(iter_texts(spec)) == DOCS
+        assert list(all_texts(spec)) == DOCS
     # .txt: one document per blank-line-separated paragraph.
-    assert list(iter_texts(resolve_corpus(str(txt)))) == [*DOCS[:2], DOCS[2] + "\nsecond line"]
+    assert list(all_texts(resolve_corpus(str(txt)))) == [*DOCS[:2], DOCS[2] + "\nsecond line"]
 
 
 def test_local_directory_reads_all_files_in_sorted_order(tmp_path: Path) -> None:
@@ -105,7 +144,7 @@ def test_local_directory_reads_all_files_in_sorted_order(tmp_path: Path) -> None
     _write_parquet(tmp_path / "a.parquet", DOCS[:1])
     (tmp_path / "sub" / "c.txt").write_text(DOCS[2])
     (tmp_path / "ignored.csv").write_text("text\nnot read\n")
-    assert list(iter_texts(resolve_corpus(str(tmp_path)))) == DOCS
+    assert list(all_texts(resolve_corpus(str(tmp_path)))) == DOCS
 
 
 def test_wrong_text_column_lists_available_columns(tmp_path: Path) -> None:
@@ -115,7 +154,7 @@ def test_wrong_text_column_lists_available_columns(tmp_path: Path) -> None:
     ):
         with pytest.raises(ValueError, match="no column 'text'.*available columns: content, id"):
             resolve_corpus(str(path))
-        assert len(list(iter_texts(resolve_corpus(str(path), text_column="content")))) == 3
+        assert len(list(all_texts(resolve_corpus(str(path), text_column="content")))) == 3
 
 
 def test_empty_corpus_and_bad_sources_fail_clearly(tmp_path: Path) -> None:
