@@ -12,7 +12,8 @@
 - a dictionary_learning checkpoint directory (``ae.pt`` + ``config.json``), converted by
   :mod:`project.dictionary_learning`;
 - ``random:models:/NAME/VERSION`` (or ``@ALIAS``): a control, an SAE of that version's exact
-  config freshly initialised (seeded; no training), for the same LM and layer. It joins the
+  config freshly initialised (seeded; no training), for the same LM and layer, centred and
+  calibrated to the version's sparsity (see "Random-init controls" below). It joins the
   same registered model by default with the tags ``baseline=random_init`` and ``baseline_of``,
   so ``evaluate -P model_uri=models:/NAME`` scores it beside the trained versions.
 
@@ -36,6 +37,35 @@ every weight is finite, the hook is a residual-stream one (``blocks.L.hook_resid
 ``blocks.L.hook_resid_pre`` = resid_post of L-1, or a decoder block's output such as
 ``model.layers.L``) whose layer the LM has, and d_in equals the LM's hidden size. A SAELens
 release is also compared with SAELens' own encode/decode on the sampled activations.
+
+Random-init controls. A control differs from its reference in training only, not in centring
+or sparsity (either would confound every trained-vs-control comparison: an uncentred random
+SAE, or a BatchTopK one whose threshold is still 0, fires on ~d_sae/2 latents per token):
+
+1. it is initialised as training initialises an SAE: ``initialize_from_data`` (``b_dec`` =
+   geometric median, plus any architecture-specific init) on ``INIT_TOKENS`` activations of
+   the reference's LM and layer from the corpus's harvest region;
+2. the reference's L0 and the control's are measured on the same ``CALIBRATION_TOKENS``
+   held-out activations (the default corpus's eval region), and the control's sparsity knob
+   is set from a quantile of its pre-activations so that its L0 matches (deterministic: no
+   search over random draws):
+
+   - ``topk``: ``k``, the integer whose per-token L0 ``mean(min(k, #positive))`` is closest;
+   - ``batchtopk``, ``matryoshka``: the single inference threshold θ (their only inference
+     knob), the ``L0·N``-th largest positive pre-activation;
+   - ``jumprelu``: a per-latent θ, each latent's quantile at which it fires on
+     ``L0/d_sae`` of the tokens. This is JumpReLU's own initialisation rule
+     (``_initialize_from_data`` starts each θ at a per-latent quantile) at the reference's L0
+     instead of twice the target, so the control is what a fresh JumpReLU would be at that
+     sparsity, with no dead or dense latent; one shared θ would instead let the few latents
+     aligned with high-variance directions take most of the firing;
+   - ``relu``, ``gated``: one shared shift of the encoder (gate) bias: a fresh SAE has the
+     same bias 0 for every latent, and a shift keeps them alike.
+
+   If the control's measured L0 is not within ``L0_TOLERANCE`` (10%) of the reference's, or
+   the reference never fires there, the import fails naming the reason and registers nothing.
+   The version is tagged ``baseline_reference_l0`` and ``l0_measured`` (both on the held-out
+   sample), ``calibration`` (the knob and its value) and ``calibration_data``.
 """
 
 from __future__ import annotations
@@ -46,6 +76,7 @@ import logging
 import math
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +88,13 @@ from torch import Tensor
 
 from project import dictionary_learning
 from project.cli import parse_int, run_entry_point
-from project.corpus import DEFAULT_CORPUS, iter_texts, resolve_corpus, token_windows
+from project.corpus import (
+    DEFAULT_CORPUS,
+    iter_texts,
+    resolve_corpus,
+    stdlib_texts,
+    token_windows,
+)
 from project.lm import DEFAULT_LM, LoadedLM, check_layer, hook_name, load_lm, residual_activations
 from project.registry import (
     default_registered_model_name,
@@ -67,6 +104,7 @@ from project.registry import (
 )
 from project.saes import SparseAutoencoder, build_sae, load_sae_dir
 from project.saes.base import explained_variance
+from project.saes.gated import GatedSAE
 from project.saes.io import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, saeflow_config_from_saelens
 from project.tracking import (
     DEFAULT_EXPERIMENT,
@@ -83,11 +121,16 @@ log = logging.getLogger(__name__)
 SAE_LENS_PREFIX = "sae_lens:"
 RANDOM_PREFIX = "random:"
 RANDOM_SEED = 0
-# The same tag training.run sets on its runs (kept here so project/ does not import training/).
 # Activation sample for the measured L0 / metrics and the SAELens comparison.
 MEASURE_TOKENS = 2048
 MEASURE_CONTEXT = 128
 ENCODE_BATCH = 512
+# Random-init controls: harvest-region activations for initialize_from_data (training uses
+# min(8192, cache) too), held-out ones the reference and control L0s are measured on, and how
+# far apart those L0s may be.
+INIT_TOKENS = 8192
+CALIBRATION_TOKENS = 8192
+L0_TOLERANCE = 0.10
 # Seconds to wait for the Hugging Face hub before declaring it unreachable.
 HUB_TIMEOUT_S = 5.0
 _AUTO = frozenset({"", "auto", "none"})
@@ -113,6 +156,18 @@ class LoadedSource:
     extra_tags: dict[str, str] = field(default_factory=dict)
     # The registered model an "auto" name resolves to (a control joins its reference's).
     registered_model: str | None = None
+    # A random control's reference SAE (the version it copies), to calibrate against.
+    baseline_reference: SparseAutoencoder | None = None
+
+
+@dataclass
+class Calibration:
+    """How a random control was matched to its reference's sparsity on held-out data."""
+
+    knob: str  # "k", "threshold", "per_latent_threshold", "b_enc_shift" or "b_gate_shift"
+    value: float  # k, θ, the median per-latent θ, or the bias shift
+    reference_l0: float
+    l0: float
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,13 +213,23 @@ def import_sae(
             f"SAE d_in {sae.cfg.d_in} does not fit LM {lm.name}: its hidden size at "
             f"{hook_name(resolved_layer)} is {lm.d_model}"
         )
-    acts_ND = sample_activations(lm, resolved_layer)
+    calibration: Calibration | None = None
+    if loaded.baseline_reference is not None:
+        # A control's metrics are those of the held-out sample it was calibrated on.
+        try:
+            acts_ND, calibration = make_control(sae, loaded.baseline_reference, lm, resolved_layer)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from err
+        loaded.extra_tags.update(_calibration_tags(calibration))
+    else:
+        acts_ND = sample_activations(lm, resolved_layer)
     if loaded.reference is not None:
         compare_with_saelens(sae, loaded.reference, acts_ND, source)
     metrics = measure(sae, acts_ND)
     if not all(math.isfinite(v) for v in metrics.values()):
         raise ValueError(f"{source}: the SAE gives non-finite metrics {metrics} on the LM")
-    if metrics["explained_variance"] < 0:
+    # An untrained control explains little or nothing: no hint of a wrong LM there.
+    if metrics["explained_variance"] < 0 and calibration is None:
         log.warning(
             "%s explains %.3f of the variance at %s of %s: is it the right LM and layer?",
             source,
@@ -202,6 +267,7 @@ def import_sae(
         metrics=metrics,
         target_l0=target_l0,
         target_source=target_source,
+        calibration=calibration,
     )
 
 
@@ -244,7 +310,8 @@ def load_source(source: str) -> LoadedSource:
 
 
 def _random_like(model_uri: str) -> LoadedSource:
-    """A freshly initialised SAE with the config of the registered version ``model_uri``."""
+    """A freshly built SAE with the config of the registered version ``model_uri`` (seeded);
+    :func:`make_control` initialises and calibrates it once the LM is loaded."""
     if not model_uri.startswith("models:/"):
         raise ValueError(
             f"source {RANDOM_PREFIX}{model_uri!r}: after {RANDOM_PREFIX!r} give a registered "
@@ -272,6 +339,7 @@ def _random_like(model_uri: str) -> LoadedSource:
         stated_target_l0=stated,
         extra_tags={"baseline": "random_init", "baseline_of": model_uri},
         registered_model=version.name,
+        baseline_reference=reference,
     )
 
 
@@ -314,15 +382,27 @@ def check_finite(sae: SparseAutoencoder, source: str) -> None:
             )
 
 
+def _default_corpus_texts(region: str) -> Iterator[str]:
+    """The default corpus's documents: ``"harvest"`` what training reads, ``"eval"`` held out."""
+    if region == "eval":
+        # core's held-out text: the standard library read from its last file backwards.
+        return stdlib_texts(from_end=True)
+    return iter_texts(resolve_corpus(DEFAULT_CORPUS))
+
+
 @torch.no_grad()
 def sample_activations(
-    lm: LoadedLM, layer: int, n_tokens: int = MEASURE_TOKENS, context_size: int = MEASURE_CONTEXT
+    lm: LoadedLM,
+    layer: int,
+    n_tokens: int = MEASURE_TOKENS,
+    context_size: int = MEASURE_CONTEXT,
+    *,
+    region: str = "harvest",
 ) -> Tensor:
-    """``[N, D]`` float32 resid_post activations of ``layer`` on the default corpus (no BOS)."""
+    """``[N, D]`` float32 resid_post activations of ``layer`` on the default corpus (no BOS),
+    from its ``region`` ("harvest" or "eval")."""
     windows = list(
-        token_windows(
-            iter_texts(resolve_corpus(DEFAULT_CORPUS)), lm.tokenizer, context_size, n_tokens
-        )
+        token_windows(_default_corpus_texts(region), lm.tokenizer, context_size, n_tokens)
     )
     if not windows:
         raise ValueError(f"the {DEFAULT_CORPUS} corpus yields no windows of {context_size} tokens")
@@ -376,6 +456,191 @@ def compare_with_saelens(
                 f"{source}: saeflow's {what} differs from SAELens' by {diff:.3g} (tolerance "
                 f"{tolerance:.3g}); the conversion is not faithful, nothing imported"
             )
+
+
+# ---------------------------------------------------------------------------------------------
+# random-init controls
+
+
+def make_control(
+    sae: SparseAutoencoder, reference: SparseAutoencoder, lm: LoadedLM, layer: int
+) -> tuple[Tensor, Calibration]:
+    """Initialise the fresh ``sae`` as training does and match its L0 to ``reference``'s.
+
+    Returns the held-out activations both were measured on, and the calibration.
+
+    Raises:
+        ValueError: the reference never fires on the held-out activations, or the control's L0
+            cannot be brought within ``L0_TOLERANCE`` of it (the message says why).
+    """
+    init_ND = sample_activations(lm, layer, INIT_TOKENS)
+    heldout_ND = sample_activations(lm, layer, CALIBRATION_TOKENS, region="eval")
+    sae.initialize_from_data(init_ND)
+    sae.eval()
+    reference_l0 = measure(reference, heldout_ND)["l0"]
+    if not reference_l0 > 0:
+        raise ValueError(
+            f"the reference SAE has L0 {reference_l0:g} on {_calibration_data()}: a control "
+            "cannot be calibrated to an SAE that never fires"
+        )
+    return heldout_ND, calibrate_l0(sae, heldout_ND, reference_l0)
+
+
+@torch.no_grad()
+def calibrate_l0(sae: SparseAutoencoder, x_ND: Tensor, target_l0: float) -> Calibration:
+    """Set ``sae``'s sparsity knob (module docstring) so that its L0 on ``x_ND`` is
+    ``target_l0``; the knob is read off the sorted pre-activations, so it is deterministic.
+
+    Raises:
+        ValueError: no rule for the architecture, or the L0 reached is not within
+            ``L0_TOLERANCE`` of ``target_l0``.
+    """
+    architecture = sae.cfg.architecture
+    rule = _CALIBRATION_RULES.get(architecture)
+    if rule is None:
+        raise ValueError(
+            f"no L0 calibration rule for a {architecture!r} control; known: "
+            f"{sorted(_CALIBRATION_RULES)}"
+        )
+    sae.eval()
+    pre_NF = torch.cat(
+        [
+            _firing_preacts(sae, x_ND[start : start + ENCODE_BATCH])
+            for start in range(0, x_ND.shape[0], ENCODE_BATCH)
+        ]
+    )
+    knob, value = rule(sae, pre_NF, target_l0)
+    l0 = measure(sae, x_ND)["l0"]
+    if not abs(l0 - target_l0) <= L0_TOLERANCE * target_l0:
+        reachable = float((pre_NF > 0).sum(dim=-1).float().mean())
+        hint = (
+            f"; untrained, it fires on at most its positive pre-activations, L0 {reachable:.1f}"
+            if l0 < target_l0 and architecture != "relu"
+            else ""
+        )
+        raise ValueError(
+            f"calibration failed: the {architecture} control reaches L0 {l0:.2f} on "
+            f"{_calibration_data()} with {knob} = {value:.6g}, not within "
+            f"{L0_TOLERANCE:.0%} of the reference's L0 {target_l0:.2f}{hint}; nothing registered"
+        )
+    return Calibration(knob=knob, value=value, reference_l0=target_l0, l0=l0)
+
+
+def _firing_preacts(sae: SparseAutoencoder, x_BD: Tensor) -> Tensor:
+    """The pre-activations whose value decides whether a latent fires (Gated: the gate's)."""
+    xc_BD = sae.center(x_BD)
+    if isinstance(sae, GatedSAE):
+        return sae.gate_preacts(xc_BD).float()
+    return sae.preacts(xc_BD).float()  # type: ignore[attr-defined]
+
+
+def _between(values_N: Tensor, n: int) -> float:
+    """A value with exactly ``n`` entries of ``values_N`` above it: midway between the n-th and
+    (n+1)-th largest, so float rounding of the knob cannot move a token across it."""
+    total = values_N.numel()
+    if n <= 0:
+        top = float(values_N.max())
+        return top + abs(top) + 1.0
+    if n >= total:
+        low = float(values_N.min())
+        return low - abs(low) - 1.0
+    nth = values_N.kthvalue(total - n + 1).values.double()
+    next_ = values_N.kthvalue(total - n).values.double()
+    return float((nth + next_) / 2)
+
+
+def _calibrate_topk(sae: SparseAutoencoder, pre_NF: Tensor, target: float) -> tuple[str, float]:
+    # A token keeps its k largest pre-activations, ReLU'd: L0 = mean(min(k, #positive)).
+    positive_N = (pre_NF > 0).sum(dim=-1)
+
+    def l0_at(k: int) -> float:
+        return float(positive_N.clamp(max=k).double().mean())
+
+    low, high = 1, sae.cfg.d_sae - 1
+    while low < high:  # the smallest k whose L0 reaches the target (L0 grows with k)
+        mid = (low + high) // 2
+        low, high = (low, mid) if l0_at(mid) >= target else (mid + 1, high)
+    k = low - 1 if low > 1 and target - l0_at(low - 1) <= l0_at(low) - target else low
+    sae.cfg.k = k
+    sae.cfg.target_l0 = float(k)  # the topk family's target_l0 is k
+    return "k", float(k)
+
+
+def _calibrate_batchtopk(
+    sae: SparseAutoencoder, pre_NF: Tensor, target: float
+) -> tuple[str, float]:
+    # Inference: ReLU(z)·[z > θ], one θ for all latents; θ ≥ 0 (a negative θ adds nothing).
+    positive = pre_NF[pre_NF > 0]
+    n_keep = round(target * pre_NF.shape[0])
+    theta = max(_between(positive, n_keep), 0.0) if positive.numel() else 0.0
+    sae.threshold.fill_(theta)  # type: ignore[union-attr]
+    sae.threshold_value.fill_(theta)  # type: ignore[union-attr]
+    return "threshold", theta
+
+
+def _calibrate_jumprelu(sae: SparseAutoencoder, pre_NF: Tensor, target: float) -> tuple[str, float]:
+    # Each latent fires on ~target/d_sae of the tokens; the first (total mod d_sae) latents on
+    # one token more, so that the total is exact.
+    n, d_sae = pre_NF.shape
+    base, extra = divmod(round(target * n), d_sae)
+    m_F = torch.full((d_sae,), base, dtype=torch.long)
+    m_F[:extra] += 1
+    depth = min(base + 2, n)
+    top_MF = pre_NF.topk(depth, dim=0).values.double()  # each latent's largest, descending
+    above_F = torch.where(
+        m_F > 0,
+        top_MF.gather(0, (m_F - 1).clamp(min=0)[None]).squeeze(0),
+        top_MF[0] + top_MF[0].abs() + 1,
+    )
+    below_F = torch.where(
+        m_F < n,
+        top_MF.gather(0, m_F.clamp(max=depth - 1)[None]).squeeze(0),
+        top_MF[-1] - top_MF[-1].abs() - 1,
+    )
+    # θ > 0 (it is stored as log θ): a latent short of positive values fires on all of them.
+    tiny = torch.finfo(torch.float32).tiny
+    theta_F = ((above_F + below_F) / 2).clamp_min(tiny)
+    sae.log_threshold.copy_(theta_F.log().to(sae.log_threshold.dtype))  # type: ignore[union-attr]
+    return "per_latent_threshold", float(theta_F.median())
+
+
+def _calibrate_bias_shift(
+    sae: SparseAutoencoder, pre_NF: Tensor, target: float
+) -> tuple[str, float]:
+    # Fires iff z - shift > 0 (Gated: its magnitude path must be positive too).
+    shift = _between(pre_NF.reshape(-1), round(target * pre_NF.shape[0]))
+    if isinstance(sae, GatedSAE):
+        sae.b_gate.sub_(shift)
+        return "b_gate_shift", shift
+    assert sae.b_enc is not None
+    sae.b_enc.sub_(shift)
+    return "b_enc_shift", shift
+
+
+_CALIBRATION_RULES = {
+    "topk": _calibrate_topk,
+    "batchtopk": _calibrate_batchtopk,
+    "matryoshka": _calibrate_batchtopk,
+    "jumprelu": _calibrate_jumprelu,
+    "relu": _calibrate_bias_shift,
+    "gated": _calibrate_bias_shift,
+}
+
+
+def _calibration_data() -> str:
+    return (
+        f"{CALIBRATION_TOKENS} held-out tokens of the {DEFAULT_CORPUS} corpus (eval region, "
+        f"windows of {MEASURE_CONTEXT}, BOS excluded)"
+    )
+
+
+def _calibration_tags(calibration: Calibration) -> dict[str, str]:
+    return {
+        "baseline_reference_l0": f"{calibration.reference_l0:.4f}",
+        "l0_measured": f"{calibration.l0:.4f}",
+        "calibration": f"{calibration.knob}={calibration.value:.6g}",
+        "calibration_data": _calibration_data(),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,6 +814,7 @@ def _register(
     metrics: dict[str, float],
     target_l0: str,
     target_source: str,
+    calibration: Calibration | None = None,
 ) -> ModelVersion:
     """The only part that writes: a short import run and the registered version."""
     architecture = sae.cfg.architecture
@@ -591,12 +857,22 @@ def _register(
             "source_format": loaded.source_format,
             **loaded.extra_tags,
         }
-        description = (
-            f"{architecture} SAE imported from {source} ({loaded.source_format}), not trained "
-            f"by saeflow: d_sae {sae.cfg.d_sae}, on {lm.name} {hook_name(layer)}. On "
-            f"{MEASURE_TOKENS} tokens of the {DEFAULT_CORPUS} corpus: L0 {metrics['l0']:.2f}, "
-            f"explained variance {metrics['explained_variance']:.3f}."
-        )
+        if calibration is None:
+            description = (
+                f"{architecture} SAE imported from {source} ({loaded.source_format}), not "
+                f"trained by saeflow: d_sae {sae.cfg.d_sae}, on {lm.name} {hook_name(layer)}. "
+                f"On {MEASURE_TOKENS} tokens of the {DEFAULT_CORPUS} corpus: L0 "
+                f"{metrics['l0']:.2f}, explained variance {metrics['explained_variance']:.3f}."
+            )
+        else:
+            description = (
+                f"Random-init control of {loaded.extra_tags['baseline_of']}: {architecture}, "
+                f"d_sae {sae.cfg.d_sae}, on {lm.name} {hook_name(layer)}, untrained; centred "
+                f"like a fresh SAE and calibrated ({calibration.knob} = "
+                f"{calibration.value:.6g}) to the reference's L0 {calibration.reference_l0:.2f}"
+                f". On {_calibration_data()}: L0 {metrics['l0']:.2f}, explained variance "
+                f"{metrics['explained_variance']:.3f}."
+            )
         version = register_sae(
             sae,
             registered_model=registered_model,
