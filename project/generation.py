@@ -1,0 +1,245 @@
+"""Text generation for every consumer (steering, its references, chat judges): one API.
+
+:func:`generate` takes a list of prompts and returns the continuations:
+
+- prompts go through the tokenizer's chat template when it has one (one user turn, no system
+  message of ours; a template that inserts its own default system prompt keeps it), else they are
+  tokenized as plain text;
+- prompts are sorted by length and run in batches of ``batch_size``, left-padded, with the KV
+  cache (``use_cache=False`` recomputes the whole sequence each step: a check, not a mode);
+- greedy decoding (``temperature=0``) or sampling at ``temperature`` with one seeded
+  ``torch.Generator`` per prompt, so a prompt's sample does not depend on its batch neighbours
+  or on the batch size; by default the seed is a hash of (``seed``, prompt text), which makes
+  two identical prompts (an unsteered one and one steered with α = 0) sample identically;
+- each sequence stops at EOS (or after ``max_new_tokens``); only the new tokens are returned.
+
+An :class:`Intervention` edits the residual stream after decoder block ``layer`` in EVERY forward
+pass: all prompt positions in the first pass, and the single new position of every decode step
+under the KV cache (hooks that skip one-token steps stop steering after the prompt, a bug
+reported against several steering tools). It receives the batch's row indices into the prompt
+list, so one batch can mix prompts steered differently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from project.checks import check_int
+from project.lm import LoadedLM, splice_residual
+
+logger = logging.getLogger(__name__)
+
+
+class Intervention(Protocol):
+    """Edits block ``layer``'s output ``hidden_BTD`` for the prompts ``rows_B`` of the batch."""
+
+    def __call__(self, hidden_BTD: Tensor, rows_B: Tensor) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class AddVectors:
+    """``x ← x + vectors[row]`` at every position (AxBench's addition intervention when
+    ``vectors[row] = α · m_i · v_i``; a zero row leaves that prompt unsteered)."""
+
+    vectors_ND: Tensor
+
+    def __call__(self, hidden_BTD: Tensor, rows_B: Tensor) -> Tensor:
+        add_BD = self.vectors_ND[rows_B.to(self.vectors_ND.device)]
+        return hidden_BTD + add_BD.to(hidden_BTD.device, hidden_BTD.dtype)[:, None, :]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to generate; ``temperature=0`` is greedy. AxBench samples 128 new tokens at 1.0."""
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    seed: int = 0
+    batch_size: int = 32
+    chat_template: bool = True
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        check_int("max_new_tokens", self.max_new_tokens, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("seed", self.seed, 0)
+        if (
+            isinstance(self.temperature, bool)
+            or not isinstance(self.temperature, int | float)
+            or not 0 <= self.temperature <= 10
+        ):
+            raise ValueError(f"temperature={self.temperature!r} must lie in [0, 10] (0 = greedy)")
+
+
+def prompt_seed(seed: int, prompt: str) -> int:
+    """The default per-prompt sampling seed: stable across processes and batch layouts."""
+    digest = hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def prompt_token_ids(lm: LoadedLM, prompt: str, chat_template: bool = True) -> list[int]:
+    """The token ids the model is given for ``prompt`` (one user turn through the chat
+    template when the tokenizer has one and ``chat_template`` is set)."""
+    tokenizer = lm.tokenizer
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
+class _RowSampler(LogitsProcessor):
+    """Samples each row with its own generator and leaves only that token finite, so that the
+    greedy step of ``generate`` picks it (HF's own sampling draws from one global RNG)."""
+
+    def __init__(self, generators: list[torch.Generator], temperature: float) -> None:
+        self.generators = generators
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs_BV = torch.softmax(scores.float() / self.temperature, dim=-1)
+        chosen = [
+            torch.multinomial(probs_BV[b], 1, generator=g) for b, g in enumerate(self.generators)
+        ]
+        out = torch.full_like(scores, float("-inf"))
+        index = torch.stack(chosen).to(scores.device)
+        return out.scatter(1, index, 0.0)
+
+
+def generate_token_ids(
+    lm: LoadedLM,
+    prompts: Sequence[str],
+    config: GenerationConfig | None = None,
+    *,
+    layer: int | None = None,
+    intervention: Intervention | None = None,
+    seeds: Sequence[int] | None = None,
+    progress: str | None = None,
+) -> list[list[int]]:
+    """The new token ids of each prompt's continuation (EOS and padding removed).
+
+    Args:
+        lm: the model.
+        prompts: instructions (a user turn each under the chat template).
+        config: decoding settings (default :class:`GenerationConfig`).
+        layer: the decoder block whose output ``intervention`` edits.
+        intervention: applied at every position of every forward pass; ``None`` generates from
+            the plain model.
+        seeds: per-prompt sampling seeds (default :func:`prompt_seed` of ``config.seed`` and the
+            prompt); ignored by greedy decoding.
+        progress: a tqdm description, or None for no bar.
+    """
+    config = config or GenerationConfig()
+    if (intervention is None) != (layer is None):
+        raise ValueError("an intervention needs a layer and a layer needs an intervention")
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    if not prompts:
+        return []
+    tokenizer = lm.tokenizer
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    ids = [prompt_token_ids(lm, p, config.chat_template) for p in prompts]
+    seeds = list(seeds) if seeds is not None else [prompt_seed(config.seed, p) for p in prompts]
+    # Longest first: similar lengths share a batch (little padding) and the first batch shows
+    # the worst memory use at once.
+    order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
+    results: list[list[int]] = [[] for _ in prompts]
+    current_rows: list[Tensor] = [torch.zeros(0, dtype=torch.long)]
+
+    def edit(hidden_BTD: Tensor) -> Tensor:
+        assert intervention is not None
+        return intervention(hidden_BTD, current_rows[0])
+
+    hook = splice_residual(lm, layer, edit) if intervention is not None else nullcontext()
+    started = time.perf_counter()
+    n_new = 0
+    batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    with hook, torch.inference_mode():
+        for batch in tqdm(batches, desc=progress, disable=progress is None, leave=False):
+            width = max(len(ids[i]) for i in batch)
+            input_BT = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask_BT = torch.zeros((len(batch), width), dtype=torch.long)
+            for b, i in enumerate(batch):
+                input_BT[b, width - len(ids[i]) :] = torch.tensor(ids[i])
+                mask_BT[b, width - len(ids[i]) :] = 1
+            current_rows[0] = torch.tensor(batch, dtype=torch.long)
+            processors = LogitsProcessorList()
+            if config.temperature > 0:
+                generators = [torch.Generator().manual_seed(seeds[i]) for i in batch]
+                processors.append(_RowSampler(generators, config.temperature))
+            out_BT = lm.model.generate(
+                input_ids=input_BT.to(lm.device),
+                attention_mask=mask_BT.to(lm.device),
+                max_new_tokens=config.max_new_tokens,
+                do_sample=False,
+                logits_processor=processors,
+                use_cache=config.use_cache,
+                pad_token_id=pad,
+                eos_token_id=eos,
+                top_k=None,
+                top_p=None,
+                temperature=None,
+            )
+            for b, i in enumerate(batch):
+                new = out_BT[b, width:].tolist()
+                if eos is not None and eos in new:
+                    new = new[: new.index(eos)]
+                results[i] = new
+                n_new += len(new)
+    seconds = time.perf_counter() - started
+    logger.info(
+        "generated %d continuations (%d new tokens) in %.1fs: %.0f tok/s",
+        len(prompts),
+        n_new,
+        seconds,
+        n_new / max(seconds, 1e-9),
+    )
+    return results
+
+
+def generate(
+    lm: LoadedLM,
+    prompts: Sequence[str],
+    config: GenerationConfig | None = None,
+    *,
+    layer: int | None = None,
+    intervention: Intervention | None = None,
+    seeds: Sequence[int] | None = None,
+    progress: str | None = None,
+) -> list[str]:
+    """The continuation of each prompt as text (special tokens dropped); see
+    :func:`generate_token_ids` for the arguments."""
+    token_ids = generate_token_ids(
+        lm,
+        prompts,
+        config,
+        layer=layer,
+        intervention=intervention,
+        seeds=seeds,
+        progress=progress,
+    )
+    return [lm.tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
+
+
+__all__ = [
+    "AddVectors",
+    "GenerationConfig",
+    "Intervention",
+    "generate",
+    "generate_token_ids",
+    "prompt_seed",
+    "prompt_token_ids",
+]
