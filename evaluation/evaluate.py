@@ -244,7 +244,7 @@ def _convert(text: str, default: Any) -> Any:
 def config_from_overrides(config_cls: type, overrides: dict[str, str], eval_name: str) -> Any:
     """An eval config with string overrides (from the command line) converted by field type."""
     defaults = config_cls()
-    names = [f.name for f in fields(config_cls)]
+    names = [f.name for f in fields(config_cls) if f.init]  # init=False fields are derived
     values = {}
     for key, text in overrides.items():
         if key not in names:

@@ -6,12 +6,16 @@ A task source is one of (several are joined with commas in ``SparseProbingConfig
   library, labelled by where they come from — the package (``email vs rest``,
   ``asyncio vs xml``, ``http vs urllib``, ...) or what they are (``docstring vs comment``,
   ``class vs function docstring``). Every Python installation carries this text; the files are
-  parsed, never imported.
+  parsed, never imported. Only texts of the stdlib corpus's eval region are used
+  (``project.corpus.region_of``), so no probing text is text an SAE was trained on.
 - ``PATH[:TEXT_COLUMN:LABEL_COLUMN]``: a local ``.tsv``, ``.csv``, ``.jsonl`` or ``.parquet``
   file with a text and a label column. Without columns, a file with exactly two columns uses
   the one with longer values as text and the other as label.
 - ``hf:NAME[@CONFIG]:TEXT_COLUMN:LABEL_COLUMN[:SPLIT]``: a Hugging Face hub dataset, streamed
   (split ``train`` unless named), e.g. ``hf:stanfordnlp/sst2:sentence:label:validation``.
+- ``sae_probes:NAME``: one of the probing paper's 113 binary datasets shipped by the PyPI
+  package ``sae-probes`` (project/sae_probes.py), e.g. ``sae_probes:96_spam_is``,
+  ``sae_probes:92_glue_sst2``; offline, installed by ``make setup``.
 
 A label column with two values gives one task (positive = the value that sorts last, e.g.
 ``spam`` of ham/spam, ``1`` of 0/1); with more values, one ``value vs rest`` task for each of the
@@ -34,6 +38,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 STDLIB = "stdlib"
+SAE_PROBES = "sae_probes"
 FILE_SUFFIXES = (".tsv", ".csv", ".jsonl", ".parquet")
 _MIN_TRAIN, _MIN_TEST = 10, 5
 # Packages present in every CPython 3.11+ (no optional Tk/IDLE, no removed lib2to3/distutils).
@@ -55,7 +60,7 @@ _SKIP_DIRS = {"test", "tests", "idle_test", "__pycache__"}
 
 @dataclass(frozen=True)
 class TaskSource:
-    """One parsed task source: ``kind`` is "stdlib", "file" or "hf"."""
+    """One parsed task source: ``kind`` is "stdlib", "file", "hf" or "sae_probes"."""
 
     kind: str
     name: str = ""  # file path or hub dataset name
@@ -78,7 +83,7 @@ class ProbingTask:
 
 _FORMS = (
     "'stdlib', PATH[:TEXT_COLUMN:LABEL_COLUMN] (a .tsv/.csv/.jsonl/.parquet file), or "
-    "hf:NAME[@CONFIG]:TEXT_COLUMN:LABEL_COLUMN[:SPLIT]"
+    "hf:NAME[@CONFIG]:TEXT_COLUMN:LABEL_COLUMN[:SPLIT], or sae_probes:NAME"
 )
 
 
@@ -90,6 +95,11 @@ def parse_sources(spec: str) -> list[TaskSource]:
             continue
         if part == STDLIB:
             sources.append(TaskSource(STDLIB))
+        elif part.startswith(f"{SAE_PROBES}:"):
+            name = part[len(SAE_PROBES) + 1 :].strip()
+            if not name:
+                raise ValueError(f"probing task source {part!r} names no dataset; valid: {_FORMS}")
+            sources.append(TaskSource(SAE_PROBES, name, "prompt", "target"))
         elif part.startswith("hf:"):
             fields = part[3:].split(":")
             if len(fields) not in (3, 4) or not all(fields):
@@ -139,6 +149,10 @@ def check_sources(sources: list[TaskSource]) -> None:
             resolve_corpus(
                 source.name, source.text_column or "text", source.split, source.config_name
             )
+        elif source.kind == SAE_PROBES:
+            from project.sae_probes import resolve_name
+
+            resolve_name(source.name)  # not installed, or unknown name: lists valid ones
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +230,13 @@ def _hub_rows(source: TaskSource, limit: int) -> list[dict[str, object]]:
         if len(rows) >= limit:
             break
     return rows
+
+
+def _sae_probes_rows(source: TaskSource, limit: int) -> list[dict[str, object]]:
+    from project.sae_probes import load_dataset
+
+    texts, labels = load_dataset(source.name)
+    return [{"prompt": t, "target": int(y)} for t, y in zip(texts, labels, strict=True)][:limit]
 
 
 def _labelled_tasks(
@@ -311,8 +332,9 @@ def _package_files(package: str) -> list[Path]:
 
 
 def _snippets(package: str) -> Iterator[_Snippet]:
-    # The corpus's own parsers, so probing text is the same kind of text SAEs are trained on.
-    from project.corpus import MIN_TEXT_CHARS, comment_blocks, is_prose
+    # The corpus's own parsers, so probing text is the same kind of text SAEs are trained on,
+    # and its region rule, so it is never the text itself (harvests read the other region).
+    from project.corpus import MIN_TEXT_CHARS, comment_blocks, is_prose, region_of
 
     kinds = {
         ast.Module: "module",
@@ -331,10 +353,10 @@ def _snippets(package: str) -> Iterator[_Snippet]:
             if kind is None:
                 continue
             doc = ast.get_docstring(node, clean=True)  # type: ignore[arg-type]
-            if doc and len(doc) >= MIN_TEXT_CHARS:
+            if doc and len(doc) >= MIN_TEXT_CHARS and region_of(doc) == "eval":
                 yield _Snippet(doc, package, kind)
         for _, text in comment_blocks(source):
-            if is_prose(text):
+            if is_prose(text) and region_of(text) == "eval":
                 yield _Snippet(text, package, "comment")
 
 
@@ -415,6 +437,8 @@ def load_tasks(
             if not path.is_file():
                 raise ValueError(f"probing task file {source.name!r} does not exist")
             rows = _read_rows(path, limit=max_rows)
+        elif source.kind == SAE_PROBES:
+            rows = _sae_probes_rows(source, limit=max_rows)
         else:
             rows = _hub_rows(source, limit=max_rows)
         tasks.extend(

@@ -12,7 +12,10 @@ SAEBench does:
 - ``llm_test_accuracy`` (and ``llm_top_{k}_test_accuracy``): the same on the raw activations.
 
 Features are standardised on the train split before the (L2-regularised) logistic regression.
-Metrics are means over tasks; per-task values are in the details.
+Metrics are means over tasks; per-task values are in the details. Each mean has a 95% bootstrap
+interval over tasks (``<metric>_ci_low`` / ``<metric>_ci_high``; ``scipy.stats.bootstrap``, BCa):
+it says how far the mean could move with another draw of tasks like these, which is what a
+difference between two SAEs has to exceed.
 
 ``top_k_selection="effect_size"`` ranks by |mean(pos) − mean(neg)| / pooled standard deviation
 instead. SAEBench's raw difference favours features of large variance: SmolLM2's residual
@@ -35,10 +38,18 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from evaluation.autointerp import bootstrap_interval
 from evaluation.hook_cache import HookCache, check_sae_fits
-from evaluation.probing_tasks import ProbingTask, check_sources, load_tasks, parse_sources
+from evaluation.probing_tasks import (
+    STDLIB,
+    ProbingTask,
+    check_sources,
+    load_tasks,
+    parse_sources,
+)
 from evaluation.schema import EvalOutput
 from project.checks import check_ints
+from project.corpus import DEFAULT_CORPUS, CorpusSpec, region_description
 from project.lm import LoadedLM
 from project.saes import SparseAutoencoder
 
@@ -57,7 +68,8 @@ class SparseProbingConfig:
     ``tasks``: comma-separated sources, see evaluation/probing_tasks.py (``stdlib``,
     ``PATH[:TEXT_COLUMN:LABEL_COLUMN]``, ``hf:NAME[@CONFIG]:TEXT_COLUMN:LABEL_COLUMN[:SPLIT]``).
     Each task has ``n_train_per_class`` + ``n_test_per_class`` texts per class (fewer if a class
-    is short), each cut to ``max_tokens`` tokens including BOS.
+    is short), each cut to ``max_tokens`` tokens including BOS. ``corpus_region`` (set, not an
+    input) states which text the ``stdlib`` tasks come from: the corpus's eval region only.
     """
 
     tasks: str = "stdlib"
@@ -72,6 +84,7 @@ class SparseProbingConfig:
     batch_size: int = 16
     sae_batch_tokens: int = 4096
     seed: int = 0
+    corpus_region: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         self.k_values = tuple(int(k) for k in self.k_values)
@@ -96,7 +109,9 @@ class SparseProbingConfig:
                 f"sparse_probing top_k_selection={self.top_k_selection!r} is not one of "
                 f"{', '.join(TOP_K_SELECTIONS)}"
             )
-        parse_sources(self.tasks)  # syntax errors name the source
+        sources = parse_sources(self.tasks)  # syntax errors name the source
+        if any(source.kind == STDLIB for source in sources):
+            self.corpus_region = region_description(CorpusSpec(DEFAULT_CORPUS))
 
     def validate(self) -> None:
         """Checks that read files or the hub (existence, columns), run before any evaluation."""
@@ -275,10 +290,15 @@ def compute(
         return float(np.mean([d[name] for d in details]))
 
     names = ["test_accuracy", *(f"top_{k}_test_accuracy" for k in config.k_values)]
-    metrics = {
-        "llm": {f"llm_{n}": mean_of(f"llm_{n}") for n in names},
-        "sae": {f"sae_{n}": mean_of(f"sae_{n}") for n in names},
-    }
+    metrics: dict[str, dict[str, float]] = {"llm": {}, "sae": {}}
+    for prefix in ("llm", "sae"):
+        for n in names:
+            name = f"{prefix}_{n}"
+            metrics[prefix][name] = mean_of(name)
+            if len(details) >= 2:  # an interval over one task says nothing
+                low, high = bootstrap_interval([d[name] for d in details], config.seed)
+                metrics[prefix][f"{name}_ci_low"] = low
+                metrics[prefix][f"{name}_ci_high"] = high
     logger.info(
         "sparse_probing over %d tasks: llm %.3f, sae %.3f, sae top-1 %.3f",
         len(details),

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from evaluation import hook_cache as hook_cache_module
 from evaluation.core import CoreConfig, compute, eval_windows
 from evaluation.hook_cache import HookCache, logits_from_hook
-from project.corpus import iter_texts, resolve_corpus, token_windows
+from project.corpus import iter_texts, region_description, resolve_corpus, token_windows
 from project.lm import (
     TINY_FAMILIES,
     LoadedLM,
@@ -51,13 +51,28 @@ def unigram_lm(saeflow_cache_dir) -> LoadedLM:
 
 @pytest.fixture(scope="module")
 def train_acts(unigram_lm: LoadedLM) -> torch.Tensor:
-    """Hook activations of the stdlib's head (the eval text is read from its end)."""
+    """Hook activations of the stdlib's harvest region (core reads its eval region)."""
     windows = torch.stack(
         list(
             token_windows(iter_texts(resolve_corpus("stdlib")), unigram_lm.tokenizer, 32, 32 * 128)
         )
     )
     return residual_activations(unigram_lm, windows, LAYER)[:, 1:].reshape(-1, unigram_lm.d_model)
+
+
+def test_core_reads_only_the_eval_region_and_records_it(unigram_lm: LoadedLM) -> None:
+    spec = resolve_corpus("stdlib")
+    ids_WT = eval_windows(SMALL, unigram_lm.tokenizer)
+    expected = list(token_windows(iter_texts(spec, "eval"), unigram_lm.tokenizer, 32, 32 * 80))
+    assert torch.equal(ids_WT, torch.stack(expected[: ids_WT.shape[0]]))
+    # No window shares a 20-token run with the harvest region's first windows.
+    harvest_WT = torch.stack(
+        list(token_windows(iter_texts(spec, "harvest"), unigram_lm.tokenizer, 32, 32 * 400))
+    )
+    grams = {tuple(w[i : i + 20].tolist()) for w in harvest_WT for i in range(1, 12)}
+    assert not any(tuple(w[i : i + 20].tolist()) in grams for w in ids_WT for i in range(1, 12))
+    assert SMALL.corpus_region == region_description(spec)
+    assert "1 in 4" in SMALL.corpus_region
 
 
 def train_topk(acts_ND: torch.Tensor, k: int, steps: int = 120) -> SparseAutoencoder:

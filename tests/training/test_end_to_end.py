@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
@@ -13,16 +12,15 @@ from mlflow.tracking import MlflowClient
 
 from project.lm import load_lm, residual_activations
 from project.registry import load_sae
+from project.sae_probes import load_dataset
 
 REPO = Path(__file__).resolve().parents[2]
-SST2 = REPO.parent / "shared" / "data" / "sst2_dev.tsv"
 
 
 def fresh_activations(layer: int, n_sentences: int = 64) -> torch.Tensor:
     """SmolLM2 activations at ``layer`` on movie-review sentences the SAE never saw."""
     lm = load_lm()
-    with SST2.open() as handle:
-        sentences = [row["sentence"] for row in csv.DictReader(handle, delimiter="\t")]
+    sentences, _ = load_dataset("92_glue_sst2")  # SST-2, from the installed sae-probes package
     rows = []
     for sentence in sentences[:n_sentences]:
         ids_BT = lm.tokenizer(sentence, return_tensors="pt").input_ids
