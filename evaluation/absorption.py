@@ -14,12 +14,21 @@ examples per word; here one fixed seeded set serves every word.
 
 Per letter c:
 
-1. A logistic probe "starts with c" (one-vs-rest, class-balanced, L2) on the LM activations of
-   the training words; its unit direction p_c in activation space.
-2. Main latents by k-sparse probing: latents ranked by mean activation on c-words minus on the
-   others (training words); for k = 1 .. ``max_k_value`` a logistic probe on the top-k latents;
-   k grows while the test F1 rises by more than ``f1_jump_threshold`` (0.03). The kept top-k
-   are the main (split) latents; their count is the letter's ``num_split_features``.
+1. A logistic probe "starts with c" (one-vs-rest, class-balanced, L2 on standardised inputs,
+   scikit-learn) on the LM activations of the training words; its unit direction p_c in
+   activation space.
+2. Main latents by k-sparse probing, as SAEBench does (``main_latent_selection="k_sparse_probe"``):
+   an L1-regularised, class-balanced logistic probe "starts with c" on all SAE latents of the
+   training words ranks the latents by their (signed) weight; SAEBench's objective is the mean
+   class-balanced BCE + ``k_sparse_probe_l1_decay`` (0.01) · ‖w‖₁, i.e. scikit-learn's
+   ``C = 2 / (l1_decay · n_train)`` (liblinear). Latents the L1 probe leaves at weight 0 follow in
+   mean-difference order (SAEBench's ``topk`` picks among zeros arbitrarily). For k = 1 ..
+   ``max_k_value`` a logistic probe (scikit-learn, class-balanced, unregularised inputs as in
+   SAEBench) on the top-k latents is scored by its test F1; k grows while the F1 rises by more
+   than ``f1_jump_threshold`` (0.03). The kept top-k are the main (split) latents; their count is
+   the letter's ``num_split_features``. ``main_latent_selection="mean_difference"`` ranks the
+   latents by mean activation on c-words minus on the others instead (saeflow's rule before
+   it followed SAEBench; cheaper, and blind to latents that fire on other letters too).
 3. On test c-words where the probe fires (probe true positives), with a = x·p_c and each
    latent's share s_i = f_i (d_i · p_c) of the projection of the reconstruction (d_i the
    decoder row; f_i·cos(d_i, p_c) as in SAEBench when rows have unit norm):
@@ -35,7 +44,10 @@ Reported: in category ``mean`` (SAEBench's), ``mean_absorption_fraction_score``,
 ``mean_full_absorption_score``, ``mean_num_split_features`` (means over letters, letters with no
 probe true positive left out) and their standard deviations; in ``first_letter_latents``,
 ``mean_main_latents_test_f1`` (test F1 of the k-sparse probe on the main latents) and
-``mean_probe_test_f1`` (the LM probe's). Per letter in the details.
+``mean_probe_test_f1`` (the LM probe's). The three headline means have 95% bootstrap intervals
+over letters (``<metric>_ci_low`` / ``<metric>_ci_high``, ``scipy.stats.bootstrap``, BCa): the
+letters are the sample, so two SAEs whose intervals overlap are not told apart. Per letter in
+the details.
 
 Absorption scores low for two opposite reasons: the SAE's letter latents fire where they should
 (good), or the SAE has no letter latents at all, so nothing can absorb them (a random SAE, or an
@@ -51,6 +63,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,8 +73,14 @@ try:
     from transformers import DynamicCache
 except ImportError:  # pragma: no cover - every supported transformers has it
     DynamicCache = None
+import sklearn
+from scipy import sparse
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
+from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
+from evaluation.autointerp import bootstrap_interval
 from evaluation.hook_cache import check_sae_fits
 from evaluation.schema import EvalOutput
 from project.checks import check_in_range, check_ints
@@ -73,6 +92,14 @@ logger = logging.getLogger(__name__)
 EVAL_TYPE_ID = "absorption_first_letter"
 _EPS = 1e-8
 _WORD_RE = re.compile(r" [A-Za-z]+")
+MAIN_LATENT_SELECTIONS = ("k_sparse_probe", "mean_difference")
+# A pure L1 penalty: scikit-learn 1.8 deprecated penalty="l1" for l1_ratio=1, which older
+# versions ignore unless penalty="elasticnet" (they would silently fit an L2 probe).
+_PURE_L1: dict[str, Any] = (
+    {"l1_ratio": 1.0}
+    if tuple(int(p) for p in sklearn.__version__.split(".")[:2]) >= (1, 8)
+    else {"penalty": "l1"}
+)
 
 
 @dataclass
@@ -88,6 +115,8 @@ class AbsorptionConfig:
     test_fraction: float = 0.5
     max_k_value: int = 10
     f1_jump_threshold: float = 0.03
+    main_latent_selection: str = "k_sparse_probe"
+    k_sparse_probe_l1_decay: float = 0.01
     probe_l2: float = 1e-3
     absorption_fraction_probe_cos_sim_threshold: float = 0.1
     full_absorption_probe_cos_sim_threshold: float = 0.025
@@ -132,6 +161,15 @@ class AbsorptionConfig:
         )
         if not self.probe_l2 > 0:
             raise ValueError(f"probe_l2={self.probe_l2!r} must be > 0")
+        if not self.k_sparse_probe_l1_decay > 0:
+            raise ValueError(
+                f"k_sparse_probe_l1_decay={self.k_sparse_probe_l1_decay!r} must be > 0"
+            )
+        if self.main_latent_selection not in MAIN_LATENT_SELECTIONS:
+            raise ValueError(
+                f"main_latent_selection={self.main_latent_selection!r} is not one of "
+                f"{', '.join(MAIN_LATENT_SELECTIONS)}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,50 +286,60 @@ def _word_activations(
 # probes
 
 
-def _fit_logistic(x: Tensor, y_CN: Tensor, l2: float, max_iter: int = 200) -> tuple[Tensor, Tensor]:
-    """C independent class-balanced, L2-regularised logistic regressions (full-batch L-BFGS).
+def _fit_probe(x_ND: np.ndarray, y_N: np.ndarray, l2: float) -> tuple[np.ndarray, float]:
+    """A class-balanced logistic probe with penalty ``l2`` · ‖w‖² on the standardised inputs
+    (on top of the mean class-balanced BCE; scikit-learn's ``C = 1 / (2 · l2 · N)``).
 
-    ``x`` is [N, K] (inputs shared by all C heads) or [C, N, K]; it is standardised inside.
-    Returns (weights [C, K], bias [C]) that apply to the raw inputs.
+    Returns (weights [D], bias) that apply to the raw inputs.
     """
-    shared = x.dim() == 2
-    mean_K = x.mean(-2, keepdim=True)
-    std_K = x.std(-2, keepdim=True).clamp_min(1e-6)
-    z = (x - mean_K) / std_K
-    y = y_CN.float()
-    n_pos_C1 = y.sum(1, keepdim=True).clamp_min(1)
-    n_neg_C1 = (1 - y).sum(1, keepdim=True).clamp_min(1)
-    weight_CN = y * (y.shape[1] / (2 * n_pos_C1)) + (1 - y) * (y.shape[1] / (2 * n_neg_C1))
-    w_CK = torch.zeros(y.shape[0], x.shape[-1], requires_grad=True)
-    b_C = torch.zeros(y.shape[0], requires_grad=True)
-    optimizer = torch.optim.LBFGS(
-        [w_CK, b_C], max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-6
-    )
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        if shared:
-            logits_CN = (z @ w_CK.T).T + b_C[:, None]
-        else:
-            logits_CN = torch.einsum("cnk,ck->cn", z, w_CK) + b_C[:, None]
-        bce_CN = nn.functional.binary_cross_entropy_with_logits(logits_CN, y, reduction="none")
-        loss = (weight_CN * bce_CN).mean(1).sum() + l2 * w_CK.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
+    scaler = StandardScaler().fit(x_ND)
+    probe = LogisticRegression(C=1.0 / (2 * l2 * len(x_ND)), class_weight="balanced", max_iter=1000)
+    probe.fit(scaler.transform(x_ND), y_N)
     # Undo the standardisation: w·(x - m)/s + b = (w/s)·x + (b - (w/s)·m).
-    raw_w_CK = w_CK.detach() / std_K.squeeze(-2)
-    bias_C = b_C.detach() - (raw_w_CK * mean_K.squeeze(-2)).sum(1)
-    return raw_w_CK, bias_C
+    raw_w = probe.coef_[0] / scaler.scale_
+    return raw_w, float(probe.intercept_[0] - raw_w @ scaler.mean_)
 
 
-def _f1(predicted: Tensor, actual: Tensor) -> float:
-    tp = float((predicted & actual).sum())
-    fp = float((predicted & ~actual).sum())
-    fn = float((~predicted & actual).sum())
-    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+def _rank_by_l1_probe(
+    f_train: sparse.csr_matrix, y_N: np.ndarray, l1_decay: float, tie_order: np.ndarray, k: int
+) -> np.ndarray:
+    """The ``k`` latents with the largest weights of an L1-regularised, class-balanced logistic
+    probe on all latents (SAEBench's candidate rule); zero-weight ties in ``tie_order``."""
+    probe = LogisticRegression(
+        **_PURE_L1,
+        C=2.0 / (l1_decay * f_train.shape[0]),
+        solver="liblinear",
+        class_weight="balanced",
+        max_iter=1000,
+    )
+    probe.fit(f_train, y_N)
+    weights = probe.coef_[0]
+    positive = np.flatnonzero(weights > 0)
+    ranked = positive[np.argsort(-weights[positive], kind="stable")][:k]
+    if len(ranked) < k:
+        taken = set(ranked.tolist())
+        rest = [i for i in tie_order[: k + len(ranked)].tolist() if i not in taken]
+        ranked = np.concatenate([ranked, np.asarray(rest[: k - len(ranked)], dtype=np.int64)])
+    return ranked
+
+
+def _k_sparse_f1(
+    f_NF: np.ndarray, y_N: np.ndarray, train_N: np.ndarray, ranked: np.ndarray
+) -> list[float]:
+    """Test F1 of SAEBench's k-sparse probes (scikit-learn, class-balanced, max_iter 500) on the
+    first k of ``ranked``, for k = 1 .. len(ranked)."""
+    test_N = ~train_N
+    scores = []
+    for k in range(1, len(ranked) + 1):
+        feats = f_NF[:, ranked[:k]]
+        if np.ptp(feats[train_N], axis=0).max() == 0:  # silent on every training word
+            predicted = np.zeros(int(test_N.sum()), dtype=bool)
+        else:
+            probe = LogisticRegression(class_weight="balanced", max_iter=500)
+            probe.fit(feats[train_N], y_N[train_N])
+            predicted = probe.decision_function(feats[test_N]) > 0
+        scores.append(float(f1_score(y_N[test_N], predicted, zero_division=0.0)))
+    return scores
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,38 +382,48 @@ def compute(
     train_N = ~test_N
     n_letters = len(words.alphabet)
     y_CN = letters_N[None, :] == torch.arange(n_letters)[:, None]
+    train_np, y_np = train_N.numpy(), y_CN.numpy()
+    x_np, f_np = x_ND.numpy().astype(np.float64), f_NF.numpy().astype(np.float64)
 
     # 1. Probes on LM activations, one per letter.
-    x_train = x_ND[train_N]
-    probe_w_CD, probe_b_C = _fit_logistic(x_train, y_CN[:, train_N], config.probe_l2)
+    probes = [
+        _fit_probe(x_np[train_np], y_np[c, train_np], config.probe_l2)
+        for c in tqdm(range(n_letters), desc="absorption: LM probes", leave=False)
+    ]
+    probe_w_CD = torch.tensor(np.stack([w for w, _ in probes]), dtype=torch.float32)
+    probe_b_C = torch.tensor([b for _, b in probes], dtype=torch.float32)
     probe_fires_CN = (x_ND @ probe_w_CD.T + probe_b_C).T > 0
 
-    # 2. Main latents: rank by mean difference on the training words, grow k while F1 jumps.
+    # 2. Main latents: candidates ranked per letter, then k grows while the F1 jumps.
     f_train = f_NF[train_N]
     y_train_CN = y_CN[:, train_N]
     pos_mean_CF = (y_train_CN.float() @ f_train) / y_train_CN.sum(1, keepdim=True)
     neg_mean_CF = ((~y_train_CN).float() @ f_train) / (~y_train_CN).sum(1, keepdim=True)
     max_k = min(config.max_k_value, f_NF.shape[1])  # a narrow SAE has fewer latents to try
-    ranked_CK = (pos_mean_CF - neg_mean_CF).topk(max_k, dim=1).indices
-    f1_CK = torch.zeros(n_letters, max_k)
-    for k in tqdm(range(1, max_k + 1), desc="absorption: k-sparse", leave=False):
-        index_CK = ranked_CK[:, :k]
-        feats_CNK = f_NF.T[index_CK].permute(0, 2, 1)  # [C, N, k]
-        w_CK, b_C = _fit_logistic(feats_CNK[:, train_N], y_train_CN, config.probe_l2)
-        predicted_CN = torch.einsum("cnk,ck->cn", feats_CNK[:, test_N], w_CK) + b_C[:, None] > 0
-        for c in range(n_letters):
-            f1_CK[c, k - 1] = _f1(predicted_CN[c], y_CN[c, test_N])
+    mean_diff_CF = (pos_mean_CF - neg_mean_CF).numpy()
+    f_train_csr = sparse.csr_matrix(f_np[train_np])
+    ranked_CK, f1_CK = [], []
+    for c in tqdm(range(n_letters), desc="absorption: k-sparse", leave=False):
+        tie_order = np.argsort(-mean_diff_CF[c], kind="stable")
+        if config.main_latent_selection == "k_sparse_probe":
+            ranked = _rank_by_l1_probe(
+                f_train_csr, y_np[c, train_np], config.k_sparse_probe_l1_decay, tie_order, max_k
+            )
+        else:
+            ranked = tie_order[:max_k]
+        ranked_CK.append(ranked)
+        f1_CK.append(_k_sparse_f1(f_np, y_np[c], train_np, ranked))
 
     # 3. Absorption on the probe's true positives.
     details = []
     for c, letter in enumerate(words.alphabet):
         best, n_main = -math.inf, 0
         for k in range(max_k):
-            if float(f1_CK[c, k]) > best + config.f1_jump_threshold:
-                best, n_main = float(f1_CK[c, k]), k + 1
+            if f1_CK[c][k] > best + config.f1_jump_threshold:
+                best, n_main = f1_CK[c][k], k + 1
             else:
                 break
-        main = ranked_CK[c, :n_main]
+        main = torch.from_numpy(ranked_CK[c][:n_main].copy())
         probe_dir_D = probe_w_CD[c] / probe_w_CD[c].norm().clamp_min(_EPS)
         dec_proj_F = W_dec_FD @ probe_dir_D  # d_i · p
         cos_F = dec_proj_F / W_dec_FD.norm(dim=1).clamp_min(_EPS)
@@ -373,7 +431,9 @@ def compute(
         fractions, full = _absorption(
             x_ND[tp_N] @ probe_dir_D, f_NF[tp_N], dec_proj_F, cos_F, main, config
         )
-        probe_test = _f1(probe_fires_CN[c, test_N], y_CN[c, test_N])
+        probe_test = float(
+            f1_score(y_np[c, ~train_np], probe_fires_CN[c, test_N].numpy(), zero_division=0.0)
+        )
         details.append(
             {
                 "first_letter": letter,
@@ -384,8 +444,8 @@ def compute(
                 "num_split_features": n_main,
                 "split_features": main.tolist(),
                 "probe_test_f1": probe_test,
-                "main_latents_test_f1": float(f1_CK[c, n_main - 1]),
-                "k_sparse_test_f1": [round(float(v), 4) for v in f1_CK[c]],
+                "main_latents_test_f1": f1_CK[c][n_main - 1],
+                "k_sparse_test_f1": [round(v, 4) for v in f1_CK[c]],
             }
         )
 
@@ -409,12 +469,16 @@ def compute(
     def std(values: list[float]) -> float:
         return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
+    def with_interval(name: str, values: list[float]) -> dict[str, float]:
+        low, high = bootstrap_interval(values, config.seed)
+        return {name: float(np.mean(values)), f"{name}_ci_low": low, f"{name}_ci_high": high}
+
     main_f1 = [d["main_latents_test_f1"] for d in details]
     return EvalOutput(
         metrics={
             "mean": {
-                "mean_absorption_fraction_score": float(np.mean(fraction)),
-                "mean_full_absorption_score": float(np.mean(full_rate)),
+                **with_interval("mean_absorption_fraction_score", fraction),
+                **with_interval("mean_full_absorption_score", full_rate),
                 "mean_num_split_features": float(np.mean(n_split)),
                 "std_dev_absorption_fraction_score": std(fraction),
                 "std_dev_full_absorption_score": std(full_rate),
@@ -424,7 +488,7 @@ def compute(
             # from: an SAE without them (a random one) absorbs nothing and scores 0 above. How
             # well the main latents alone classify the letter says whether it has them.
             "first_letter_latents": {
-                "mean_main_latents_test_f1": float(np.mean(main_f1)),
+                **with_interval("mean_main_latents_test_f1", main_f1),
                 "mean_probe_test_f1": float(np.mean([d["probe_test_f1"] for d in details])),
             },
         },
@@ -434,6 +498,7 @@ def compute(
             "n_test_words": int(test_N.sum()),
             "letters": words.alphabet,
             "letters_scored": [d["first_letter"] for d in scored],
+            "main_latent_selection": config.main_latent_selection,
             "icl_prefix": lm.tokenizer.decode(prefix),
             "seconds": {"lm": round(lm_s, 2), "total": round(elapsed, 2)},
         },

@@ -2,14 +2,18 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from scipy import sparse
 
 from evaluation.absorption import (
     AbsorptionConfig,
     _absorption,
-    _fit_logistic,
+    _fit_probe,
+    _k_sparse_f1,
     _prefix_ids,
+    _rank_by_l1_probe,
     _select_words,
     _word_activations,
     compute,
@@ -40,6 +44,17 @@ def test_compute_is_well_formed(tiny_lm: LoadedLM, architecture: str) -> None:
     assert 1.0 <= metrics["mean_num_split_features"] <= 3.0
     letter_latents = out.metrics["first_letter_latents"]
     assert 0.0 <= letter_latents["mean_main_latents_test_f1"] <= 1.0
+    for category, name in (
+        ("mean", "mean_absorption_fraction_score"),
+        ("mean", "mean_full_absorption_score"),
+        ("first_letter_latents", "mean_main_latents_test_f1"),
+    ):
+        values = out.metrics[category]
+        assert values[f"{name}_ci_low"] <= values[name] <= values[f"{name}_ci_high"], name
+    f1 = [d["main_latents_test_f1"] for d in out.details]
+    if max(f1) > min(f1):  # letters differ: the interval has a width
+        assert letter_latents["mean_main_latents_test_f1_ci_high"] > min(f1)
+        assert letter_latents["mean_main_latents_test_f1_ci_low"] < max(f1)
     assert letter_latents["mean_probe_test_f1"] > 0.0
     letters = [d["first_letter"] for d in out.details]
     assert letters == sorted(letters) and len(letters) >= 20
@@ -67,18 +82,37 @@ def test_cached_prefix_matches_full_prompts(tiny_lm: LoadedLM) -> None:
     assert all(t[1].lower() == words.alphabet[c] for t, c in zip(texts, words.letters, strict=True))
 
 
-def test_fit_logistic_returns_raw_space_weights() -> None:
-    generator = torch.Generator().manual_seed(0)
-    x_ND = torch.randn(400, 5, generator=generator) * torch.tensor([1.0, 10.0, 0.1, 3.0, 1.0])
-    x_ND += torch.tensor([5.0, -20.0, 1.0, 0.0, 2.0])
-    y_CN = torch.stack([x_ND[:, 1] > -20.0, x_ND[:, 2] > 1.05])
-    w_CK, b_C = _fit_logistic(x_ND, y_CN, l2=1e-4)
-    accuracy = (y_CN == (x_ND @ w_CK.T + b_C > 0).T).float().mean(1)
-    assert (accuracy > 0.95).all()
-    # Per-head inputs give the same answer as shared ones.
-    w2_CK, b2_C = _fit_logistic(x_ND.expand(2, -1, -1), y_CN, l2=1e-4)
-    torch.testing.assert_close(w2_CK, w_CK, atol=1e-2, rtol=1e-2)
-    torch.testing.assert_close(b2_C, b_C, atol=1e-2, rtol=1e-2)
+def test_fit_probe_returns_raw_space_weights() -> None:
+    rng = np.random.default_rng(0)
+    x_ND = rng.standard_normal((400, 5)) * [1.0, 10.0, 0.1, 3.0, 1.0] + [5.0, -20.0, 1.0, 0, 2]
+    for y_N in (x_ND[:, 1] > -20.0, x_ND[:, 2] > 1.05):
+        w_D, b = _fit_probe(x_ND, y_N, l2=1e-4)
+        assert ((x_ND @ w_D + b > 0) == y_N).mean() > 0.95
+
+
+def test_l1_probe_ranks_the_latent_that_predicts_the_label_first() -> None:
+    """SAEBench's candidate rule: the L1 probe's weights, not the mean difference. Latent 0
+    fires on every positive and on many negatives too (the largest mean difference, a poor
+    classifier); latent 1 fires on positives only, weakly (smaller mean difference, perfect)."""
+    rng = np.random.default_rng(0)
+    n = 600
+    y_N = rng.random(n) < 0.2
+    f_NF = np.zeros((n, 6))
+    f_NF[:, 0] = np.where(y_N | (rng.random(n) < 0.6), 5.0 + rng.random(n), 0.0)
+    f_NF[:, 1] = np.where(y_N, 0.5 + 0.1 * rng.random(n), 0.0)
+    f_NF[:, 2:] = rng.random((n, 4)) * (rng.random((n, 4)) < 0.3)
+    mean_diff = f_NF[y_N].mean(0) - f_NF[~y_N].mean(0)
+    tie_order = np.argsort(-mean_diff, kind="stable")
+    assert tie_order[0] == 0  # the mean-difference rule picks the poor latent first
+    ranked = _rank_by_l1_probe(sparse.csr_matrix(f_NF), y_N, 0.01, tie_order, 3)
+    assert ranked[0] == 1 and len(set(ranked.tolist())) == 3
+    train_N = np.arange(n) % 2 == 0
+    f1 = _k_sparse_f1(f_NF, y_N, train_N, ranked)
+    assert f1[0] == 1.0  # the latent that fires on positives only classifies them alone
+    assert _k_sparse_f1(f_NF, y_N, train_N, tie_order[:1])[0] < 0.6
+    # A strong penalty zeroes every weight: the candidates then follow the mean difference.
+    zeroed = _rank_by_l1_probe(sparse.csr_matrix(f_NF), y_N, 1e4, tie_order, 3)
+    assert zeroed.tolist() == tie_order[:3].tolist()
 
 
 def test_absorption_formula() -> None:
@@ -111,6 +145,13 @@ def test_config_validation(tiny_lm: LoadedLM) -> None:
         AbsorptionConfig(max_tokens_per_letter=5)
     with pytest.raises(ValueError, match="f1_jump_threshold=2.0 must lie in"):
         AbsorptionConfig(f1_jump_threshold=2.0)
+    with pytest.raises(
+        ValueError,
+        match="main_latent_selection='largest' is not one of k_sparse_probe, mean_difference",
+    ):
+        AbsorptionConfig(main_latent_selection="largest")
+    with pytest.raises(ValueError, match="k_sparse_probe_l1_decay=0 must be > 0"):
+        AbsorptionConfig(k_sparse_probe_l1_decay=0)
     sae = build_sae(SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4))
     with pytest.raises(ValueError, match="SAE d_in=32 does not match"):
         compute(sae, tiny_lm, 1, AbsorptionConfig(**SMALL))
@@ -134,9 +175,12 @@ def _planted_sae(
     test_N = torch.tensor(words.is_test)
     y_CN = letters_N[None, :] == torch.arange(len(words.alphabet))[:, None]
     # The same fit as compute's, so p is the direction the eval will measure against.
-    w_CD, b_C = _fit_logistic(x_ND[~test_N], y_CN[:, ~test_N], config.probe_l2)
-    p_D = w_CD[letter] / w_CD[letter].norm()
-    cut = float(-b_C[letter] / w_CD[letter].norm())  # the probe fires where p·x > cut
+    w_D, b = _fit_probe(
+        x_ND[~test_N].numpy().astype(np.float64), y_CN[letter, ~test_N].numpy(), config.probe_l2
+    )
+    w_D = torch.tensor(w_D, dtype=torch.float32)
+    p_D = w_D / w_D.norm()
+    cut = float(-b / w_D.norm())  # the probe fires where p·x > cut
     generator = torch.Generator().manual_seed(0)
     u_D = torch.randn(x_ND.shape[1], generator=generator)
     u_D -= (u_D @ p_D) * p_D
