@@ -473,16 +473,14 @@ def make_control(
         ValueError: the reference never fires on the held-out activations, or the control's L0
             cannot be brought within ``L0_TOLERANCE`` of it (the message says why).
     """
-    init_ND = sample_activations(lm, layer, INIT_TOKENS)
     heldout_ND = sample_activations(lm, layer, CALIBRATION_TOKENS, region="eval")
-    sae.initialize_from_data(init_ND)
-    sae.eval()
     reference_l0 = measure(reference, heldout_ND)["l0"]
     if not reference_l0 > 0:
         raise ValueError(
             f"the reference SAE has L0 {reference_l0:g} on {_calibration_data()}: a control "
             "cannot be calibrated to an SAE that never fires"
         )
+    sae.initialize_from_data(sample_activations(lm, layer, INIT_TOKENS))
     return heldout_ND, calibrate_l0(sae, heldout_ND, reference_l0)
 
 

@@ -139,6 +139,10 @@ def test_random_baseline_of_a_registered_version(
     assert tags["source_format"] == "random_init" and tags["source"] == f"random:{trained_uri}"
     for key in ("architecture", "d_in", "d_sae", "layer", "hook_name", "lm_name", "target_l0"):
         assert tags[key] == trained.tags[key], key
+    # Calibrated to the reference's sparsity (tests/project/test_random_control.py: each family).
+    reference_l0 = float(tags["baseline_reference_l0"])
+    assert float(tags["l0_measured"]) == pytest.approx(reference_l0, rel=0.1)
+    assert tags["calibration"].startswith("k=")
     random_sae = load_sae(f"models:/{control.name}/{control.version}")
     trained_sae = load_sae(trained_uri)
     assert random_sae.cfg.k == trained_sae.cfg.k == 8
