@@ -11,7 +11,12 @@ config, its metrics the eval's (SAEBench names), and its artifact the SAEBench-s
 ``<eval>_eval_results.json``. The version gets a tag ``eval.<eval>.run_id`` pointing at it.
 
 A (version, eval, config) that already has a FINISHED run is reported, not recomputed, unless
-``force=true``. Everything that can be wrong with the input (eval names, the URI, the LM, eval
+``force=true``. The config hash that decides this covers the eval's whole config, the judge's
+identity (kind, model, endpoint, temperature, calibration), the LM's weights
+(``project.lm.lm_fingerprint``) and saeflow's code (``saeflow_version``: the package version
+plus a hash of the source of the ``evaluation`` and ``project`` packages, so fixing an eval,
+committed or not, recomputes its results, while a change to the README or the training entry
+points does not). Everything that can be wrong with the input (eval names, the URI, the LM, eval
 configs, the judge) fails before any evaluation runs; an eval that fails later marks only its
 own run FAILED, the others go on, and the process exits non-zero at the end.
 
@@ -33,17 +38,21 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from functools import lru_cache
 from importlib import metadata as importlib_metadata
+from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
+import evaluation
+import project
 from evaluation.hook_cache import HookCache, default_hook_cache_dir
 from evaluation.schema import EvalOutput, sae_bench_document
 from project.cli import parse_bool, run_entry_point
-from project.lm import LoadedLM, check_layer, hook_name, load_lm
+from project.lm import LoadedLM, check_layer, hook_name, lm_fingerprint, load_lm
 from project.registry import load_sae, parse_model_uri
 from project.saes import SparseAutoencoder
 from project.tracking import (
@@ -210,13 +219,53 @@ def _version_site(mv: ModelVersion) -> tuple[str, int]:
     return str(lm_of(tags)), layer
 
 
-def config_hash(eval_name: str, config: Any, judge: str | None, mv: ModelVersion) -> str:
-    """Identity of an evaluation: eval, whole config, judge (if used) and the exact version."""
+@lru_cache(maxsize=1)
+def saeflow_version() -> str:
+    """``<package version>+src.<hash>``: the hash covers every ``.py`` file of the
+    ``evaluation`` and ``project`` packages (the code an eval result depends on), so any change
+    to them, committed or not, makes a new version, and nothing else does."""
+    try:
+        version = importlib_metadata.version("saeflow")
+    except importlib_metadata.PackageNotFoundError:
+        version = "0+unknown"
+    h = hashlib.sha256()
+    for package in (evaluation, project):
+        root = Path(next(iter(package.__path__)))
+        for path in sorted(root.rglob("*.py")):
+            h.update(f"{package.__name__}/{path.relative_to(root).as_posix()}\0".encode())
+            h.update(path.read_bytes())
+    return f"{version}+src.{h.hexdigest()[:12]}"
+
+
+def judge_identity(judge: Any) -> dict[str, str] | str | None:
+    """A judge's ``identity()`` where it has one, else its name (or None: no judge)."""
+    if judge is None or isinstance(judge, str | dict):
+        return judge
+    identity = getattr(judge, "identity", None)
+    if callable(identity):
+        return {str(k): str(v) for k, v in identity().items()}
+    return str(getattr(judge, "name", type(judge).__name__))
+
+
+def config_hash(
+    eval_name: str,
+    config: Any,
+    judge: Any,
+    mv: ModelVersion,
+    *,
+    lm_fingerprint: str = "",
+    code_version: str | None = None,
+) -> str:
+    """Identity of an evaluation: eval, whole config, judge identity (if one is used: a judge
+    object, its ``identity()`` dict or its name), the exact version, the LM's fingerprint and
+    saeflow's code version (default: :func:`saeflow_version`)."""
     payload = {
         "eval": eval_name,
         "config": asdict(config) if is_dataclass(config) else dict(config),
-        "judge": judge,
+        "judge": judge_identity(judge),
         "version": [mv.name, str(mv.version), mv.run_id, mv.source],
+        "lm": lm_fingerprint,
+        "saeflow": code_version if code_version is not None else saeflow_version(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
         :16
@@ -348,13 +397,14 @@ def _log_eval_run(
     hook_cache: HookCache,
     digest: str,
     started_runs: list[str],
+    provenance: dict[str, str],
 ) -> EvalRunResult:
     uri = _version_uri(mv)
     started = time.perf_counter()
     with mlflow.start_run(
         run_name=f"{name}-{mv.name}-v{mv.version}",
         nested=mlflow.active_run() is not None,
-        tags=run_tags(mv, name, digest),
+        tags={**run_tags(mv, name, digest), **provenance},
     ) as run:
         started_runs.append(run.info.run_id)
         mlflow.log_params(_params(config, judge_name))
@@ -449,13 +499,25 @@ def evaluate(
         for lm_name, lm in lms.items():
             judges[lm_name] = build_judge(judge, lm=lm)
     hook_cache = hook_cache if hook_cache is not None else HookCache(default_hook_cache_dir())
+    # Part of every reuse hash: other weights under the same LM name are another evaluation.
+    fingerprints = {lm_name: lm_fingerprint(lm) for lm_name, lm in lms.items()}
 
     results: list[EvalRunResult] = []
     with _parent_run():
         for mv in versions:
             results.extend(
                 _evaluate_version(
-                    mv, names, loaded, configs, sites, lms, judge, judges, force, hook_cache
+                    mv,
+                    names,
+                    loaded,
+                    configs,
+                    sites,
+                    lms,
+                    judge,
+                    judges,
+                    force,
+                    hook_cache,
+                    fingerprints,
                 )
             )
     if any(not r.ok for r in results):
@@ -474,6 +536,7 @@ def _evaluate_version(
     judges: dict[str, Any],
     force: bool,
     hook_cache: HookCache,
+    fingerprints: dict[str, str],
 ) -> list[EvalRunResult]:
     uri = _version_uri(mv)
     lm_name, layer = sites[mv.version]
@@ -482,7 +545,14 @@ def _evaluate_version(
     for name in names:
         spec = EVALS[name]
         judge_used = judge_name if spec.uses_judge else None
-        digest = config_hash(name, configs[name], judge_used, mv)
+        # The judge object's identity (model, endpoint, ...), not just its kind.
+        identity = judge_identity(judges.get(lm_name, judge_used)) if spec.uses_judge else None
+        digest = config_hash(
+            name, configs[name], identity, mv, lm_fingerprint=fingerprints[lm_name]
+        )
+        provenance = {"saeflow_version": saeflow_version(), "lm_fingerprint": fingerprints[lm_name]}
+        if identity is not None:
+            provenance["judge_identity"] = json.dumps(identity, sort_keys=True)
         existing = None if force else find_existing_run(mv, name, digest)
         if existing is not None:
             run_id = existing.info.run_id
@@ -514,6 +584,7 @@ def _evaluate_version(
                     hook_cache,
                     digest,
                     started_runs,
+                    provenance,
                 )
             )
         except Exception as err:  # noqa: BLE001 - this eval's run is FAILED; the others go on

@@ -62,6 +62,34 @@ class LoadedLM:
         return next(self.model.parameters()).device
 
 
+# Config keys that name where the weights were read from, not what they are.
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "_commit_hash", "transformers_version")
+
+
+@torch.no_grad()
+def lm_fingerprint(lm: LoadedLM, samples_per_tensor: int = 64) -> str:
+    """An identity of the LM's weights, cheap enough to compute on every evaluation.
+
+    ``name:<sha256 prefix>`` of the canonical name, the model config (without the path it was
+    read from, so the same weights fingerprint alike on every machine) and, for every parameter
+    in name order, its shape and ``samples_per_tensor`` evenly strided values. Any fine-tune or
+    re-quantisation moves nearly every weight, so the sample sees it; 135M parameters take
+    a few milliseconds.
+    """
+    import json
+
+    h = hashlib.sha256(lm.name.encode())
+    config = {k: v for k, v in lm.model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, param in sorted(lm.model.named_parameters(), key=lambda item: item[0]):
+        flat = param.detach().reshape(-1)
+        step = max(1, flat.numel() // samples_per_tensor)
+        sample = flat[::step][:samples_per_tensor].to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(param.shape)};".encode())
+        h.update(sample.numpy().tobytes())
+    return f"{lm.name}:{h.hexdigest()[:16]}"
+
+
 def saeflow_cache_dir() -> Path:
     """The saeflow cache root: `$SAEFLOW_CACHE_DIR`, default `~/.cache/saeflow`."""
     return Path(os.environ.get("SAEFLOW_CACHE_DIR") or Path.home() / ".cache" / "saeflow")

@@ -17,7 +17,7 @@ from evaluation import sparse_probing
 from evaluation.core import CoreConfig
 from evaluation.evaluate import EvaluationFailed, evaluate, main, summary_table
 from evaluation.sparse_probing import SparseProbingConfig
-from project.lm import hook_name
+from project.lm import hook_name, lm_fingerprint, load_lm
 from project.registry import register_sae
 from project.saes import SAEConfig, build_sae
 from project.tracking import RUN_TYPE_TAG
@@ -320,3 +320,60 @@ def test_mlflow_run_random_control_then_all_four_evals(
         assert title in header
     control_row = next(line for line in lines if line.startswith(f"models:/{NAME}/2 "))
     assert "random_init" in control_row
+
+
+class _Judge:
+    """Stands in for a judge object: only its identity matters to the reuse hash."""
+
+    name = "openai"
+
+    def __init__(self, model: str, endpoint: str = "http://localhost:8000/v1") -> None:
+        self.model, self.endpoint = model, endpoint
+
+    def identity(self) -> dict[str, str]:
+        return {"kind": self.name, "model": self.model, "endpoint": self.endpoint}
+
+
+def test_reuse_hash_covers_judge_identity_lm_weights_and_code(
+    tiny_lm_dir: str, labels_tsv: str, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (uri,) = register_versions(tiny_lm_dir, ks=(4,))
+    mv = MlflowClient().get_model_version(NAME, "1")
+    config = small_configs(labels_tsv)["core"]
+
+    def digest(judge: object, lm: str = "lm:1", code: str = "0.1.0+src.a") -> str:
+        return evaluate_module.config_hash(
+            "autointerp", config, judge, mv, lm_fingerprint=lm, code_version=code
+        )
+
+    # Changing OPENAI_MODEL or the endpoint is another evaluation; the same judge is not.
+    assert digest(_Judge("gpt-4o-mini")) == digest(_Judge("gpt-4o-mini"))
+    assert digest(_Judge("gpt-4o-mini")) != digest(_Judge("gpt-4o"))
+    assert digest(_Judge("m", "http://a/v1")) != digest(_Judge("m", "http://b/v1"))
+    assert digest("offline") != digest("hf")  # a judge without identity(): its name
+    assert digest(_Judge("m")) != digest(_Judge("m"), lm="lm:2")
+    assert digest(_Judge("m")) != digest(_Judge("m"), code="0.1.0+src.b")
+
+    # End to end: same LM and code reuse; new LM weights or a code change recompute.
+    lm = load_lm(tiny_lm_dir)
+    configs = {"core": config}
+    (first,) = evaluate(uri, ["core"], configs=configs, lms={tiny_lm_dir: lm})
+    run = MlflowClient().get_run(first.run_id)
+    assert run.data.tags["lm_fingerprint"] == lm_fingerprint(lm)
+    assert run.data.tags["saeflow_version"] == evaluate_module.saeflow_version()
+    assert "+src." in run.data.tags["saeflow_version"]
+    (again,) = evaluate(uri, ["core"], configs=configs, lms={tiny_lm_dir: lm})
+    assert again.reused
+    with torch.no_grad():
+        lm.model.model.layers[0].mlp.down_proj.weight.mul_(1.01)  # "fine-tuned" weights
+    (retuned,) = evaluate(uri, ["core"], configs=configs, lms={tiny_lm_dir: lm})
+    assert not retuned.reused
+    monkeypatch.setattr(evaluate_module, "saeflow_version", lambda: "0.1.0+src.fixed")
+    (fixed,) = evaluate(uri, ["core"], configs=configs, lms={tiny_lm_dir: lm})
+    assert not fixed.reused
+    assert len(eval_runs()) == 3
+
+
+def test_saeflow_version_hashes_the_eval_source() -> None:
+    version = evaluate_module.saeflow_version()
+    assert version.startswith("0.1.0+src.") and len(version.split("+src.")[1]) == 12
