@@ -1,6 +1,8 @@
 """Autointerp (detection) of SAE latents, SAEBench's protocol (METHODS.md §2) with a judge.
 
-1. Scan ``n_tokens`` of the corpus through the LM up to ``layer`` (windows of ``context_size``
+1. Scan ``n_tokens`` of the corpus's eval region (``project.corpus.iter_texts(spec, "eval")``:
+   documents that no harvest reads, so no SAE was trained on them; the rule is logged as the
+   config's ``corpus_region``) through the LM up to ``layer`` (windows of ``context_size``
    tokens, the first one BOS) and SAE-encode them; BOS / EOS / pad positions never count.
 2. Latents that fired at least ``min_firings`` times are live; a seeded random sample of
    ``n_latents`` of them is scored (a latent whose examples cannot be built, e.g. too few
@@ -30,7 +32,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,7 +44,14 @@ from tqdm.auto import tqdm
 from evaluation.hook_cache import check_sae_fits
 from evaluation.schema import EvalOutput
 from project.checks import check_ints
-from project.corpus import DEFAULT_CORPUS, iter_texts, resolve_corpus, token_windows
+from project.corpus import (
+    DEFAULT_CORPUS,
+    CorpusSpec,
+    iter_texts,
+    region_description,
+    resolve_corpus,
+    token_windows,
+)
 from project.judges import Judge
 from project.lm import LoadedLM, residual_activations
 from project.saes.base import SparseAutoencoder
@@ -64,6 +73,7 @@ class AutointerpConfig:
     """Settings of the autointerp eval; SAEBench's values unless the module docstring says not.
 
     ``latents`` overrides the random sample (every listed latent is scored if it has data).
+    ``corpus_region`` (set, not an input) states which documents of ``corpus`` are scanned.
     """
 
     n_latents: int = 100
@@ -83,6 +93,7 @@ class AutointerpConfig:
     min_firings: int = 20
     n_reference_windows: int = 100
     seed: int = 42
+    corpus_region: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         check_ints(
@@ -115,6 +126,7 @@ class AutointerpConfig:
             not self.latents or any(not isinstance(i, int) or i < 0 for i in self.latents)
         ):
             raise ValueError(f"latents={self.latents!r} must be a non-empty list of indices >= 0")
+        self.corpus_region = region_description(CorpusSpec(self.corpus, self.text_column))
 
     @property
     def buffer(self) -> int:
@@ -168,16 +180,22 @@ def _scan(lm: LoadedLM, layer: int, config: AutointerpConfig) -> tuple[Tensor, T
         config.text_column,
         config.n_tokens,
         config.context_size,
+        config.corpus_region,
     )
     if key in _SCAN_CACHE:
         logger.info("autointerp: reusing the LM scan of %s layer %d", lm.name, layer)
         return _SCAN_CACHE[key]
     spec = resolve_corpus(config.corpus, text_column=config.text_column)
     windows = list(
-        token_windows(iter_texts(spec), lm.tokenizer, config.context_size, config.n_tokens)
+        token_windows(
+            iter_texts(spec, region="eval"), lm.tokenizer, config.context_size, config.n_tokens
+        )
     )
     if not windows:
-        raise ValueError(f"corpus {config.corpus!r} yielded no window of {config.context_size}")
+        raise ValueError(
+            f"the eval region of corpus {config.corpus!r} yielded no window of "
+            f"{config.context_size} tokens"
+        )
     ids_WT = torch.stack(windows)
     special = {
         t

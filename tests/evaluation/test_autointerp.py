@@ -9,6 +9,7 @@ import torch
 from evaluation.autointerp import (
     AutointerpConfig,
     _build_examples,
+    _scan,
     _score_latent,
     _TokenText,
     bootstrap_interval,
@@ -17,7 +18,7 @@ from evaluation.autointerp import (
     explain_latents,
 )
 from evaluation.schema import EvalOutput
-from project.corpus import iter_texts, resolve_corpus, token_windows
+from project.corpus import iter_texts, region_description, resolve_corpus, token_windows
 from project.judges import ChatJudge, Judge, build_judge
 from project.lm import LoadedLM
 from project.saes import SAEConfig, SparseAutoencoder, build_sae
@@ -279,3 +280,23 @@ def test_explain_latents_on_demand(tiny_lm: LoadedLM) -> None:
     with pytest.raises(ValueError, match=r"latent ids \[128\] are outside \[0, d_sae=128\)"):
         explain_latents(sae, tiny_lm, LAYER, [1, 128], judge, config)
     assert explain_latents(sae, tiny_lm, LAYER, [], judge, config) == {}
+
+
+def test_scan_reads_only_the_eval_region(tiny_lm: LoadedLM) -> None:
+    """No SAE was trained on the text autointerp explains: the scan is the corpus's eval region
+    (which no harvest reads), and the config records the rule."""
+    config = AutointerpConfig(**SMALL)
+    spec = resolve_corpus("stdlib")
+    assert config.corpus_region == region_description(spec)
+    assert "eval region" in config.corpus_region
+    ids_WT, _, acts_WTD = _scan(tiny_lm, LAYER, config)
+    eval_WT = torch.stack(
+        list(token_windows(iter_texts(spec, region="eval"), tiny_lm.tokenizer, 64, 3072))
+    )
+    torch.testing.assert_close(ids_WT, eval_WT)
+    harvest = {
+        tuple(w.tolist())
+        for w in token_windows(iter_texts(spec, region="harvest"), tiny_lm.tokenizer, 64, 3072)
+    }
+    assert not any(tuple(w.tolist()) in harvest for w in ids_WT)
+    assert acts_WTD.shape[:2] == ids_WT.shape
