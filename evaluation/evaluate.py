@@ -657,7 +657,9 @@ def main() -> None:
     _print_results(results, tracking_uri)
 
 
-# The metric of each eval that the summary table shows (all are logged in the runs).
+# The metrics of each eval that the summary table shows (all are logged in the runs). A metric
+# with a logged interval (<metric>_ci_low / _ci_high) shows it beside the value; autointerp's
+# score stands beside its floor, the score of a judge that always gives the same answer.
 SUMMARY_METRICS = (
     ("core", "explained_variance", "EV"),
     ("core", "ce_loss_score", "CE score"),
@@ -665,12 +667,30 @@ SUMMARY_METRICS = (
     ("absorption", "mean_absorption_fraction_score", "absorption"),
     ("absorption", "mean_main_latents_test_f1", "letter F1"),
     ("autointerp", "autointerp_score", "autointerp"),
+    ("autointerp", "constant_answer_score", "floor"),
+    ("autointerp", "autointerp_balanced_accuracy", "balanced acc"),
 )
+SUMMARY_NOTE = (
+    "[low, high]: 95% bootstrap interval (over probing tasks, letters or latents); "
+    "floor: the autointerp score of a judge that always answers the same; "
+    "balanced acc: autointerp with that floor at 0.5"
+)
+
+
+def _cell(row: dict[str, float], key: str) -> str:
+    value = row.get(key)
+    if value is None or value != value:  # missing, or NaN
+        return "-"
+    low, high = row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high")
+    if low is None or high is None or low != low or high != high:
+        return f"{value:.3f}"
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def summary_table(results: list[EvalRunResult]) -> list[str]:
     """One line per model version: its architecture and L0 target (or that it is a random
-    control) and the headline metric of each eval that ran."""
+    control) and the headline metrics of each eval that ran, with their intervals where logged;
+    a last line says what the brackets and the floor are when any is shown."""
     by_version: dict[str, dict[str, float]] = {}
     for r in results:
         row = by_version.setdefault(r.model_uri, {})
@@ -681,18 +701,26 @@ def summary_table(results: list[EvalRunResult]) -> list[str]:
         if any(key in row for row in by_version.values()):
             columns.append((key, title))
     client = MlflowClient()
+    cells = {uri: [_cell(row, key) for key, _ in columns] for uri, row in by_version.items()}
+    widths = [
+        max(len(title), *(len(c[i]) for c in cells.values()))
+        for i, (_, title) in enumerate(columns)
+    ]
     width = max(len("version"), *(len(uri) for uri in by_version))
-    lines = [f"{'version':<{width}} {'SAE':<22}" + "".join(f" {t:>11}" for _, t in columns)]
-    for uri, row in by_version.items():
+    header = f"{'version':<{width}} {'SAE':<22}"
+    lines = [header + "".join(f"  {t:>{w}}" for (_, t), w in zip(columns, widths, strict=True))]
+    for uri in by_version:
         name, version = uri.removeprefix("models:/").rsplit("/", 1)
         tags = client.get_model_version(name, version).tags
         kind = f"{tags.get('architecture', '?')} L0 {tags.get('target_l0', '?')}"
         if tags.get("baseline"):
             kind += f" ({tags['baseline']})"
-        cells = "".join(
-            f" {row[key]:>11.3f}" if key in row else f" {'-':>11}" for key, _ in columns
-        )
-        lines.append(f"{uri:<{width}} {kind:<22}{cells}")
+        row = "".join(f"  {c:>{w}}" for c, w in zip(cells[uri], widths, strict=True))
+        lines.append(f"{uri:<{width}} {kind:<22}{row}")
+    if any("[" in c for row in cells.values() for c in row) or any(
+        key.endswith("constant_answer_score") for key, _ in columns
+    ):
+        lines.append(SUMMARY_NOTE)
     return lines
 
 

@@ -377,3 +377,35 @@ def test_reuse_hash_covers_judge_identity_lm_weights_and_code(
 def test_saeflow_version_hashes_the_eval_source() -> None:
     version = evaluate_module.saeflow_version()
     assert version.startswith("0.1.0+src.") and len(version.split("+src.")[1]) == 12
+
+
+def test_summary_shows_intervals_and_the_autointerp_floor(
+    tiny_lm_dir: str, tracking_uri: str
+) -> None:
+    uri_a, uri_b = register_versions(tiny_lm_dir)
+    probing = {
+        "sae_top_1_test_accuracy": 0.544,
+        "sae_top_1_test_accuracy_ci_low": 0.512,
+        "sae_top_1_test_accuracy_ci_high": 0.571,
+    }
+    autointerp = {
+        "autointerp_score": 0.719,
+        "autointerp_score_ci_low": 0.69,
+        "autointerp_score_ci_high": 0.75,
+        "constant_answer_score": 0.714,
+        "autointerp_balanced_accuracy": 0.52,
+    }
+    results = [
+        evaluate_module.EvalRunResult(uri_a, "sparse_probing", "FINISHED", "r1", probing),
+        evaluate_module.EvalRunResult(uri_a, "autointerp", "FINISHED", "r2", autointerp),
+        # An older run logged without intervals or floor: its cells show what there is.
+        evaluate_module.EvalRunResult(
+            uri_b, "autointerp", "FINISHED", "r3", {"autointerp_score": 0.656}
+        ),
+    ]
+    header, row_a, row_b, note = summary_table(results)
+    assert "probe top-1" in header and "floor" in header and "balanced acc" in header
+    assert "0.544 [0.512, 0.571]" in row_a
+    assert "0.719 [0.690, 0.750]" in row_a and "0.714" in row_a
+    assert "0.656" in row_b and row_b.split()[-3:] == ["0.656", "-", "-"]
+    assert "95% bootstrap interval" in note and "floor" in note
