@@ -25,8 +25,9 @@ source/model/layer/registered_model).
 
 ``target_l0``: the config's ``k`` for the TopK family, a target L0 the source states
 (saeflow directories, dictionary_learning JumpReLU), otherwise the L0 measured on
-``MEASURE_TOKENS`` tokens of the default corpus (the Python standard library's docstrings,
-which every machine has, so the number is reproducible offline) run through the LM to the
+``MEASURE_TOKENS`` tokens of the default corpus's eval region (the Python standard library's
+docstrings, which every machine has, so the number is reproducible offline; the region no
+harvest reads, see ``project.corpus.iter_texts``) run through the LM to the
 SAE's hook; the BOS position is left out (its activation is an outlier SAEs are not trained
 on). The same sample gives the ``metric.*`` version tags (l0, explained_variance, mse,
 cossim). ``target_l0_source`` says which ("config" or "measured").
@@ -59,8 +60,9 @@ SAE, or a BatchTopK one whose threshold is still 0, fires on ~d_sae/2 latents pe
      instead of twice the target, so the control is what a fresh JumpReLU would be at that
      sparsity, with no dead or dense latent; one shared θ would instead let the few latents
      aligned with high-variance directions take most of the firing;
-   - ``relu``, ``gated``: one shared shift of the encoder (gate) bias: a fresh SAE has the
-     same bias 0 for every latent, and a shift keeps them alike.
+   - ``relu``, ``gated``: one shared shift of the encoder (gate) bias that initialisation
+     left (0 for every latent, or per-latent quantiles under L0 control): the shift keeps
+     the latents as alike as initialisation made them.
 
    If the control's measured L0 is not within ``L0_TOLERANCE`` (10%) of the reference's, or
    the reference never fires there, the import fails naming the reason and registers nothing.
@@ -76,7 +78,6 @@ import logging
 import math
 import re
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,8 +92,8 @@ from project.cli import parse_int, run_entry_point
 from project.corpus import (
     DEFAULT_CORPUS,
     iter_texts,
+    region_rule,
     resolve_corpus,
-    stdlib_texts,
     token_windows,
 )
 from project.lm import DEFAULT_LM, LoadedLM, check_layer, hook_name, load_lm, residual_activations
@@ -222,7 +223,7 @@ def import_sae(
             raise ValueError(f"{source}: {err}") from err
         loaded.extra_tags.update(_calibration_tags(calibration))
     else:
-        acts_ND = sample_activations(lm, resolved_layer)
+        acts_ND = sample_activations(lm, resolved_layer, region="eval")
     if loaded.reference is not None:
         compare_with_saelens(sae, loaded.reference, acts_ND, source)
     metrics = measure(sae, acts_ND)
@@ -382,14 +383,6 @@ def check_finite(sae: SparseAutoencoder, source: str) -> None:
             )
 
 
-def _default_corpus_texts(region: str) -> Iterator[str]:
-    """The default corpus's documents: ``"harvest"`` what training reads, ``"eval"`` held out."""
-    if region == "eval":
-        # core's held-out text: the standard library read from its last file backwards.
-        return stdlib_texts(from_end=True)
-    return iter_texts(resolve_corpus(DEFAULT_CORPUS))
-
-
 @torch.no_grad()
 def sample_activations(
     lm: LoadedLM,
@@ -402,7 +395,12 @@ def sample_activations(
     """``[N, D]`` float32 resid_post activations of ``layer`` on the default corpus (no BOS),
     from its ``region`` ("harvest" or "eval")."""
     windows = list(
-        token_windows(_default_corpus_texts(region), lm.tokenizer, context_size, n_tokens)
+        token_windows(
+            iter_texts(resolve_corpus(DEFAULT_CORPUS), region=region),
+            lm.tokenizer,
+            context_size,
+            n_tokens,
+        )
     )
     if not windows:
         raise ValueError(f"the {DEFAULT_CORPUS} corpus yields no windows of {context_size} tokens")
@@ -525,10 +523,12 @@ def calibrate_l0(sae: SparseAutoencoder, x_ND: Tensor, target_l0: float) -> Cali
 
 
 def _firing_preacts(sae: SparseAutoencoder, x_BD: Tensor) -> Tensor:
-    """The pre-activations whose value decides whether a latent fires (Gated: the gate's)."""
+    """The pre-activations whose value decides whether a latent fires. Gated: the gate's,
+    -inf where the magnitude path is not positive (no gate bias can make those fire)."""
     xc_BD = sae.center(x_BD)
     if isinstance(sae, GatedSAE):
-        return sae.gate_preacts(xc_BD).float()
+        gate_BF = sae.gate_preacts(xc_BD).float()
+        return gate_BF.masked_fill(sae.mag_preacts(xc_BD) <= 0, -math.inf)
     return sae.preacts(xc_BD).float()  # type: ignore[attr-defined]
 
 
@@ -605,7 +605,7 @@ def _calibrate_jumprelu(sae: SparseAutoencoder, pre_NF: Tensor, target: float) -
 def _calibrate_bias_shift(
     sae: SparseAutoencoder, pre_NF: Tensor, target: float
 ) -> tuple[str, float]:
-    # Fires iff z - shift > 0 (Gated: its magnitude path must be positive too).
+    # Fires iff z - shift > 0 (Gated: z is -inf where the magnitude path is not positive).
     shift = _between(pre_NF.reshape(-1), round(target * pre_NF.shape[0]))
     if isinstance(sae, GatedSAE):
         sae.b_gate.sub_(shift)
@@ -627,8 +627,8 @@ _CALIBRATION_RULES = {
 
 def _calibration_data() -> str:
     return (
-        f"{CALIBRATION_TOKENS} held-out tokens of the {DEFAULT_CORPUS} corpus (eval region, "
-        f"windows of {MEASURE_CONTEXT}, BOS excluded)"
+        f"{CALIBRATION_TOKENS} tokens of the {DEFAULT_CORPUS} corpus's eval region (rule "
+        f"{region_rule()}; windows of {MEASURE_CONTEXT}, BOS excluded)"
     )
 
 
@@ -859,7 +859,7 @@ def _register(
             description = (
                 f"{architecture} SAE imported from {source} ({loaded.source_format}), not "
                 f"trained by saeflow: d_sae {sae.cfg.d_sae}, on {lm.name} {hook_name(layer)}. "
-                f"On {MEASURE_TOKENS} tokens of the {DEFAULT_CORPUS} corpus: L0 "
+                f"On {MEASURE_TOKENS} tokens of the {DEFAULT_CORPUS} corpus's eval region: L0 "
                 f"{metrics['l0']:.2f}, explained variance {metrics['explained_variance']:.3f}."
             )
         else:
