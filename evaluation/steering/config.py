@@ -1,0 +1,142 @@
+"""Settings of the steering evaluation (METHODS.md §3), checked before any work starts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from project.checks import check_int
+from project.corpus import DEFAULT_CORPUS
+
+MODES = ("latent", "concept")
+INTERVENTIONS = ("add", "clamp")
+# AxBench's factor grids at paper scale (addition; clamping).
+AXBENCH_ADD_FACTORS = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0, 4.0, 5.0)
+AXBENCH_CLAMP_FACTORS = (0.4, 0.8, 1.2, 1.6, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 20.0, 40.0, 60.0, 100.0)
+# The CPU default: four points spanning AxBench's addition range and beyond it (a 135M model at
+# an early layer needs the upper end before the concept shows).
+CPU_FACTORS = (0.5, 1.0, 2.0, 4.0)
+# saeflow's own steering prompt for the prompting reference; AxBench's frame around it.
+DEFAULT_PROMPT_TEMPLATE = (
+    "Whatever the question, make your answer clearly about {concept}.\n\nQuestion: {instruction}"
+)
+
+
+@dataclass(frozen=True)
+class LatentStatsConfig:
+    """Where and how much held-out text measures each latent's max activation m_i and firing
+    frequency (the eval region of ``corpus``; BOS / EOS / pad positions never count)."""
+
+    corpus: str = DEFAULT_CORPUS
+    text_column: str = "text"
+    n_tokens: int = 32_768
+    context_size: int = 128
+    lm_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        check_int("stats_n_tokens", self.n_tokens, 1)
+        check_int("stats_context_size", self.context_size, 2)
+        check_int("stats_lm_batch_size", self.lm_batch_size, 1)
+
+
+@dataclass(frozen=True)
+class SteerConfig:
+    """One steering evaluation. CPU defaults; AxBench's paper scale is ``n_instructions=10``,
+    ``max_new_tokens=128``, ``factors=AXBENCH_ADD_FACTORS``, 100 concepts.
+
+    - ``mode``: ``concept`` (concepts with labelled texts; the SAE's latent is the best
+      max-pooled AUROC one; DiffMean, a random direction and prompting run beside it) or
+      ``latent`` (sampled live latents, each steered toward its own autointerp explanation).
+    - ``selection``: which latents are candidates (``none``: every live latent; see
+      :mod:`evaluation.steering.selection`).
+    - ``intervention``: ``add`` (``x + α·m_i·v_i``) or ``clamp`` (latent i set to ``α·m_i``,
+      the SAE error kept) for the SAE method; references always add.
+    - ``n_concepts``: concepts (concept mode) or latents (latent mode) steered.
+    - ``n_instructions``: per concept, a concept-seeded sample of the pool, the first half dev
+      and the rest test (AxBench: 10).
+    - ``concepts``: ``stdlib`` (the shipped set) or a jsonl file (``concept``, ``positives``,
+      ``negatives``, optional ``genre``); ``instructions``: ``builtin`` or a .json/.jsonl/.txt file.
+    - ``n_examples``: positive (and negative) texts per concept, cut to ``example_tokens``.
+    """
+
+    mode: str = "concept"
+    selection: str = "none"
+    intervention: str = "add"
+    n_concepts: int = 6
+    factors: tuple[float, ...] = CPU_FACTORS
+    n_instructions: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    seed: int = 0
+    batch_size: int = 48
+    concepts: str = "stdlib"
+    instructions: str = "builtin"
+    n_examples: int = 16
+    example_tokens: int = 64
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    stats: LatentStatsConfig = field(default_factory=LatentStatsConfig)
+
+    def __post_init__(self) -> None:
+        from evaluation.steering.selection import check_selection
+
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; valid modes: {', '.join(MODES)}")
+        if self.intervention not in INTERVENTIONS:
+            raise ValueError(
+                f"unknown intervention {self.intervention!r}; valid: {', '.join(INTERVENTIONS)}"
+            )
+        check_selection(self.selection)
+        for name, low in (
+            ("n_concepts", 1),
+            ("n_instructions", 2),
+            ("max_new_tokens", 1),
+            ("seed", 0),
+            ("batch_size", 1),
+            ("n_examples", 2),
+            ("example_tokens", 4),
+        ):
+            check_int(name, getattr(self, name), low)
+        if not self.factors:
+            raise ValueError("factors is empty; give at least one steering factor")
+        for f in self.factors:
+            if isinstance(f, bool) or not isinstance(f, int | float) or not math.isfinite(f):
+                raise ValueError(f"factor {f!r} is not a finite number (factors={self.factors})")
+            if f < 0:
+                raise ValueError(f"factor {f!r} is negative (factors={self.factors})")
+        if len(set(self.factors)) != len(self.factors):
+            raise ValueError(f"factors {self.factors} repeat a value")
+        if (
+            isinstance(self.temperature, bool)
+            or not isinstance(self.temperature, int | float)
+            or not 0 <= self.temperature <= 10
+        ):
+            raise ValueError(f"temperature={self.temperature!r} must lie in [0, 10] (0 = greedy)")
+        if "{concept}" not in self.prompt_template or "{instruction}" not in self.prompt_template:
+            raise ValueError(
+                f"prompt_template {self.prompt_template!r} must contain {{concept}} and "
+                "{instruction}"
+            )
+
+
+def parse_factors(text: str) -> tuple[float, ...]:
+    """Comma-separated factors; ``axbench`` (the 14 addition values) or ``axbench_clamp``.
+
+    Raises:
+        ValueError: a part that is not a number, naming it.
+    """
+    named = {"axbench": AXBENCH_ADD_FACTORS, "axbench_clamp": AXBENCH_CLAMP_FACTORS}
+    if text.strip() in named:
+        return named[text.strip()]
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise ValueError(
+                f"factor {part!r} in {text!r} is not a number; give comma-separated numbers "
+                f"or one of {', '.join(named)}"
+            ) from None
+    return tuple(values)

@@ -1,0 +1,180 @@
+"""The per-latent table of a registered SAE: max activation ``m_i`` and firing frequency on
+held-out text (the eval region of the corpus), measured once per (version, config).
+
+It is logged as the table ``latent_stats.json`` (columns ``latent``, ``max_activation``,
+``firing_frequency``) of a run tagged ``saeflow.run_type=latent_stats``, linked to the version
+like eval runs (``registered_model``, ``model_version``, ``model_uri``, ``lm_name``) and found
+again by ``eval_config_hash``; the version gets the tag ``latent_stats.run_id``. Steering,
+selection and the analysis read it with :func:`latent_stats_for_version`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from typing import Any
+
+import mlflow
+import torch
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.tracking import MlflowClient
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from evaluation.evaluate import CONFIG_HASH_TAG, config_hash, run_tags
+from evaluation.hook_cache import check_sae_fits
+from evaluation.steering.config import LatentStatsConfig
+from project.corpus import iter_texts, region_description, resolve_corpus, token_windows
+from project.lm import LoadedLM, residual_activations
+from project.saes import SparseAutoencoder
+from project.tracking import MODEL_VERSION_NUMBER_TAG, REGISTERED_MODEL_TAG, RUN_TYPE_TAG
+
+logger = logging.getLogger(__name__)
+
+STATS_RUN_TYPE = "latent_stats"
+STATS_TABLE = "latent_stats.json"
+VERSION_LINK_TAG = "latent_stats.run_id"
+_ENCODE_CHUNK = 4096
+
+
+@torch.no_grad()
+def measure_latent_stats(
+    sae: SparseAutoencoder, lm: LoadedLM, layer: int, config: LatentStatsConfig
+) -> dict[str, Tensor]:
+    """``max_activation`` [F] and ``firing_frequency`` [F] (share of counted tokens where the
+    latent is > 0) over ``config.n_tokens`` held-out tokens, plus ``n_tokens`` counted."""
+    check_sae_fits(sae, lm, layer)
+    spec = resolve_corpus(config.corpus, text_column=config.text_column)
+    windows = list(
+        token_windows(
+            iter_texts(spec, region="eval"), lm.tokenizer, config.context_size, config.n_tokens
+        )
+    )
+    if not windows:
+        raise ValueError(
+            f"corpus {config.corpus!r} has no held-out window of {config.context_size}"
+        )
+    ids_WT = torch.stack(windows)
+    special = [
+        t
+        for t in {lm.tokenizer.bos_token_id, lm.tokenizer.eos_token_id, lm.tokenizer.pad_token_id}
+        if t is not None
+    ]
+    F = sae.cfg.d_sae
+    max_F = torch.zeros(F)
+    fired_F = torch.zeros(F, dtype=torch.long)
+    counted = 0
+    was_training = sae.training
+    sae.eval()
+    try:
+        for start in tqdm(
+            range(0, len(ids_WT), config.lm_batch_size), desc="latent stats", leave=False
+        ):
+            ids_BT = ids_WT[start : start + config.lm_batch_size]
+            keep_BT = torch.ones_like(ids_BT, dtype=torch.bool)
+            for t in special:
+                keep_BT &= ids_BT != t
+            acts_ND = residual_activations(lm, ids_BT, layer).float()[keep_BT.to(lm.device)]
+            for chunk in acts_ND.split(_ENCODE_CHUNK):
+                f_NF = sae.encode(chunk.to(sae.W_dec.dtype)).float().cpu()
+                max_F = torch.maximum(max_F, f_NF.max(dim=0).values)
+                fired_F += (f_NF > 0).sum(dim=0)
+            counted += int(keep_BT.sum())
+    finally:
+        sae.train(was_training)
+    return {
+        "max_activation": max_F,
+        "firing_frequency": fired_F.float() / max(counted, 1),
+        "n_tokens": torch.tensor(counted),
+    }
+
+
+def _find_run(mv: ModelVersion, digest: str) -> Any | None:
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    name = mv.name.replace("'", "\\'")
+    runs = client.search_runs(
+        experiments,
+        filter_string=(
+            f"tags.`{RUN_TYPE_TAG}` = '{STATS_RUN_TYPE}' AND tags.{REGISTERED_MODEL_TAG} = '{name}' "
+            f"AND tags.{MODEL_VERSION_NUMBER_TAG} = '{mv.version}' "
+            f"AND tags.{CONFIG_HASH_TAG} = '{digest}' AND attributes.status = 'FINISHED'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def _read_table(run_id: str) -> dict[str, Tensor]:
+    df = mlflow.load_table(STATS_TABLE, run_ids=[run_id])
+    df = df.sort_values("latent")
+    return {
+        "max_activation": torch.tensor(df["max_activation"].to_numpy(), dtype=torch.float32),
+        "firing_frequency": torch.tensor(df["firing_frequency"].to_numpy(), dtype=torch.float32),
+    }
+
+
+def latent_stats_for_version(
+    mv: ModelVersion,
+    sae: SparseAutoencoder,
+    lm: LoadedLM,
+    layer: int,
+    config: LatentStatsConfig,
+    *,
+    force: bool = False,
+) -> tuple[dict[str, Tensor], str, bool]:
+    """(table, run id, reused): the version's latent table for ``config``, read from its
+    FINISHED ``latent_stats`` run, else measured and logged as a new run."""
+    digest = config_hash(STATS_RUN_TYPE, asdict(config), None, mv)
+    existing = None if force else _find_run(mv, digest)
+    if existing is not None:
+        logger.info(
+            "latent stats of %s/%s: reusing run %s", mv.name, mv.version, existing.info.run_id
+        )
+        return _read_table(existing.info.run_id), existing.info.run_id, True
+    started = time.perf_counter()
+    stats = measure_latent_stats(sae, lm, layer, config)
+    tags = run_tags(mv, STATS_RUN_TYPE, digest)
+    tags[RUN_TYPE_TAG] = STATS_RUN_TYPE
+    with mlflow.start_run(
+        run_name=f"latent-stats-{mv.name}-v{mv.version}",
+        nested=mlflow.active_run() is not None,
+        tags=tags,
+    ) as run:
+        params = {f"stats_{k}": str(v) for k, v in asdict(config).items()}
+        params["region"] = region_description(
+            resolve_corpus(config.corpus, text_column=config.text_column)
+        )
+        mlflow.log_params(params)
+        F = len(stats["max_activation"])
+        mlflow.log_table(
+            {
+                "latent": list(range(F)),
+                "max_activation": stats["max_activation"].tolist(),
+                "firing_frequency": stats["firing_frequency"].tolist(),
+            },
+            STATS_TABLE,
+        )
+        live = stats["firing_frequency"] > 0
+        mlflow.log_metrics(
+            {
+                "n_tokens": float(stats["n_tokens"]),
+                "live_fraction": float(live.float().mean()),
+                "median_live_max_activation": float(stats["max_activation"][live].median())
+                if bool(live.any())
+                else 0.0,
+                "stats_seconds": time.perf_counter() - started,
+            }
+        )
+    MlflowClient().set_model_version_tag(mv.name, mv.version, VERSION_LINK_TAG, run.info.run_id)
+    logger.info(
+        "latent stats of %s/%s measured on %d tokens in %.1fs (run %s)",
+        mv.name,
+        mv.version,
+        int(stats["n_tokens"]),
+        time.perf_counter() - started,
+        run.info.run_id,
+    )
+    return stats, run.info.run_id, False

@@ -1,0 +1,495 @@
+"""The AxBench steering protocol (METHODS.md §3) on one SAE: targets, generations, ratings,
+scores.
+
+A *target* is one concept to steer toward, with the SAE latent that steers it and, in concept
+mode, the reference directions. For every target and each of its instructions (a dev and a test
+half), saeflow generates:
+
+- ``sae``: addition ``α·m_i·v_i`` (or clamping latent i to ``α·m_i``) for each factor α;
+- ``diffmean`` (concept mode): the unit DiffMean direction times ``α·s``;
+- ``random`` (concept mode): a seeded random unit direction times ``α·s`` (the floor);
+- ``prompt`` (concept mode): no intervention, the concept stated by saeflow's template;
+- ``unsteered``: the instruction alone, the model untouched.
+
+``s``, the scale of the reference directions, is the median ``m_i`` over the SAE's live latents,
+so that a reference vector at factor α has the norm of a typical latent's ``α·m_i·v_i``.
+
+All generations run batched through :func:`project.generation.generate`; sampling seeds are a
+hash of (seed, prompt), so every method on one instruction shares its sampling noise and α = 0
+reproduces the unsteered generation exactly. The judge rates each continuation three times
+(concept, instruction, fluency; 0–2; an unparsable answer counts 0 and is counted); the score is
+their harmonic mean, 0 when any is 0. Per target, α* is the argmax of the dev mean (ties: the
+smaller factor) and the target's score is the test mean at α*; a method's score is the mean over
+targets, with a bootstrap interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+from torch import Tensor
+
+from evaluation.autointerp import bootstrap_interval
+from evaluation.steering.config import SteerConfig
+from evaluation.steering.data import Concept, Instruction, InstructionSplit
+from evaluation.steering.interventions import AddVectors, ClampLatent, unit_decoder_rows
+from project.generation import GenerationConfig, generate
+from project.judges import Judge
+from project.lm import LoadedLM, residual_activations
+from project.saes import SparseAutoencoder
+
+logger = logging.getLogger(__name__)
+
+SAE = "sae"
+DIFFMEAN = "diffmean"
+RANDOM = "random"
+PROMPT = "prompt"
+UNSTEERED = "unsteered"
+FACTOR_METHODS = (SAE, DIFFMEAN, RANDOM)
+RATING_KINDS = ("concept", "instruct", "fluency")
+
+
+def harmonic_mean(concept: float, instruct: float, fluency: float) -> float:
+    """AxBench's score ``3 / (1/C + 1/I + 1/F)``; 0 when any rating is ≤ 0 (range [0, 2])."""
+    parts = (concept, instruct, fluency)
+    if any(not p > 0 for p in parts):
+        return 0.0
+    return 3.0 / sum(1.0 / p for p in parts)
+
+
+def rating_value(rating: float | None) -> float | None:
+    """A judge's rating as a number in [0, 2], or None when it is missing or outside the scale
+    (the caller counts those and scores them 0, as AxBench does)."""
+    if rating is None or isinstance(rating, bool):
+        return None
+    try:
+        value = float(rating)
+    except (TypeError, ValueError):
+        return None
+    return value if 0.0 <= value <= 2.0 else None
+
+
+@dataclass
+class Target:
+    """One concept to steer toward and how each method steers it."""
+
+    key: str  # the concept, or "latent <i>" in latent mode
+    concept: str  # what the judge reads
+    genre: str | None
+    latent: int
+    max_activation: float  # m_i
+    auroc: float = math.nan  # concept mode: the latent's max-pooled AUROC on the examples
+    diffmean_D: Tensor | None = None
+    random_D: Tensor | None = None
+    split: InstructionSplit = field(default_factory=lambda: InstructionSplit(()))
+
+
+@dataclass(frozen=True)
+class Row:
+    """One generation: a method on a target's instruction at a factor."""
+
+    method: str
+    target: int
+    instruction: Instruction
+    split: str
+    factor: float
+    prompt: str
+
+
+@dataclass
+class SteeringResult:
+    """Metrics (flat, MLflow names) and tables (column name -> values) of one run."""
+
+    metrics: dict[str, float]
+    tables: dict[str, dict[str, list[Any]]]
+
+
+# ---------------------------------------------------------------------------------------------
+# concept mode: the SAE's latent and the reference directions
+
+
+@torch.no_grad()
+def example_activations(
+    lm: LoadedLM, layer: int, texts: Sequence[str], max_tokens: int, batch_size: int = 16
+) -> tuple[Tensor, Tensor]:
+    """(acts_ND, text_N): hook activations of every real token of ``texts`` (cut to
+    ``max_tokens``, BOS/EOS/pad left out) and the index of the text each row comes from."""
+    tokenizer = lm.tokenizer
+    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = [
+        tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"][:max_tokens]
+        for t in texts
+    ]
+    bos = tokenizer.bos_token_id
+    encoded = [([bos] if bos is not None else []) + ids for ids in encoded]
+    acts, owners = [], []
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start : start + batch_size]
+        width = max(len(ids) for ids in batch)
+        ids_BT = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask_BT = torch.zeros((len(batch), width), dtype=torch.long)
+        for b, ids in enumerate(batch):
+            ids_BT[b, : len(ids)] = torch.tensor(ids)
+            mask_BT[b, : len(ids)] = 1
+        keep_BT = mask_BT.bool()
+        for t in special:
+            keep_BT &= ids_BT != t
+        hidden_BTD = residual_activations(lm, ids_BT, layer, mask_BT).float().cpu()
+        acts.append(hidden_BTD[keep_BT])
+        owners.append((torch.arange(len(batch))[:, None] + start).expand_as(keep_BT)[keep_BT])
+    return torch.cat(acts), torch.cat(owners)
+
+
+@torch.no_grad()
+def max_pooled_latents(
+    sae: SparseAutoencoder, acts_ND: Tensor, text_N: Tensor, n_texts: int
+) -> Tensor:
+    """[n_texts, F]: each latent's largest activation over each text's tokens."""
+    pooled = torch.zeros(n_texts, sae.cfg.d_sae)
+    for chunk, owners in zip(acts_ND.split(4096), text_N.split(4096), strict=True):
+        f_NF = sae.encode(chunk.to(sae.W_dec.dtype)).float()
+        pooled.scatter_reduce_(0, owners[:, None].expand_as(f_NF), f_NF, reduce="amax")
+    return pooled
+
+
+def auroc_per_column(scores_NF: Tensor, labels_N: Tensor) -> Tensor:
+    """ROC AUC of every column as a score for ``labels_N`` (Mann–Whitney, ties averaged)."""
+    positive = labels_N.bool().numpy()
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUROC needs positive and negative examples")
+    ranks = rankdata(scores_NF.numpy(), axis=0)
+    u = ranks[positive].sum(axis=0) - n_pos * (n_pos + 1) / 2
+    return torch.tensor(u / (n_pos * n_neg), dtype=torch.float32)
+
+
+def concept_targets(
+    sae: SparseAutoencoder,
+    lm: LoadedLM,
+    layer: int,
+    concepts: list[Concept],
+    candidates: list[int],
+    max_activation_F: Tensor,
+    config: SteerConfig,
+) -> list[Target]:
+    """Per concept: the candidate latent with the best max-pooled AUROC on its examples, the
+    unit DiffMean direction (mean token activation on positives minus on negatives) and a
+    seeded random unit direction."""
+    texts: list[str] = []
+    spans = []
+    for c in concepts:
+        start = len(texts)
+        texts.extend(c.positives)
+        texts.extend(c.negatives)
+        spans.append((start, len(c.positives), len(c.negatives)))
+    acts_ND, text_N = example_activations(lm, layer, texts, config.example_tokens)
+    pooled_XF = max_pooled_latents(sae, acts_ND, text_N, len(texts))
+    candidate_ids = torch.tensor(candidates)
+    targets = []
+    for c, (start, n_pos, n_neg) in zip(concepts, spans, strict=True):
+        rows = torch.arange(start, start + n_pos + n_neg)
+        labels = torch.cat([torch.ones(n_pos), torch.zeros(n_neg)])
+        auroc_C = auroc_per_column(pooled_XF[rows][:, candidate_ids], labels)
+        best = int(torch.argmax(auroc_C))
+        latent = int(candidate_ids[best])
+        pos_mask = (text_N >= start) & (text_N < start + n_pos)
+        neg_mask = (text_N >= start + n_pos) & (text_N < start + n_pos + n_neg)
+        diff_D = acts_ND[pos_mask].mean(0) - acts_ND[neg_mask].mean(0)
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + len(targets))
+        random_D = torch.randn(lm.d_model, generator=generator)
+        targets.append(
+            Target(
+                key=c.concept,
+                concept=c.concept,
+                genre=c.genre,
+                latent=latent,
+                max_activation=float(max_activation_F[latent]),
+                auroc=float(auroc_C[best]),
+                diffmean_D=diff_D / diff_D.norm().clamp_min(1e-12),
+                random_D=random_D / random_D.norm(),
+            )
+        )
+    return targets
+
+
+# ---------------------------------------------------------------------------------------------
+# generations
+
+
+def build_rows(targets: list[Target], config: SteerConfig, mode: str) -> list[Row]:
+    """Every generation of the run, in a fixed order."""
+    methods = FACTOR_METHODS if mode == "concept" else (SAE,)
+    rows = []
+    for t_index, target in enumerate(targets):
+        for split_name, instructions in (("dev", target.split.dev), ("test", target.split.test)):
+            for instruction in instructions:
+                rows.append(Row(UNSTEERED, t_index, instruction, split_name, 0.0, instruction.text))
+                if mode == "concept":
+                    prompt = config.prompt_template.format(
+                        concept=target.concept, instruction=instruction.text
+                    )
+                    rows.append(Row(PROMPT, t_index, instruction, split_name, 0.0, prompt))
+                for method in methods:
+                    for factor in config.factors:
+                        rows.append(
+                            Row(method, t_index, instruction, split_name, factor, instruction.text)
+                        )
+    return rows
+
+
+def _vector(row: Row, target: Target, sae_rows: dict[int, Tensor], scale: float) -> Tensor | None:
+    if row.method in (UNSTEERED, PROMPT) or row.factor == 0:
+        return None
+    if row.method == SAE:
+        return row.factor * target.max_activation * sae_rows[target.latent]
+    direction = target.diffmean_D if row.method == DIFFMEAN else target.random_D
+    assert direction is not None
+    return row.factor * scale * direction
+
+
+def run_generations(
+    rows: list[Row],
+    targets: list[Target],
+    sae: SparseAutoencoder,
+    lm: LoadedLM,
+    layer: int,
+    config: SteerConfig,
+    reference_scale: float,
+) -> list[str]:
+    """The continuation of every row. Rows without a steering vector (unsteered, prompting,
+    α = 0) are generated once per distinct prompt; all rows run in shared batches."""
+    generation = GenerationConfig(
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        seed=config.seed,
+        batch_size=config.batch_size,
+    )
+    latents = sorted({t.latent for t in targets})
+    sae_rows = dict(zip(latents, unit_decoder_rows(sae, latents), strict=True))
+    clamp = config.intervention == "clamp"
+    # Unique generations: (prompt, None) for plain ones, else one per steered row.
+    plain: dict[str, int] = {}
+    add_prompts: list[str] = []
+    add_vectors: list[Tensor] = []
+    clamp_prompts: list[str] = []
+    clamp_specs: list[tuple[int, float]] = []
+    where: list[tuple[str, int]] = []
+    for row in rows:
+        target = targets[row.target]
+        if clamp and row.method == SAE and row.factor != 0:
+            where.append(("clamp", len(clamp_prompts)))
+            clamp_prompts.append(row.prompt)
+            clamp_specs.append((target.latent, row.factor * target.max_activation))
+            continue
+        vector = _vector(row, target, sae_rows, reference_scale)
+        if vector is None:
+            if row.prompt not in plain:
+                plain[row.prompt] = len(add_prompts)
+                add_prompts.append(row.prompt)
+                add_vectors.append(torch.zeros(lm.d_model))
+            where.append(("add", plain[row.prompt]))
+        else:
+            where.append(("add", len(add_prompts)))
+            add_prompts.append(row.prompt)
+            add_vectors.append(vector.float())
+    texts: dict[str, list[str]] = {"add": [], "clamp": []}
+    if add_prompts:
+        texts["add"] = generate(
+            lm,
+            add_prompts,
+            generation,
+            layer=layer,
+            intervention=AddVectors(torch.stack(add_vectors)),
+            progress="steer: generate",
+        )
+    if clamp_prompts:
+        texts["clamp"] = generate(
+            lm,
+            clamp_prompts,
+            generation,
+            layer=layer,
+            intervention=ClampLatent(
+                sae,
+                torch.tensor([s[0] for s in clamp_specs]),
+                torch.tensor([s[1] for s in clamp_specs]),
+            ),
+            progress="steer: generate (clamp)",
+        )
+    return [texts[kind][i] for kind, i in where]
+
+
+# ---------------------------------------------------------------------------------------------
+# ratings and scores
+
+
+def rate_rows(
+    rows: list[Row], texts: list[str], targets: list[Target], judge: Judge
+) -> tuple[list[dict[str, float]], int]:
+    """Per row: the three ratings (unparsable → 0) and the harmonic-mean ``score``; and the
+    number of unparsable ratings. Identical (kind, text, reference) questions are asked once."""
+    questions: dict[tuple[str, str, str], None] = {}
+    for row, text in zip(rows, texts, strict=True):
+        concept = targets[row.target].concept
+        for kind, reference in zip(RATING_KINDS, (concept, row.instruction.text, ""), strict=True):
+            questions[(kind, text, reference)] = None
+    keys = list(questions)
+    workers = max(1, int(getattr(judge, "max_concurrency", 1)))
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            answers = list(pool.map(lambda k: judge.rate(*k), keys))
+    else:
+        answers = [judge.rate(*k) for k in keys]
+    values = {k: rating_value(a) for k, a in zip(keys, answers, strict=True)}
+    unparsable = sum(v is None for v in values.values())
+    if unparsable:
+        logger.warning("%d of %d ratings were unparsable and count as 0", unparsable, len(keys))
+    out = []
+    for row, text in zip(rows, texts, strict=True):
+        concept = targets[row.target].concept
+        r = {
+            kind: values[(kind, text, reference)] or 0.0
+            for kind, reference in zip(
+                RATING_KINDS, (concept, row.instruction.text, ""), strict=True
+            )
+        }
+        r["score"] = harmonic_mean(r["concept"], r["instruct"], r["fluency"])
+        out.append(r)
+    return out, unparsable
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else math.nan
+
+
+def best_factor(dev_means: dict[float, float]) -> float:
+    """α*: the factor with the largest dev mean; ties go to the smaller factor."""
+    return min(dev_means, key=lambda f: (-dev_means[f], f))
+
+
+def summarize(
+    rows: list[Row],
+    ratings: list[dict[str, float]],
+    targets: list[Target],
+    seed: int,
+) -> SteeringResult:
+    """Metrics and tables of a run from its rated rows."""
+    cells: dict[tuple[str, int, float, str], list[dict[str, float]]] = defaultdict(list)
+    for row, r in zip(rows, ratings, strict=True):
+        cells[(row.method, row.target, row.factor, row.split)].append(r)
+    methods = list(dict.fromkeys(row.method for row in rows))
+    metrics: dict[str, float] = {}
+    per_concept: dict[str, list[Any]] = defaultdict(list)
+    for method in methods:
+        per_target: list[dict[str, float]] = []
+        for t_index, target in enumerate(targets):
+            factors = sorted({f for (m, t, f, _s) in cells if m == method and t == t_index})
+            dev = {
+                f: _mean([r["score"] for r in cells[(method, t_index, f, "dev")]]) for f in factors
+            }
+            alpha = best_factor(dev)
+            test = cells[(method, t_index, alpha, "test")]
+            chosen = {k: _mean([r[k] for r in test]) for k in (*RATING_KINDS, "score")}
+            per_target.append(chosen)
+            per_concept["concept"].append(target.concept)
+            per_concept["method"].append(method)
+            per_concept["latent"].append(target.latent if method == SAE else -1)
+            per_concept["max_activation"].append(
+                target.max_activation if method == SAE else math.nan
+            )
+            per_concept["auroc"].append(target.auroc if method == SAE else math.nan)
+            per_concept["alpha_star"].append(alpha)
+            per_concept["dev_score"].append(dev[alpha])
+            per_concept["test_score"].append(chosen["score"])
+            for kind in RATING_KINDS:
+                per_concept[f"test_{kind}"].append(chosen[kind])
+        prefix = "" if method == SAE else f"{method}_"
+        scores = [p["score"] for p in per_target]
+        metrics[f"{prefix}steering_score"] = _mean(scores)
+        for kind in RATING_KINDS:
+            metrics[f"{prefix}{kind}_score"] = _mean([p[kind] for p in per_target])
+        low, high = bootstrap_interval(scores, seed)
+        metrics[f"{prefix}steering_score_ci_low"] = low
+        metrics[f"{prefix}steering_score_ci_high"] = high
+    per_factor: dict[str, list[Any]] = defaultdict(list)
+    by_factor: dict[tuple[str, float], list[dict[str, float]]] = defaultdict(list)
+    for row, r in zip(rows, ratings, strict=True):
+        by_factor[(row.method, row.factor)].append(r)
+    for (method, factor), rs in sorted(
+        by_factor.items(), key=lambda kv: (methods.index(kv[0][0]), kv[0][1])
+    ):
+        per_factor["method"].append(method)
+        per_factor["factor"].append(factor)
+        per_factor["n"].append(len(rs))
+        for k in (*RATING_KINDS, "score"):
+            per_factor[k].append(_mean([r[k] for r in rs]))
+    return SteeringResult(
+        metrics, {"per_concept": dict(per_concept), "per_factor": dict(per_factor)}
+    )
+
+
+def generations_table(
+    rows: list[Row], texts: list[str], ratings: list[dict[str, float]], targets: list[Target]
+) -> dict[str, list[Any]]:
+    """Every generation with its ratings, so that a run can be re-judged later."""
+    table: dict[str, list[Any]] = defaultdict(list)
+    for row, text, r in zip(rows, texts, ratings, strict=True):
+        target = targets[row.target]
+        table["concept"].append(target.concept)
+        table["method"].append(row.method)
+        table["latent"].append(target.latent if row.method == SAE else -1)
+        table["instruction"].append(row.instruction.text)
+        table["split"].append(row.split)
+        table["factor"].append(row.factor)
+        table["prompt"].append(row.prompt)
+        table["text"].append(text)
+        for k in (*RATING_KINDS, "score"):
+            table[k if k == "score" else f"{k}_rating"].append(r[k])
+    return dict(table)
+
+
+def run_protocol(
+    targets: list[Target],
+    sae: SparseAutoencoder,
+    lm: LoadedLM,
+    layer: int,
+    judge: Judge,
+    config: SteerConfig,
+    reference_scale: float,
+) -> SteeringResult:
+    """Generate, rate and score every row for ``targets`` (their splits already set)."""
+    rows = build_rows(targets, config, config.mode)
+    started = time.perf_counter()
+    texts = run_generations(rows, targets, sae, lm, layer, config, reference_scale)
+    generated = time.perf_counter()
+    ratings, unparsable = rate_rows(rows, texts, targets, judge)
+    rated = time.perf_counter()
+    result = summarize(rows, ratings, targets, config.seed)
+    result.tables["generations"] = generations_table(rows, texts, ratings, targets)
+    result.metrics.update(
+        {
+            "n_targets": float(len(targets)),
+            "n_generations": float(len(rows)),
+            "unparsable_ratings": float(unparsable),
+            "generation_seconds": generated - started,
+            "judge_seconds": rated - generated,
+            "reference_scale": reference_scale,
+        }
+    )
+    logger.info(
+        "steering: %d generations in %.1fs, rated in %.1fs",
+        len(rows),
+        generated - started,
+        rated - generated,
+    )
+    return result

@@ -1,0 +1,403 @@
+"""Entry point ``steer``: the AxBench steering score of registered SAEs, one MLflow run each.
+
+    mlflow run . -e steer --env-manager local -P model_uri=models:/NAME/1 \\
+        -P mode=concept -P selection=none -P judge=offline
+
+``model_uri`` is ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` or ``models:/NAME`` (every
+version). Each (version, mode, selection, judge, config) gets one run tagged
+``saeflow.run_type=steer``, ``steer_mode``, ``selection``, the version's tags and links
+(``registered_model``, ``model_version``, ``model_uri``, ``lm_name``, ``training_run_id``) and
+``eval_config_hash``; a FINISHED run with the same hash is reported instead of recomputed unless
+``force=true``. The version gets the tag ``steer.<mode>.run_id``.
+
+Logged: metrics ``steering_score``, ``concept_score``, ``instruct_score``, ``fluency_score``
+(and ``steering_score_ci_low/high``, a bootstrap interval over concepts); the unsteered floor as
+``unsteered_*``; in concept mode the references as ``diffmean_*``, ``random_*``, ``prompt_*``.
+Tables ``tables/per_concept.json``, ``tables/per_factor.json`` and ``tables/generations.json``
+(every generation with its three ratings, for re-judging); ``steer_config.json`` and
+``judge.json`` (the judge's identity, description and unparsable answers).
+
+Judge options pass as ``--judge.<option> VALUE`` (``-P judge.model=...`` through mlflow run).
+Everything that can be wrong with the input fails before any generation (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import mlflow
+import torch
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.tracking import MlflowClient
+
+from evaluation.evaluate import (
+    CONFIG_HASH_TAG,
+    _parent_run,
+    _version_site,
+    config_hash,
+    resolve_versions,
+    run_tags,
+)
+from evaluation.steering.config import LatentStatsConfig, SteerConfig, parse_factors
+from evaluation.steering.data import (
+    Concept,
+    Instruction,
+    load_concepts,
+    load_instructions,
+    sample_instructions,
+)
+from evaluation.steering.latent_stats import latent_stats_for_version
+from evaluation.steering.protocol import Target, concept_targets, run_protocol
+from evaluation.steering.selection import SelectionContext, select
+from project.cli import parse_bool, parse_int, run_entry_point
+from project.judges import JUDGE_NAMES, Judge, build_judge
+from project.lm import LoadedLM, check_layer, load_lm
+from project.registry import load_version
+from project.saes import SparseAutoencoder
+from project.tracking import (
+    DEFAULT_EXPERIMENT,
+    MODEL_VERSION_NUMBER_TAG,
+    REGISTERED_MODEL_TAG,
+    RUN_TYPE_TAG,
+    configure_tracking,
+    ui_hint,
+)
+
+log = logging.getLogger(__name__)
+
+STEER_RUN_TYPE = "steer"
+VERSION_LINK_TAG = "steer.{mode}.run_id"
+
+
+@dataclass
+class SteerRunResult:
+    model_uri: str
+    run_id: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    reused: bool = False
+    seconds: float = 0.0
+
+
+def _judge_identity(judge: Judge) -> dict[str, Any]:
+    identity = getattr(judge, "identity", None)
+    return identity() if callable(identity) else judge.describe()
+
+
+def _find_steer_run(mv: ModelVersion, digest: str) -> Any | None:
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    name = mv.name.replace("'", "\\'")
+    runs = client.search_runs(
+        experiments,
+        filter_string=(
+            f"tags.`{RUN_TYPE_TAG}` = '{STEER_RUN_TYPE}' AND tags.{REGISTERED_MODEL_TAG} = '{name}' "
+            f"AND tags.{MODEL_VERSION_NUMBER_TAG} = '{mv.version}' "
+            f"AND tags.{CONFIG_HASH_TAG} = '{digest}' AND attributes.status = 'FINISHED'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def _latent_targets(
+    sae: SparseAutoencoder,
+    lm: LoadedLM,
+    layer: int,
+    candidates: list[int],
+    max_activation_F: torch.Tensor,
+    judge: Judge,
+    config: SteerConfig,
+) -> list[Target]:
+    """The first ``n_concepts`` candidates that the autointerp explainer can explain, each with
+    its explanation as the concept."""
+    from evaluation.autointerp import AutointerpConfig, explain_latents
+
+    explain_config = AutointerpConfig(
+        corpus=config.stats.corpus, text_column=config.stats.text_column, seed=config.seed
+    )
+    targets: list[Target] = []
+    offset = 0
+    while len(targets) < config.n_concepts and offset < len(candidates):
+        ask = candidates[offset : offset + 2 * (config.n_concepts - len(targets))]
+        offset += len(ask)
+        explanations = explain_latents(sae, lm, layer, ask, judge, explain_config)
+        for latent in ask:
+            text = explanations.get(latent, "").strip()
+            if text and len(targets) < config.n_concepts:
+                targets.append(
+                    Target(
+                        key=f"latent {latent}",
+                        concept=text,
+                        genre=None,
+                        latent=latent,
+                        max_activation=float(max_activation_F[latent]),
+                    )
+                )
+    if not targets:
+        raise RuntimeError("no candidate latent could be explained")
+    if len(targets) < config.n_concepts:
+        log.warning(
+            "only %d latents could be explained (%d asked)", len(targets), config.n_concepts
+        )
+    return targets
+
+
+def steer_version(
+    mv: ModelVersion,
+    sae: SparseAutoencoder,
+    lm: LoadedLM,
+    layer: int,
+    judge: Judge,
+    config: SteerConfig,
+    concepts: list[Concept],
+    pool: list[Instruction],
+    *,
+    force: bool = False,
+) -> tuple[dict[str, float], dict[str, dict[str, list[Any]]], dict[str, Any]]:
+    """(metrics, tables, extra params) of steering one SAE; the latent table is read from (or
+    logged to) the version's ``latent_stats`` run."""
+    stats, stats_run, _ = latent_stats_for_version(mv, sae, lm, layer, config.stats, force=force)
+    max_F, freq_F = stats["max_activation"], stats["firing_frequency"]
+    live = (freq_F > 0) & (max_F > 0)
+    if not bool(live.any()):
+        raise RuntimeError(f"no latent of {mv.name}/{mv.version} fired in the held-out scan")
+    reference_scale = float(max_F[live].median())
+    context = SelectionContext(sae, lm, layer, max_F, freq_F, config.seed)
+    candidates = select(config.selection, context)
+    if config.mode == "concept":
+        targets = concept_targets(sae, lm, layer, concepts, candidates, max_F, config)
+    else:
+        targets = _latent_targets(sae, lm, layer, candidates, max_F, judge, config)
+    for target in targets:
+        target.split = sample_instructions(
+            target.key, pool, config.n_instructions, target.genre, config.seed
+        )
+    result = run_protocol(targets, sae, lm, layer, judge, config, reference_scale)
+    extra = {"latent_stats_run_id": stats_run, "n_candidates": len(candidates)}
+    return result.metrics, result.tables, extra
+
+
+def _params(config: SteerConfig, judge_name: str) -> dict[str, str]:
+    values = asdict(config)
+    stats = values.pop("stats")
+    params = {
+        k: ",".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
+        for k, v in values.items()
+    }
+    params.update({f"stats_{k}": str(v) for k, v in stats.items()})
+    params["judge"] = judge_name
+    return params
+
+
+def steer(
+    model_uri: str,
+    config: SteerConfig | None = None,
+    judge: str = "offline",
+    *,
+    judge_options: dict[str, Any] | None = None,
+    force: bool = False,
+    lms: dict[str, LoadedLM] | None = None,
+) -> list[SteerRunResult]:
+    """Steer every version ``model_uri`` names; one MLflow run per version (reused by hash).
+
+    Raises:
+        ValueError: bad input (URI, LM, config, judge, concept or instruction files), before
+            any generation.
+    """
+    config = config or SteerConfig()
+    if judge not in JUDGE_NAMES:
+        raise ValueError(f"unknown judge {judge!r}; valid: {', '.join(JUDGE_NAMES)}")
+    pool = load_instructions(config.instructions)
+    if len(pool) < config.n_instructions:
+        raise ValueError(
+            f"n_instructions={config.n_instructions} but the instruction pool has {len(pool)}"
+        )
+    concepts = (
+        load_concepts(config.concepts, config.n_concepts, config.n_examples, config.seed)
+        if config.mode == "concept"
+        else []
+    )
+    versions = resolve_versions(model_uri)
+    sites = {mv.version: _version_site(mv) for mv in versions}
+    lms = dict(lms or {})
+    for lm_name, layer in sites.values():
+        if lm_name not in lms:
+            lms[lm_name] = load_lm(lm_name)
+        check_layer(lms[lm_name], layer)
+    for mv in versions:
+        d_in = (mv.tags or {}).get("d_in")
+        lm = lms[sites[mv.version][0]]
+        if d_in is not None and int(d_in) != lm.d_model:
+            raise ValueError(
+                f"models:/{mv.name}/{mv.version} has d_in {d_in} but {lm.name} has {lm.d_model}"
+            )
+    judges = {name: build_judge(judge, lm=lm, **(judge_options or {})) for name, lm in lms.items()}
+
+    results = []
+    with _parent_run():
+        for mv in versions:
+            uri = f"models:/{mv.name}/{mv.version}"
+            lm_name, layer = sites[mv.version]
+            lm, judge_obj = lms[lm_name], judges[lm_name]
+            identity = _judge_identity(judge_obj)
+            digest = config_hash(
+                f"{STEER_RUN_TYPE}:{config.mode}",
+                asdict(config),
+                json.dumps(
+                    {"judge": judge, "identity": identity, "options": judge_options or {}},
+                    sort_keys=True,
+                    default=str,
+                ),
+                mv,
+            )
+            link = VERSION_LINK_TAG.format(mode=config.mode)
+            existing = None if force else _find_steer_run(mv, digest)
+            if existing is not None:
+                run_id = existing.info.run_id
+                log.info(
+                    "steer %s on %s: reusing FINISHED run %s (force=true recomputes)",
+                    config.mode,
+                    uri,
+                    run_id,
+                )
+                MlflowClient().set_model_version_tag(mv.name, mv.version, link, run_id)
+                results.append(SteerRunResult(uri, run_id, dict(existing.data.metrics), True))
+                continue
+            started = time.perf_counter()
+            sae = load_version(mv)
+            tags = run_tags(mv, STEER_RUN_TYPE, digest)
+            tags.update(
+                {
+                    RUN_TYPE_TAG: STEER_RUN_TYPE,
+                    "steer_mode": config.mode,
+                    "selection": config.selection,
+                    "judge": judge,
+                }
+            )
+            with mlflow.start_run(
+                run_name=f"steer-{config.mode}-{mv.name}-v{mv.version}",
+                nested=mlflow.active_run() is not None,
+                tags=tags,
+            ) as run:
+                mlflow.log_params(_params(config, judge))
+                mlflow.log_dict(asdict(config), "steer_config.json")
+                metrics, tables, extra = steer_version(
+                    mv, sae, lm, layer, judge_obj, config, concepts, pool, force=force
+                )
+                mlflow.log_params({k: str(v) for k, v in extra.items()})
+                finite = {k: v for k, v in metrics.items() if not math.isnan(v)}
+                mlflow.log_metrics(finite)
+                for name, table in tables.items():
+                    mlflow.log_table(table, f"tables/{name}.json")
+                mlflow.log_dict(
+                    {
+                        "identity": identity,
+                        "describe": judge_obj.describe(),
+                        "options": judge_options or {},
+                        "parse_failures": judge_obj.parse_failures,
+                        "failure_log": judge_obj.failure_log,
+                    },
+                    "judge.json",
+                )
+                seconds = time.perf_counter() - started
+                mlflow.log_metric("steer_seconds", seconds)
+            MlflowClient().set_model_version_tag(mv.name, mv.version, link, run.info.run_id)
+            log.info(
+                "steer %s on %s finished in %.1fs (run %s)",
+                config.mode,
+                uri,
+                seconds,
+                run.info.run_id,
+            )
+            results.append(SteerRunResult(uri, run.info.run_id, metrics, False, seconds))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def _judge_options(extra: list[str]) -> dict[str, str]:
+    """``--judge.<option> VALUE`` / ``--judge.<option>=VALUE`` pairs."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--judge."):
+            raise ValueError(
+                f"unexpected argument {arg!r}; judge options look like --judge.model NAME"
+            )
+        key, eq, value = arg[len("--judge.") :].partition("=")
+        if not eq:
+            if i + 1 >= len(extra):
+                raise ValueError(f"{arg} needs a value")
+            value = extra[i + 1]
+            i += 1
+        out[key] = value
+        i += 1
+    return out
+
+
+def main() -> None:
+    defaults = SteerConfig()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_uri", required=True)
+    parser.add_argument("--mode", default=defaults.mode)
+    parser.add_argument("--selection", default=defaults.selection)
+    parser.add_argument("--judge", default="offline")
+    parser.add_argument("--intervention", default=defaults.intervention)
+    parser.add_argument("--n_concepts", type=parse_int, default=defaults.n_concepts)
+    parser.add_argument("--factors", default=",".join(map(str, defaults.factors)))
+    parser.add_argument("--n_instructions", type=parse_int, default=defaults.n_instructions)
+    parser.add_argument("--max_new_tokens", type=parse_int, default=defaults.max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--seed", type=parse_int, default=defaults.seed)
+    parser.add_argument("--batch_size", type=parse_int, default=defaults.batch_size)
+    parser.add_argument("--concepts", default=defaults.concepts)
+    parser.add_argument("--instructions", default=defaults.instructions)
+    parser.add_argument("--n_examples", type=parse_int, default=defaults.n_examples)
+    parser.add_argument("--stats_n_tokens", type=parse_int, default=defaults.stats.n_tokens)
+    parser.add_argument("--force", type=parse_bool, default=False)
+    args, extra = parser.parse_known_args()
+    config = SteerConfig(
+        mode=args.mode,
+        selection=args.selection,
+        intervention=args.intervention,
+        n_concepts=args.n_concepts,
+        factors=parse_factors(args.factors),
+        n_instructions=args.n_instructions,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        concepts=args.concepts,
+        instructions=args.instructions,
+        n_examples=args.n_examples,
+        stats=replace(LatentStatsConfig(), n_tokens=args.stats_n_tokens),
+    )
+    judge_options = _judge_options(extra)
+    tracking_uri = configure_tracking(experiment=DEFAULT_EXPERIMENT)
+    started = time.perf_counter()
+    results = steer(
+        args.model_uri, config, args.judge, judge_options=judge_options, force=args.force
+    )
+    for r in results:
+        state = "reused" if r.reused else f"finished in {r.seconds:.0f}s"
+        m = r.metrics
+        line = f"steer {config.mode} {r.model_uri}: {state}, run {r.run_id}, steering_score {m.get('steering_score', math.nan):.3f}"
+        for ref in ("diffmean", "random", "prompt", "unsteered"):
+            if f"{ref}_steering_score" in m:
+                line += f", {ref} {m[f'{ref}_steering_score']:.3f}"
+        print(line)
+    print(f"total {time.perf_counter() - started:.0f}s; browse: {ui_hint(tracking_uri)}")
+
+
+if __name__ == "__main__":
+    run_entry_point(main)

@@ -1,0 +1,349 @@
+"""Steering (evaluation/steering/): the protocol's arithmetic, its inputs, both modes end to end
+on a tiny random LM with a registered TopK SAE, runs linked to the version and reused."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from evaluation.steering.config import LatentStatsConfig, SteerConfig, parse_factors
+from evaluation.steering.data import (
+    Instruction,
+    load_concepts,
+    load_instructions,
+    read_concepts_file,
+    sample_instructions,
+)
+from evaluation.steering.interventions import ClampLatent
+from evaluation.steering.protocol import (
+    Row,
+    Target,
+    auroc_per_column,
+    best_factor,
+    harmonic_mean,
+    rate_rows,
+    rating_value,
+)
+from evaluation.steering.steer import STEER_RUN_TYPE, steer
+from project.judges import ChatJudge, parse_rating
+from project.lm import hook_name
+from project.registry import register_sae
+from project.saes import SAEConfig, build_sae
+from project.tracking import RUN_TYPE_TAG
+
+NAME = "sae-tiny-steer"
+LAYER = 1
+
+
+def register_tiny_sae(tiny_lm_dir: str) -> str:
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(architecture="topk", d_in=64, d_sae=128, k=8))
+    with mlflow.start_run() as run:
+        mlflow.set_tag(RUN_TYPE_TAG, "train")
+        version = register_sae(
+            sae,
+            registered_model=NAME,
+            tags={
+                "architecture": "topk",
+                "target_l0": 8,
+                "d_in": 64,
+                "d_sae": 128,
+                "lm_name": tiny_lm_dir,
+                "hook_name": hook_name(LAYER),
+                "layer": LAYER,
+                "n_tokens": 1000,
+                "training_run_id": run.info.run_id,
+            },
+        )
+    return f"models:/{NAME}/{version.version}"
+
+
+def small_config(**changes: object) -> SteerConfig:
+    values: dict = {
+        "n_concepts": 2,
+        "factors": (0.0, 1.0, 8.0),
+        "n_instructions": 2,
+        "max_new_tokens": 4,
+        "n_examples": 3,
+        "example_tokens": 16,
+        "stats": LatentStatsConfig(n_tokens=512, context_size=32),
+    }
+    values.update(changes)
+    return SteerConfig(**values)
+
+
+def runs_of(run_type: str) -> list:
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, f"tags.`{RUN_TYPE_TAG}` = '{run_type}'")
+
+
+def load_table(run_id: str, name: str) -> list[dict]:
+    return mlflow.load_table(f"tables/{name}.json", run_ids=[run_id]).to_dict("records")
+
+
+# ---------------------------------------------------------------------------------------------
+# arithmetic and inputs
+
+
+def test_harmonic_mean_with_zeros() -> None:
+    assert harmonic_mean(2, 2, 2) == pytest.approx(2.0)
+    assert harmonic_mean(1, 2, 2) == pytest.approx(3 / (1 + 0.5 + 0.5))
+    for parts in [(0, 2, 2), (2, 0, 2), (2, 2, 0), (0, 0, 0)]:
+        assert harmonic_mean(*parts) == 0.0
+
+
+def test_best_factor_is_the_dev_argmax_ties_to_the_smaller() -> None:
+    assert best_factor({0.5: 0.2, 1.0: 0.7, 2.0: 0.4}) == 1.0
+    assert best_factor({4.0: 0.5, 1.0: 0.5, 2.0: 0.1}) == 1.0
+
+
+def test_seeded_disjoint_dev_test_split() -> None:
+    pool = load_instructions("builtin")
+    assert len(pool) >= 100 and {i.genre for i in pool} == {"text", "code", "math"}
+    a = sample_instructions("regular expressions", pool, 10, "code", seed=0)
+    assert len(a.dev) == 5 and len(a.test) == 5
+    assert not set(a.dev) & set(a.test)
+    assert all(i.genre == "code" for i in (*a.dev, *a.test))
+    assert sample_instructions("regular expressions", pool, 10, "code", seed=0) == a
+    assert sample_instructions("regular expressions", pool, 10, "code", seed=1) != a
+    assert sample_instructions("dates and times", pool, 10, "code", seed=0) != a
+    odd = sample_instructions("x", pool, 5, None, seed=0)
+    assert (len(odd.dev), len(odd.test)) == (2, 3)
+
+
+def test_auroc_per_column() -> None:
+    scores = torch.tensor([[3.0, 0.0, 1.0], [2.0, 0.0, 1.0], [1.0, 5.0, 1.0], [0.0, 4.0, 1.0]])
+    labels = torch.tensor([1, 1, 0, 0])
+    assert auroc_per_column(scores, labels).tolist() == pytest.approx([1.0, 0.0, 0.5])
+
+
+def test_shipped_concepts_are_offline_text() -> None:
+    concepts = load_concepts("stdlib", 28, n_examples=4, seed=0)
+    assert len(concepts) >= 20
+    for c in concepts:
+        assert len(c.positives) == 4 and len(c.negatives) == 4
+        assert not set(c.positives) & set(c.negatives)
+
+
+class _ScriptedChat(ChatJudge):
+    """A chat judge whose model answers from a script: the parse path is the real one."""
+
+    name = "scripted"
+
+    def __init__(self, answers: dict[str, str]) -> None:
+        super().__init__()
+        self.answers = answers
+
+    def _chat(self, messages: list[dict[str, str]], max_tokens: int) -> str | None:
+        content = messages[-1]["content"]
+        for needle, answer in self.answers.items():
+            if needle in content:
+                return answer
+        return "no rating here"
+
+
+def test_judge_parsing_edge_cases() -> None:
+    assert parse_rating("The text is fluent.\nRating: [[2]]") == 2
+    assert parse_rating("Rating: [[0]] ... on reflection Rating: [[1]]") == 1  # the last one
+    assert parse_rating("rating: [[ 2 ]]") == 2
+    assert parse_rating("I would say 2.") is None
+    assert parse_rating("") is None
+    assert parse_rating("Rating: [[3]]") is None  # outside the scale
+    assert parse_rating("Rating: [[-1]]") is None
+    assert rating_value(None) is None and rating_value(3) is None and rating_value(1) == 1.0
+    # Unparsable ratings count 0 (so the score is 0) and are counted once per question.
+    judge = _ScriptedChat(
+        {"[Concept Start]": "Present.\nRating: [[2]]", "[Instruction Start]": "Rating: [[1]]"}
+    )
+    target = Target("c", "c", None, latent=0, max_activation=1.0)
+    rows = [Row("sae", 0, Instruction("do x"), "dev", 1.0, "do x")] * 2
+    ratings, unparsable = rate_rows(rows, ["some text", "some text"], [target], judge)
+    assert unparsable == 1  # fluency, asked once for the two identical rows
+    assert ratings[0] == {"concept": 2.0, "instruct": 1.0, "fluency": 0.0, "score": 0.0}
+    assert judge.parse_failures == 1
+
+
+def test_clamp_sets_the_latent_and_keeps_the_error() -> None:
+    torch.manual_seed(1)
+    sae = build_sae(SAEConfig(architecture="topk", d_in=16, d_sae=32, k=4))
+    hidden = torch.randn(2, 3, 16)
+    clamp = ClampLatent(sae, torch.tensor([5, -1]), torch.tensor([50.0, 0.0]))
+    out = clamp(hidden, torch.tensor([0, 1]))
+    assert torch.equal(out[1], hidden[1])  # latent -1: untouched
+    before = sae.encode(hidden[0])[:, 5]
+    expected = hidden[0] + (50.0 - before)[:, None] * sae.W_dec[5].detach()
+    assert torch.allclose(out[0], expected, atol=1e-5)
+    # That is decode(f with f_5 := 50) plus the SAE error x - decode(f(x)).
+    f = sae.encode(hidden[0])
+    f_clamped = f.clone()
+    f_clamped[:, 5] = 50.0
+    error = hidden[0] - sae.decode(f)
+    assert torch.allclose(out[0], sae.decode(f_clamped) + error, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"mode": "both"}, "unknown mode 'both'; valid modes: latent, concept"),
+        ({"selection": "dtc"}, "unknown selection 'dtc'; valid selections: none"),
+        ({"intervention": "swap"}, "unknown intervention"),
+        ({"factors": ()}, "factors is empty"),
+        ({"factors": (1.0, float("nan"))}, "not a finite number"),
+        ({"n_instructions": 0}, "n_instructions=0"),
+    ],
+)
+def test_bad_config(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        small_config(**changes)
+
+
+def test_factor_list_with_a_non_number() -> None:
+    assert parse_factors("0.5, 1,2") == (0.5, 1.0, 2.0)
+    assert len(parse_factors("axbench")) == 14
+    with pytest.raises(ValueError, match="factor 'two' in '1,two' is not a number"):
+        parse_factors("1,two")
+
+
+def test_bad_concept_files(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="is empty"):
+        read_concepts_file(empty)
+    good = json.dumps({"concept": "cats", "positives": ["a cat"], "negatives": []})
+    for line, message in [
+        ("{not json", "line 2 is not valid JSON"),
+        (
+            json.dumps({"concept": "dogs", "positives": ["a dog"]}),
+            r"line 2 lacks the key\(s\) \['negatives'\]",
+        ),
+        (
+            json.dumps({"concept": "dogs", "positives": [], "negatives": []}),
+            "line 2: 'positives' is empty",
+        ),
+        (json.dumps({"concept": "", "positives": ["x"], "negatives": []}), "line 2: 'concept'"),
+        (
+            json.dumps({"concept": "d", "positives": ["x"], "negatives": [], "genre": "art"}),
+            "genre 'art'",
+        ),
+        ("[1, 2]", "line 2 is not a JSON object"),
+    ]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(good + "\n" + line + "\n")
+        with pytest.raises(ValueError, match=message):
+            read_concepts_file(bad)
+    with pytest.raises(ValueError, match="does not exist"):
+        read_concepts_file(tmp_path / "missing.jsonl")
+
+
+def test_zero_instructions(tmp_path: Path) -> None:
+    for name, text in [("i.txt", "\n \n"), ("i.json", "[]"), ("i.jsonl", "")]:
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(ValueError, match="zero instructions"):
+            load_instructions(str(path))
+    with pytest.raises(ValueError, match="entry 2 has no non-empty 'instruction'"):
+        (tmp_path / "x.json").write_text(json.dumps(["ok", {"genre": "text"}]))
+        load_instructions(str(tmp_path / "x.json"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"judge": "gpt"}, "unknown judge 'gpt'"),
+        ({"config_changes": {"concepts": "EMPTY"}}, "is empty"),
+        ({"config_changes": {"instructions": "ZERO"}}, "zero instructions"),
+        ({"uri": "models:/no-such-model/1"}, "does not resolve"),
+    ],
+)
+def test_bad_input_fails_before_any_run(
+    tiny_lm_dir: str, tracking_uri: str, tmp_path: Path, kwargs: dict, message: str
+) -> None:
+    uri = register_tiny_sae(tiny_lm_dir)
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "zero.txt").write_text("")
+    changes = {
+        k: {"EMPTY": str(tmp_path / "empty.jsonl"), "ZERO": str(tmp_path / "zero.txt")}[v]
+        for k, v in kwargs.get("config_changes", {}).items()
+    }
+    with pytest.raises(ValueError, match=message):
+        steer(kwargs.get("uri", uri), small_config(**changes), kwargs.get("judge", "offline"))
+    assert runs_of(STEER_RUN_TYPE) == [] and runs_of("latent_stats") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# both modes end to end on the tiny model
+
+
+def test_concept_mode_on_tiny_model(tiny_lm_dir: str, tracking_uri: str, tmp_path: Path) -> None:
+    uri = register_tiny_sae(tiny_lm_dir)
+    config = small_config()
+    (result,) = steer(uri, config, "offline")
+    run = MlflowClient().get_run(result.run_id)
+    tags, metrics = run.data.tags, run.data.metrics
+    assert tags[RUN_TYPE_TAG] == STEER_RUN_TYPE and tags["steer_mode"] == "concept"
+    assert tags["model_uri"] == uri and tags["lm_name"] == tiny_lm_dir
+    for prefix in ("", "diffmean_", "random_", "prompt_", "unsteered_"):
+        for name in ("steering", "concept", "instruct", "fluency"):
+            assert 0.0 <= metrics[f"{prefix}{name}_score"] <= 2.0
+    version = MlflowClient().get_model_version(NAME, "1")
+    assert version.tags["steer.concept.run_id"] == result.run_id
+    (stats_run,) = runs_of("latent_stats")
+    assert version.tags["latent_stats.run_id"] == stats_run.info.run_id
+
+    generations = load_table(result.run_id, "generations")
+    per_row = 1 + 1 + 3 * len(config.factors)  # unsteered, prompt, three methods x factors
+    assert len(generations) == config.n_concepts * config.n_instructions * per_row
+    # alpha = 0 reproduces the unsteered model: same text, same ratings, for every method.
+    unsteered = {
+        (g["concept"], g["instruction"]): g for g in generations if g["method"] == "unsteered"
+    }
+    zero = [g for g in generations if g["factor"] == 0.0 and g["method"] in ("sae", "diffmean")]
+    assert zero
+    for g in zero:
+        u = unsteered[(g["concept"], g["instruction"])]
+        assert (g["text"], g["score"], g["fluency_rating"]) == (
+            u["text"],
+            u["score"],
+            u["fluency_rating"],
+        )
+    # Steering at the largest factor changes the text.
+    strong = [g for g in generations if g["factor"] == 8.0 and g["method"] == "sae"]
+    assert any(g["text"] != unsteered[(g["concept"], g["instruction"])]["text"] for g in strong)
+    per_concept = load_table(result.run_id, "per_concept")
+    assert {p["alpha_star"] for p in per_concept if p["method"] != "prompt"} <= set(config.factors)
+    assert {p["method"] for p in load_table(result.run_id, "per_factor")} == {
+        "unsteered",
+        "prompt",
+        "sae",
+        "diffmean",
+        "random",
+    }
+
+    # The same config is reused; force recomputes (and reuses the latent table).
+    (again,) = steer(uri, config, "offline")
+    assert again.reused and again.run_id == result.run_id
+    (forced,) = steer(uri, config, "offline", force=True)
+    assert not forced.reused and forced.run_id != result.run_id
+    assert len(runs_of(STEER_RUN_TYPE)) == 2
+
+
+def test_latent_mode_on_tiny_model(tiny_lm_dir: str, tracking_uri: str) -> None:
+    uri = register_tiny_sae(tiny_lm_dir)
+    config = small_config(mode="latent", intervention="clamp", factors=(1.0, 4.0))
+    (result,) = steer(uri, config, "offline")
+    metrics = MlflowClient().get_run(result.run_id).data.metrics
+    assert 0.0 <= metrics["steering_score"] <= 2.0 and "diffmean_steering_score" not in metrics
+    per_concept = load_table(result.run_id, "per_concept")
+    sae_rows = [p for p in per_concept if p["method"] == "sae"]
+    assert len(sae_rows) == 2
+    assert all(p["concept"] and p["latent"] >= 0 for p in sae_rows)
+    generations = load_table(result.run_id, "generations")
+    assert len(generations) == 2 * 2 * (1 + 2)
+    random.seed(0)
