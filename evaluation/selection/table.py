@@ -1,0 +1,235 @@
+"""The per-version scores table: every selection score of every latent, computed once per
+(version, config) and logged as the table ``tables/selection_scores.json`` of an eval run
+(``eval=selection``) linked to the version like the other evals; the version gets the tag
+``eval.selection.run_id``. The same version and config again reads the table back (found by
+``eval_config_hash``), so steering and the analysis never recompute it.
+
+    python -m evaluation.selection.table --model_uri models:/NAME/VERSION [--alpha 10 --k 1]
+
+Columns: ``latent``, ``max_activation``, ``firing_frequency`` (the steering table's when it
+is importable, else the scan's own, same definition), ``input_score``, ``output_score``,
+``dtc_in_place``, ``dtc_decoded_alone`` and ``lens_tokens`` (the top five logit-lens tokens).
+Figures ``plots/dtc_distribution.png`` and ``plots/output_score_vs_dtc.png`` go with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from dataclasses import asdict, fields
+from typing import Any
+
+import mlflow
+import torch
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.tracking import MlflowClient
+from torch import Tensor
+
+from evaluation.evaluate import (
+    VERSION_LINK_TAG,
+    _parent_run,
+    _version_site,
+    config_from_overrides,
+    config_hash,
+    find_existing_run,
+    resolve_versions,
+    run_tags,
+)
+from evaluation.hook_cache import HookCache
+from evaluation.schema import EvalOutput
+from evaluation.selection import plots
+from evaluation.selection.config import SelectionConfig
+from evaluation.selection.scores import INTERVENED_SCORES, compute_scores
+from project.cli import parse_bool, run_entry_point
+from project.lm import LoadedLM, check_layer, load_lm
+from project.registry import load_version
+from project.saes import SparseAutoencoder
+from project.tracking import DEFAULT_EXPERIMENT, configure_tracking, ui_hint
+
+logger = logging.getLogger(__name__)
+
+EVAL_NAME = "selection"
+EVAL_TYPE_ID = "selection"
+TABLE = "selection_scores"
+SCORE_COLUMNS = ("max_activation", "firing_frequency", "input_score", *INTERVENED_SCORES)
+_LENS_SHOWN = 5
+
+
+def scores_table(scores: dict[str, Tensor], lm: LoadedLM) -> dict[str, list[Any]]:
+    """Column-oriented table of :func:`compute_scores`'s output (NaN stays NaN)."""
+    F = len(scores["output_score"])
+    table: dict[str, list[Any]] = {"latent": list(range(F))}
+    for name in SCORE_COLUMNS:
+        table[name] = [float(v) for v in scores[name].tolist()]
+    table["lens_tokens"] = [
+        " | ".join(lm.tokenizer.decode([t]) for t in row[:_LENS_SHOWN])
+        for row in scores["lens_FL"].tolist()
+    ]
+    return table
+
+
+def _metrics(scores: dict[str, Tensor], seconds: float) -> dict[str, dict[str, float]]:
+    live = scores["firing_frequency"] > 0
+    out: dict[str, float] = {
+        "live_fraction": float(live.float().mean()),
+        "input_score_coverage": float(torch.isfinite(scores["input_score"]).float().mean()),
+        "selection_seconds": seconds,
+    }
+    for name in ("input_score", *INTERVENED_SCORES):
+        values = scores[name][live & torch.isfinite(scores[name])]
+        out[f"mean_{name}"] = float(values.mean()) if len(values) else math.nan
+    out["frac_output_score_over_0.01"] = float(
+        (scores["output_score"][live] >= 0.01).double().mean()
+    )
+    return {"selection": out}
+
+
+def compute(
+    sae: SparseAutoencoder,
+    lm: LoadedLM,
+    layer: int,
+    config: SelectionConfig,
+    *,
+    hook_cache: HookCache | None = None,
+    latent_stats: dict[str, Tensor] | None = None,
+) -> EvalOutput:
+    """Every score of every latent, as an eval output (metrics + the scores table)."""
+    started = time.perf_counter()
+    scores = compute_scores(
+        sae, lm, layer, config, latent_stats=latent_stats, hook_cache=hook_cache
+    )
+    return EvalOutput(
+        metrics=_metrics(scores, time.perf_counter() - started),
+        tables={TABLE: scores_table(scores, lm)},
+    )
+
+
+def read_scores(run_id: str) -> dict[str, Tensor]:
+    """The score columns of a logged table, as float64 tensors indexed by latent."""
+    df = mlflow.load_table(f"tables/{TABLE}.json", run_ids=[run_id]).sort_values("latent")
+    return {
+        name: torch.tensor(df[name].astype(float).to_numpy(), dtype=torch.float64)
+        for name in SCORE_COLUMNS
+    }
+
+
+def _steering_stats(
+    mv: ModelVersion, sae: SparseAutoencoder, lm: LoadedLM, layer: int, config: SelectionConfig
+) -> tuple[dict[str, Tensor] | None, str | None]:
+    """The steering engineer's latent table for the same text, when that module exists."""
+    try:
+        from evaluation.steering.config import LatentStatsConfig
+        from evaluation.steering.latent_stats import latent_stats_for_version
+    except ImportError:
+        return None, None
+    stats_config = LatentStatsConfig(
+        corpus=config.corpus,
+        text_column=config.text_column,
+        n_tokens=config.n_tokens,
+        context_size=config.context_size,
+        lm_batch_size=config.lm_batch_size,
+    )
+    stats, run_id, _ = latent_stats_for_version(mv, sae, lm, layer, stats_config)
+    return stats, run_id
+
+
+def scores_for_version(
+    mv: ModelVersion,
+    sae: SparseAutoencoder,
+    lm: LoadedLM,
+    layer: int,
+    config: SelectionConfig | None = None,
+    *,
+    force: bool = False,
+    hook_cache: HookCache | None = None,
+) -> tuple[dict[str, Tensor], str, bool]:
+    """(scores, run id, reused): the version's scores table for ``config``, read from its
+    FINISHED selection run, else computed and logged as a new run linked to the version."""
+    config = config or SelectionConfig()
+    digest = config_hash(EVAL_NAME, config, None, mv)
+    existing = None if force else find_existing_run(mv, EVAL_NAME, digest)
+    link = VERSION_LINK_TAG.format(name=EVAL_NAME)
+    if existing is not None:
+        run_id = existing.info.run_id
+        logger.info("selection scores of %s/%s: reusing run %s", mv.name, mv.version, run_id)
+        MlflowClient().set_model_version_tag(mv.name, mv.version, link, run_id)
+        return read_scores(run_id), run_id, True
+    stats, stats_run = _steering_stats(mv, sae, lm, layer, config)
+    with mlflow.start_run(
+        run_name=f"{EVAL_NAME}-{mv.name}-v{mv.version}",
+        nested=mlflow.active_run() is not None,
+        tags=run_tags(mv, EVAL_NAME, digest),
+    ) as run:
+        params = {k: str(v) for k, v in asdict(config).items()}
+        params["latent_stats_run_id"] = stats_run or "scan"
+        mlflow.log_params(params)
+        output = compute(sae, lm, layer, config, hook_cache=hook_cache, latent_stats=stats)
+        mlflow.log_metrics(output.flat_metrics())
+        table = output.tables[TABLE]
+        mlflow.log_table(table, f"tables/{TABLE}.json")
+        scores = {name: torch.tensor(table[name], dtype=torch.float64) for name in SCORE_COLUMNS}
+        live = scores["firing_frequency"] > 0
+        title = f"{mv.name} v{mv.version}"
+        figures = {
+            "plots/dtc_distribution.png": plots.dtc_distribution(
+                scores["dtc_in_place"], live, title=f"ΔC_k, {title}"
+            ),
+            "plots/output_score_vs_dtc.png": plots.output_vs_dtc(
+                scores["output_score"],
+                scores["dtc_in_place"],
+                scores["dtc_decoded_alone"],
+                live,
+                title=title,
+            ),
+        }
+        for path, figure in figures.items():
+            mlflow.log_figure(figure, path)
+            plots.plt.close(figure)
+    MlflowClient().set_model_version_tag(mv.name, mv.version, link, run.info.run_id)
+    return scores, run.info.run_id, False
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_uri", required=True)
+    parser.add_argument("--force", type=parse_bool, default=False)
+    names = [f.name for f in fields(SelectionConfig)]
+    for name in names:
+        parser.add_argument(f"--{name}", default=None)
+    args = parser.parse_args()
+    overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    config = config_from_overrides(SelectionConfig, overrides, EVAL_NAME)
+    tracking_uri = configure_tracking(experiment=DEFAULT_EXPERIMENT)
+    versions = resolve_versions(args.model_uri)
+    sites = {mv.version: _version_site(mv) for mv in versions}
+    lms: dict[str, LoadedLM] = {}
+    for lm_name, layer in sites.values():
+        lms.setdefault(lm_name, load_lm(lm_name))
+        check_layer(lms[lm_name], layer)
+    cache = HookCache()
+    with _parent_run():
+        for mv in versions:
+            lm_name, layer = sites[mv.version]
+            started = time.perf_counter()
+            _, run_id, reused = scores_for_version(
+                mv,
+                load_version(mv),
+                lms[lm_name],
+                layer,
+                config,
+                force=args.force,
+                hook_cache=cache,
+            )
+            state = "reused" if reused else f"computed in {time.perf_counter() - started:.0f}s"
+            print(f"selection scores models:/{mv.name}/{mv.version}: {state}, run {run_id}")
+    print(f"browse: {ui_hint(tracking_uri)}")
+
+
+if __name__ == "__main__":
+    run_entry_point(main)
