@@ -28,6 +28,8 @@ DTYPES: dict[str, torch.dtype] = {
 # SAELens applies "expected_average_only_in" outside the SAE (the scale is folded into the
 # weights before saving), so inside the SAE both choices are the identity.
 NORMALIZE_CHOICES = ("none", "expected_average_only_in")
+# How relu/gated set λ: fixed, or adapted during training so that L0 reaches target_l0.
+L1_CONTROLS = ("fixed", "target_l0")
 
 
 @dataclass
@@ -40,13 +42,18 @@ class SAEConfig:
     - ``target_l0``: jumprelu's L0 target (falls back to ``k`` if only that is given); for the
       topk family it equals ``k``; for relu/gated it is only a label (their L0 follows λ).
     - ``l1_coefficient`` (relu, gated): λ of the April-2024 update, penalty
-      ``λ Σ_i f_i ‖W_dec,i‖``. Anthropic's λ = 5 is defined on inputs scaled so that
+      ``λ Σ_i f_i ‖W_dec,i‖`` (the starting λ when ``l1_control="target_l0"``). Anthropic's λ = 5 is defined on inputs scaled so that
       E‖x‖ = √d_in; saeflow trains on raw activations and multiplies λ by the batch's
       mean ‖x‖ / √d_in, which is the April loss on normalised inputs divided by a constant
       (with the batch estimating the dataset's mean norm), so 5.0 means the same thing for
       every LM and layer. (Raw-unit equivalent on
       SmolLM2-135M layer 3, mean ‖x‖ ≈ 91 vs √576 = 24: λ_raw ≈ 19.)
     - ``l1_warmup_fraction``: λ ramps linearly from 0 over this fraction of the steps (5%).
+    - ``l1_control`` (relu, gated): ``"fixed"`` keeps λ = ``l1_coefficient`` (the papers'
+      recipe, where L0 follows λ); ``"target_l0"`` (saeflow's choice) multiplies λ by a gain
+      that a controller adapts every training step so that the batch L0 reaches
+      ``target_l0`` (see :class:`L1Controller`; ``l1_control_rate`` its integral rate in log
+      space per step, 0.05 by default).
     - ``l0_coefficient`` (jumprelu): c in the penalty ``c · E‖x‖² · (L0/target_l0 - 1)²``
       (saeflow's choice, 0.1; see ``project.saes.jumprelu`` for why it lands near the target).
     - ``jumprelu_bandwidth`` / ``jumprelu_init_threshold``: the paper's 1e-3 / 1e-3, in its
@@ -55,12 +62,14 @@ class SAEConfig:
       ``jumprelu_ste_to_input``: the L0 estimator also reaches the encoder (default True).
     - ``aux_k_coefficient``: AuxK weight 1/32; ``aux_k``: dead latents used, default d_in // 2
       (Gao et al.).
-    - ``threshold_momentum`` / ``threshold_start_step``: BatchTopK's inference threshold is an
-      EMA with momentum 0.999 from step 1000; before that a plain running mean (see
-      ``BatchTopKSAE``).
+    - ``threshold_momentum`` / ``threshold_start_step``: BatchTopK's inference threshold is a
+      running mean with momentum 0.999 from step 1000; ``threshold_start_fraction``
+      (saeflow's choice) brings the start forward to that fraction of a shorter run (see
+      ``BatchTopKSAE.threshold_start``).
     - ``matryoshka_prefixes``: nested dictionary sizes, strictly increasing, last = d_sae;
       default SAEBench's group fractions 1/32, 1/16, 1/8, 1/4, 1/2 + 1/32 as cumulative prefixes.
-    - ``dead_tokens_threshold``: a latent is dead if it has not fired in this many tokens.
+    - ``dead_tokens_threshold``: a latent is dead if it has not fired in this many tokens
+      (1M standalone; ``TrainConfig.dead_tokens_window`` scales it with the run).
     - ``unit_norm_decoder``: None = the architecture's default (True except relu, whose April
       recipe leaves decoder norms free and penalises them through the L1 term).
     - ``metadata``: free-form (model_name, hook_name, hook_layer, context_size, ...), written
@@ -74,6 +83,8 @@ class SAEConfig:
     target_l0: float | None = None
     l1_coefficient: float = 5.0
     l1_warmup_fraction: float = 0.05
+    l1_control: str = "fixed"
+    l1_control_rate: float = 0.05
     l0_coefficient: float = 0.1
     jumprelu_bandwidth: float = 1e-3
     jumprelu_init_threshold: float = 1e-3
@@ -82,6 +93,7 @@ class SAEConfig:
     aux_k: int | None = None
     threshold_momentum: float = 0.999
     threshold_start_step: int = 1000
+    threshold_start_fraction: float = 0.1
     matryoshka_prefixes: list[int] | None = None
     dead_tokens_threshold: int = 1_000_000
     unit_norm_decoder: bool | None = None
@@ -114,9 +126,17 @@ class SAEConfig:
             )
         _check_range("l1_coefficient", self.l1_coefficient, 0.0, math.inf)
         _check_range("l1_warmup_fraction", self.l1_warmup_fraction, 0.0, 1.0)
+        if self.l1_control not in L1_CONTROLS:
+            raise ValueError(
+                f"l1_control={self.l1_control!r} is not supported; valid: {list(L1_CONTROLS)}"
+            )
+        if self.l1_control == "target_l0" and self.target_l0 is None:
+            raise ValueError('l1_control="target_l0" needs target_l0 (0 < target_l0 < d_sae)')
+        _check_range("l1_control_rate", self.l1_control_rate, 0.0, 1.0)
         _check_range("l0_coefficient", self.l0_coefficient, 0.0, math.inf)
         _check_range("aux_k_coefficient", self.aux_k_coefficient, 0.0, math.inf)
         _check_range("threshold_momentum", self.threshold_momentum, 0.0, 1.0)
+        _check_range("threshold_start_fraction", self.threshold_start_fraction, 0.0, 1.0)
         for name in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
@@ -227,6 +247,15 @@ def explained_variance(x_BD: Tensor, x_hat_BD: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def firing_quantile(pre_NF: Tensor, init_l0: float) -> Tensor:
+    """Per latent, the pre-activation value exceeded on a share ``init_l0 / F`` of the
+    sample's tokens: a threshold (or minus an encoder bias) at which L0 starts at ``init_l0``."""
+    n, d_sae = pre_NF.shape
+    rank = min(n, max(1, math.ceil(n * (1 - init_l0 / d_sae))))
+    return pre_NF.kthvalue(rank, dim=0).values
+
+
+@torch.no_grad()
 def geometric_median(x_ND: Tensor, max_iter: int = 100, tol: float = 1e-6) -> Tensor:
     """Weiszfeld's algorithm; robust to the few huge-norm tokens residual streams have."""
     x_ND = x_ND.double()
@@ -284,7 +313,8 @@ class SparseAutoencoder(nn.Module, ABC):
         else:
             self.register_parameter("b_enc", None)
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype))
-        # Training statistic only; a loaded SAE starts counting afresh.
+        # Training statistic, not part of the saved SAE (a loaded SAE starts counting afresh);
+        # a Lightning checkpoint keeps it through ``training_state`` (resume keeps counting).
         self.register_buffer(
             "tokens_since_fired_F", torch.zeros(cfg.d_sae, dtype=torch.long), persistent=False
         )
@@ -329,6 +359,25 @@ class SparseAutoencoder(nn.Module, ABC):
     def dead_fraction(self) -> float:
         """Share of latents that have not fired in the last ``dead_tokens_threshold`` tokens."""
         return self.dead_mask().float().mean().item()
+
+    # Non-persistent training state a resumed training needs (not part of the saved SAE).
+    training_state_names: ClassVar[tuple[str, ...]] = ("tokens_since_fired_F",)
+
+    def training_state(self) -> dict[str, Tensor]:
+        """Training statistics outside ``state_dict`` (dead-latent counter, λ controller)."""
+        return {name: self.get_buffer(name).detach().clone() for name in self.training_state_names}
+
+    @torch.no_grad()
+    def load_training_state(self, state: dict[str, Tensor]) -> None:
+        """Inverse of :meth:`training_state`; names this SAE does not have are an error."""
+        unknown = sorted(set(state) - set(self.training_state_names))
+        if unknown:
+            raise ValueError(
+                f"training state {unknown} is unknown to {type(self).__name__}; "
+                f"expected {list(self.training_state_names)}"
+            )
+        for name, value in state.items():
+            self.get_buffer(name).copy_(value)
 
     @torch.no_grad()
     def initialize_from_data(self, x_ND: Tensor) -> None:

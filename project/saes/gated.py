@@ -7,7 +7,8 @@ latent by ``exp(r_mag)``) how strongly:
 Loss: ``‖x - x̂‖² + λ Σ_i ReLU(π_gate)_i ‖W_dec,i‖ + ‖x - x̂_gate‖²`` where
 ``x̂_gate = ReLU(π_gate) W_dec + b_dec`` goes through a frozen (detached) copy of the decoder,
 as in the paper, so the auxiliary term trains only the gate. λ as in :mod:`project.saes.relu`
-(update units, warm-up over ``l1_warmup_fraction``). Decoder rows are kept at unit norm.
+(update units, warm-up over ``l1_warmup_fraction``; with ``l1_control="target_l0"`` adapted
+toward ``target_l0`` by relu's :class:`~project.saes.relu.L1Controller`). Decoder rows are kept at unit norm.
 Saved as SAELens ``gated`` (``b_gate``, ``b_mag``, ``r_mag``; no ``b_enc``).
 """
 
@@ -23,7 +24,7 @@ from project.saes.base import (
     TrainStep,
     sum_squared_error,
 )
-from project.saes.relu import l1_lambda
+from project.saes.relu import L1Controller, initial_gate_bias, l1_lambda, update_l1_control
 
 
 class GatedSAE(SparseAutoencoder):
@@ -33,6 +34,12 @@ class GatedSAE(SparseAutoencoder):
     saelens_architecture = "gated"
     saelens_training_architecture = "gated"
     has_b_enc = False
+    training_state_names = (
+        "tokens_since_fired_F",
+        "l1_controller.log_gain",
+        "l1_controller.last_log_l0",
+        "l1_controller.slope",
+    )
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
@@ -40,6 +47,13 @@ class GatedSAE(SparseAutoencoder):
         self.b_gate = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
         self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
         self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
+        self.l1_controller = L1Controller()
+
+    def _initialize_from_data(self, x_ND: Tensor) -> None:
+        # Under L0 control the gate starts at L0 = 2 · target_l0 (see project.saes.relu).
+        bias_F = initial_gate_bias(self, self.center(x_ND) @ self.W_enc)
+        if bias_F is not None:
+            self.b_gate.copy_(bias_F)
 
     def gate_preacts(self, xc_BD: Tensor) -> Tensor:
         return xc_BD @ self.W_enc + self.b_gate
@@ -67,10 +81,12 @@ class GatedSAE(SparseAutoencoder):
         lam = l1_lambda(self, x_BD, step)
         active_BF = f_BF.detach() > 0
         self.record_firing(active_BF.any(dim=0), x_BD.shape[0])
+        l0 = active_BF.sum(dim=-1).to(x_BD.dtype).mean()
+        update_l1_control(self, l0, step)
         return SAELoss(
             loss=mse + lam * l1 + aux_recon,
             mse=mse,
-            l0=active_BF.sum(dim=-1).to(x_BD.dtype).mean(),
+            l0=l0,
             x_hat_BD=x_hat_BD,
             f_BF=f_BF,
             aux={

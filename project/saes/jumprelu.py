@@ -42,6 +42,7 @@ from project.saes.base import (
     SAELoss,
     SparseAutoencoder,
     TrainStep,
+    firing_quantile,
     sum_squared_error,
 )
 
@@ -158,10 +159,8 @@ class JumpReLUSAE(SparseAutoencoder):
         if target is None:
             return
         pre_NF = self.preacts(self.center(x_ND))
-        n = pre_NF.shape[0]
         init_l0 = min(INIT_L0_FACTOR * target, self.cfg.d_sae / 2)
-        rank = min(n, max(1, math.ceil(n * (1 - init_l0 / self.cfg.d_sae))))
-        theta_F = pre_NF.kthvalue(rank, dim=0).values
+        theta_F = firing_quantile(pre_NF, init_l0)
         # θ must be positive (it is exp(log θ)): latents whose quantile is not start at the
         # paper's initial threshold, converted to raw units.
         floor = self.cfg.jumprelu_init_threshold * float(x_ND.pow(2).sum(dim=-1).mean().sqrt())

@@ -103,7 +103,7 @@ class TopKSAE(SparseAutoencoder):
         fired_N = val_N.detach() > 0
         self.record_firing(latents.col_N[fired_N], batch)
         aux.update(self.after_selection(val_N.detach(), step))
-        aux["aux_k"] = auxk.detach()
+        aux["auxk_loss"] = auxk.detach()
         return SAELoss(
             loss=loss,
             mse=mse,

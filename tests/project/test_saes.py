@@ -257,18 +257,23 @@ def test_batchtopk_train_mode_keeps_k_per_token_on_average_eval_uses_threshold()
     assert torch.all(sae.threshold == sae.threshold[0])
 
 
-def test_batchtopk_threshold_tracking() -> None:
+def test_batchtopk_threshold_is_the_methods_running_mean() -> None:
     sae = build_sae(SAEConfig(architecture="batchtopk", d_in=8, d_sae=32, k=2))
     sae.train()
+    assert sae.threshold_start(20_000) == 1000  # METHODS §1: from step 1000
+    assert sae.threshold_start(200) == 20  # a shorter run: after its first 10%
+    aux = sae.after_selection(torch.rand(20) + 7, TrainStep(999, 20_000))
+    assert float(sae.threshold_value) == 0  # before the start step nothing enters the mean
+    assert float(aux["threshold_batch"]) >= 7  # ... but the batch's k·B-th value is logged
     seen = []
     for i in range(5):  # bias-corrected: the first updates give the plain mean
         val_N = torch.rand(20) + i
         seen.append(val_N.min().item())
-        sae.after_selection(val_N, TrainStep(i, 5000))
+        sae.after_selection(val_N, TrainStep(1000 + i, 20_000))
     assert float(sae.threshold_value) == pytest.approx(sum(seen) / len(seen), rel=1e-6)
     sae.threshold_updates.fill_(10_000)
     before = float(sae.threshold_value)
-    sae.after_selection(torch.full((4,), 100.0), TrainStep(2000, 5000))  # past the start step
+    sae.after_selection(torch.full((4,), 100.0), TrainStep(2000, 20_000))  # past the start step
     assert float(sae.threshold_value) == pytest.approx(0.999 * before + 0.001 * 100.0)
     assert torch.all(sae.threshold == sae.threshold_value.float())
 
@@ -365,3 +370,39 @@ def test_save_load_round_trip_is_bit_identical(architecture: str, tmp_path: Path
     with torch.no_grad():
         assert torch.equal(loaded.encode(x_ND), sae.encode(x_ND))
         assert torch.equal(loaded(x_ND), sae(x_ND))
+
+
+# ----------------------------------------------------------------------------- L0 control
+@pytest.mark.parametrize("architecture", ["relu", "gated"])
+@pytest.mark.parametrize("target", [3.0, 12.0])
+def test_l1_controller_brings_l0_to_the_target(architecture: str, target: float) -> None:
+    torch.manual_seed(0)
+    data = PlantedData()
+    cfg = make_config(architecture, target_l0=target, l1_control="target_l0")
+    sae = build_sae(cfg)
+    train(sae, data, steps=400)
+    sae.eval()
+    with torch.no_grad():
+        l0 = (sae.encode(data.sample(4096)) > 0).sum(dim=-1).float().mean().item()
+    assert target * 0.8 <= l0 <= target * 1.2, f"{architecture}: L0 {l0:.2f}, target {target}"
+
+
+def test_l1_control_needs_a_target_and_a_known_mode() -> None:
+    with pytest.raises(ValueError, match="l1_control=.pid.*valid.*target_l0"):
+        SAEConfig(architecture="relu", d_in=8, d_sae=32, l1_control="pid")
+    with pytest.raises(ValueError, match="needs target_l0"):
+        SAEConfig(architecture="relu", d_in=8, d_sae=32, l1_control="target_l0")
+
+
+def test_training_state_round_trip_is_not_part_of_the_saved_sae(tmp_path: Path) -> None:
+    sae = build_sae(make_config("relu", target_l0=4.0, l1_control="target_l0"))
+    sae.tokens_since_fired_F.fill_(7)
+    sae.l1_controller.log_gain.fill_(1.5)
+    state = sae.training_state()
+    fresh = build_sae(sae.cfg)
+    fresh.load_training_state(state)
+    assert torch.equal(fresh.tokens_since_fired_F, sae.tokens_since_fired_F)
+    assert float(fresh.l1_controller.log_gain) == 1.5
+    assert not set(state) & set(sae.state_dict())  # not in the SAELens directory
+    with pytest.raises(ValueError, match="'bogus'"):
+        fresh.load_training_state({"bogus": torch.zeros(1)})
