@@ -1,15 +1,14 @@
 """Random-init controls (`import_sae -P source=random:models:/NAME/V`) are real controls:
 centred like a freshly initialised SAE and as sparse as the version they control.
 
-References are SAEs of every architecture trained here for a few hundred steps with their own
-loss on the tiny random LM's activations, then imported; each control's L0 is recomputed in
-the test from the registered weights, not read back from the tags alone.
+References are SAEs of every architecture trained here for 150 steps with their own loss on
+the tiny random LM's activations, then registered as training registers them; each control's
+L0 is recomputed in the test from the registered weights, not read back from the tags alone.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -23,10 +22,10 @@ from project.import_sae import (
     sample_activations,
 )
 from project.lm import LoadedLM, load_lm
-from project.registry import load_sae
+from project.registry import load_sae, register_sae
 from project.saes import SparseAutoencoder, build_sae
 from project.saes.base import SAEConfig, TrainStep, geometric_median
-from project.saes.io import save_sae
+from project.tracking import LM_TAG
 
 LAYER = 1
 D_SAE = 256
@@ -81,10 +80,28 @@ def train_reference(architecture: str, x_ND: Tensor, steps: int = 150) -> Sparse
     calibrate = getattr(sae, "calibrate_threshold", None)
     if calibrate is not None:  # as training.run does for the BatchTopK family
         calibrate(x_ND)
-    sae.cfg.metadata.update(
-        {"model_name": "tiny-random-llama", "hook_name": f"blocks.{LAYER}.hook_resid_post"}
-    )
     return sae.eval()
+
+
+def register_reference(sae: SparseAutoencoder, lm_dir: str) -> str:
+    """Register ``sae`` as a training run registers its SAE; returns its models:/ URI."""
+    with mlflow.start_run() as run:
+        version = register_sae(
+            sae,
+            registered_model=f"sae-tiny-l{LAYER}-resid-post",
+            tags={
+                "architecture": sae.cfg.architecture,
+                "target_l0": TARGET_L0,
+                "d_in": sae.cfg.d_in,
+                "d_sae": sae.cfg.d_sae,
+                LM_TAG: lm_dir,
+                "hook_name": f"blocks.{LAYER}.hook_resid_post",
+                "layer": LAYER,
+                "n_tokens": INIT_TOKENS,
+                "training_run_id": run.info.run_id,
+            },
+        )
+    return f"models:/{version.name}/{version.version}"
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -93,12 +110,9 @@ def test_control_is_centred_and_as_sparse_as_its_reference(
     tiny_lm_dir: str,
     harvest_ND: Tensor,
     heldout_ND: Tensor,
-    tmp_path: Path,
     tracking_uri: str,
 ) -> None:
-    reference = train_reference(architecture, harvest_ND)
-    trained = import_sae(str(save_sae(reference, tmp_path / "sae")), model=tiny_lm_dir)
-    uri = f"models:/{trained.name}/{trained.version}"
+    uri = register_reference(train_reference(architecture, harvest_ND), tiny_lm_dir)
 
     control = import_sae(f"random:{uri}")
 
@@ -130,19 +144,19 @@ def test_control_is_centred_and_as_sparse_as_its_reference(
 
 
 def test_control_of_a_reference_that_never_fires_registers_nothing(
-    tiny_lm_dir: str, harvest_ND: Tensor, tmp_path: Path, tracking_uri: str
+    tiny_lm_dir: str, harvest_ND: Tensor, tracking_uri: str
 ) -> None:
     reference = train_reference("jumprelu", harvest_ND, steps=1)
     with torch.no_grad():
         reference.log_threshold.fill_(10.0)  # θ = e^10: nothing on these activations exceeds it
-    trained = import_sae(str(save_sae(reference, tmp_path / "sae")), model=tiny_lm_dir)
-    uri = f"models:/{trained.name}/{trained.version}"
+    uri = register_reference(reference, tiny_lm_dir)
     client = MlflowClient()
     runs_before = client.search_runs([e.experiment_id for e in client.search_experiments()])
 
     with pytest.raises(ValueError, match=r"random:models:/.*never fires"):
         import_sae(f"random:{uri}")
 
-    assert [str(v.version) for v in client.search_model_versions(f"name='{trained.name}'")] == ["1"]
+    versions = client.search_model_versions(f"name='sae-tiny-l{LAYER}-resid-post'")
+    assert [str(v.version) for v in versions] == ["1"]
     runs_after = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs_after) == len(runs_before)
