@@ -53,6 +53,7 @@ from project.corpus import (
 )
 from project.lm import LoadedLM
 from project.saes import SparseAutoencoder
+from project.saes.base import explained_variance
 
 logger = logging.getLogger(__name__)
 
@@ -159,17 +160,16 @@ def reconstruction_metrics(
     n, d = x_ND.shape
     x64_ND = x_ND.double()
     mean_D = x64_ND.mean(dim=0)
-    total_var = (x64_ND - mean_D).pow(2).sum().item() / (n - 1)
-    sum_r_D = torch.zeros(d, dtype=torch.float64)
+    x_hat_chunks: list[Tensor] = []
     sq_r = sq_out = dot = legacy = cos = l2_in = l2_out = ratio = l0 = l1 = 0.0
     fired_F = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     for start in range(0, n, batch_tokens):
         x_BD = x_ND[start : start + batch_tokens].float()
         f_BF = sae.encode(x_BD)
         x_hat_BD = sae.decode(f_BF).float()
+        x_hat_chunks.append(x_hat_BD)
         r_BD = (x_BD - x_hat_BD).double()
         xd_BD, xhd_BD = x_BD.double(), x_hat_BD.double()
-        sum_r_D += r_BD.sum(dim=0)
         sq_r_B = r_BD.pow(2).sum(dim=-1)
         sq_r += sq_r_B.sum().item()
         sq_out += xhd_BD.pow(2).sum().item()
@@ -185,14 +185,16 @@ def reconstruction_metrics(
         l0 += active_BF.sum().item()
         l1 += f_BF.abs().double().sum().item()
         fired_F += active_BF.sum(dim=0).double()
-    residual_var = (sq_r - sum_r_D.pow(2).sum().item() / n) / (n - 1)
+    # The training's definition, in float64 so that EV near 1 keeps its digits.
+    has_variance = x64_ND.var(dim=0).sum().item() > 0
+    ev = explained_variance(x64_ND, torch.cat(x_hat_chunks).double()).item()
     density_F = fired_F / n
     total_density = density_F.sum().clamp_min(1e-12)
     over1_F, over10_F = density_F > 0.01, density_F > 0.1
     frac_alive = (density_F > 0).double().mean().item()
     metrics = {
         "reconstruction_quality": {
-            "explained_variance": 1 - residual_var / total_var if total_var > 0 else math.nan,
+            "explained_variance": ev if has_variance else math.nan,
             "explained_variance_legacy": legacy / n,
             "mse": sq_r / (n * d),
             "cossim": cos / n,

@@ -32,16 +32,22 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from project.lm import LoadedLM, check_layer, decoder_blocks, residual_activations
+from project.lm import (
+    LoadedLM,
+    check_layer,
+    decoder_blocks,
+    lm_fingerprint,  # one identity of LM weights for every cache and reuse hash
+    residual_activations,
+    run_to_block,
+)
 from project.saes import SparseAutoencoder
 
 logger = logging.getLogger(__name__)
 
 # Bump when what is stored under a key changes, so stale disk entries are not reused.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: keys use project.lm.lm_fingerprint
 _ACTIVATIONS = "activations"
 _PACKED = "activations_at_mask"
-_FINGERPRINTS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 _RETURNS_TUPLE: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
@@ -50,27 +56,6 @@ def default_hook_cache_dir() -> Path:
     from project.lm import saeflow_cache_dir
 
     return saeflow_cache_dir() / "hook_activations"
-
-
-def lm_fingerprint(lm: LoadedLM) -> str:
-    """A stable identity of the LM's weights: name, and per parameter its shape, sum and head.
-
-    Cheap (no full hash of the weights) yet different for two random inits of the same
-    architecture, so tests with tiny random LMs never share cache entries.
-    """
-    cached = _FINGERPRINTS.get(lm.model)
-    if cached is not None:
-        return cached
-    h = hashlib.sha256(f"{lm.name}|{type(lm.model).__name__}".encode())
-    with torch.no_grad():
-        for name, param in lm.model.named_parameters():
-            flat = param.detach().reshape(-1)
-            head = flat[:64].double().cpu().numpy().round(6).tobytes()
-            h.update(f"{name}:{tuple(param.shape)}:{flat.double().sum().item():.6e};".encode())
-            h.update(head)
-    fingerprint = h.hexdigest()[:20]
-    _FINGERPRINTS[lm.model] = fingerprint
-    return fingerprint
 
 
 def _digest_tensors(*tensors: Tensor | None) -> str:
@@ -263,31 +248,13 @@ class _HandOn(nn.Module):
         return (out,) if self.as_tuple else out
 
 
-class _Stop(Exception):
-    pass
-
-
 def _blocks_return_tuple(lm: LoadedLM) -> bool:
     """Whether this model's decoder blocks return a tuple (older transformers) or a tensor."""
     cached = _RETURNS_TUPLE.get(lm.model)
-    if cached is not None:
-        return cached
-    seen: list[bool] = []
-
-    def hook(_m: nn.Module, _a: tuple, output: Any) -> None:
-        seen.append(isinstance(output, tuple))
-        raise _Stop
-
-    handle = decoder_blocks(lm.model)[0].register_forward_hook(hook)
-    try:
-        with torch.inference_mode():
-            lm.model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=lm.device))
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    _RETURNS_TUPLE[lm.model] = bool(seen and seen[0])
-    return _RETURNS_TUPLE[lm.model]
+    if cached is None:
+        output = run_to_block(lm, 0, torch.zeros(1, 2, dtype=torch.long))
+        cached = _RETURNS_TUPLE[lm.model] = isinstance(output, tuple)
+    return cached
 
 
 def logits_from_hook(

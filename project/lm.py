@@ -367,25 +367,27 @@ def _hidden(output: Tensor | tuple) -> Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def residual_activations(
+def run_to_block(
     lm: LoadedLM,
-    input_ids_BT: Tensor,
     layer: int,
+    input_ids_BT: Tensor,
     attention_mask_BT: Tensor | None = None,
-) -> Tensor:
-    """Hidden state after decoder block `layer`, shape [B, T, D] (before any final norm).
-
-    Runs the LM under `torch.inference_mode` only up to that block: a forward hook captures the
-    output and aborts the pass. Positions are not masked: padded positions hold whatever the LM
-    computes there.
+    **model_kwargs: object,
+) -> Tensor | tuple:
+    """The raw output of decoder block `layer` (a tensor, or a tuple for older blocks), running
+    the LM under `torch.inference_mode` only up to that block: a forward hook captures the
+    output and aborts the pass. The one place saeflow runs an LM to a hook and stops;
+    `model_kwargs` go to the model's forward (e.g. ``past_key_values``; ``use_cache`` is False
+    unless given).
     """
     check_layer(lm, layer)
-    captured: list[Tensor] = []
+    captured: list[Tensor | tuple] = []
 
     def hook(_module: nn.Module, _args: tuple, output: Tensor | tuple) -> None:
-        captured.append(_hidden(output))
+        captured.append(output)
         raise _StopForward
 
+    model_kwargs.setdefault("use_cache", False)
     handle = decoder_blocks(lm.model)[layer].register_forward_hook(hook)
     try:
         with torch.inference_mode():
@@ -394,7 +396,7 @@ def residual_activations(
                 attention_mask=None
                 if attention_mask_BT is None
                 else attention_mask_BT.to(lm.device),
-                use_cache=False,
+                **model_kwargs,
             )
     except _StopForward:
         pass
@@ -402,9 +404,24 @@ def residual_activations(
         handle.remove()
     if not captured:
         raise RuntimeError(f"block {layer} of {lm.name} never ran during the forward pass")
+    return captured[0]
+
+
+def residual_activations(
+    lm: LoadedLM,
+    input_ids_BT: Tensor,
+    layer: int,
+    attention_mask_BT: Tensor | None = None,
+) -> Tensor:
+    """Hidden state after decoder block `layer`, shape [B, T, D] (before any final norm).
+
+    The LM runs only up to that block (`run_to_block`). Positions are not masked: padded
+    positions hold whatever the LM computes there.
+    """
+    hidden_BTD = _hidden(run_to_block(lm, layer, input_ids_BT, attention_mask_BT))
     # A clone made outside inference mode is an ordinary tensor, so callers may feed it to
     # autograd (e.g. an SAE loss); the copy is negligible next to the forward pass.
-    return captured[0].clone()
+    return hidden_BTD.clone()
 
 
 @contextmanager
