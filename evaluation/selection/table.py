@@ -188,7 +188,9 @@ def scores_for_version(
             mlflow.log_figure(figure, path)
             plots.plt.close(figure)
     MlflowClient().set_model_version_tag(mv.name, mv.version, link, run.info.run_id)
-    return scores, run.info.run_id, False
+    # Read back what was stored (JSON keeps ~10 significant digits), so a caller sees the
+    # same values whether the table was just computed or reused.
+    return read_scores(run.info.run_id), run.info.run_id, False
 
 
 # ---------------------------------------------------------------------------------------------

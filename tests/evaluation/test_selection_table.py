@@ -1,0 +1,117 @@
+"""The per-version scores table (one linked run per version and config, reused), its plots,
+and the criteria as steering selections."""
+
+from __future__ import annotations
+
+import math
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from evaluation.selection.config import SelectionConfig
+from evaluation.selection.rules import top_k
+from evaluation.selection.scores import intervened_scores
+from evaluation.selection.steering import CRITERIA, criterion, register_selections
+from evaluation.selection.table import SCORE_COLUMNS, scores_for_version
+from project.lm import LoadedLM, hook_name, load_lm
+from project.registry import register_sae
+from project.saes import SAEConfig, build_sae
+from project.tracking import RUN_TYPE_TAG
+
+LAYER = 1
+NAME = "sae-tiny-selection"
+FAST = {"n_tokens": 512, "context_size": 64, "input_min_examples": 2, "batch_latents": 48}
+
+
+@pytest.fixture(scope="module")
+def dir_lm(tiny_lm_dir: str) -> LoadedLM:
+    return load_lm(tiny_lm_dir)
+
+
+def _register(dir_lm: LoadedLM):  # noqa: ANN202 - (version, sae)
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(architecture="topk", d_in=64, d_sae=48, k=8)).eval()
+    with mlflow.start_run() as run:
+        mlflow.set_tag(RUN_TYPE_TAG, "train")
+        mv = register_sae(
+            sae,
+            registered_model=NAME,
+            tags={
+                "architecture": "topk",
+                "target_l0": 8,
+                "d_in": 64,
+                "d_sae": 48,
+                "lm_name": dir_lm.name,
+                "hook_name": hook_name(LAYER),
+                "layer": LAYER,
+                "n_tokens": 1000,
+                "training_run_id": run.info.run_id,
+            },
+        )
+    return MlflowClient().get_model_version(NAME, mv.version), sae
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def test_scores_table_is_logged_once_and_reused(tracking_uri: str, dir_lm: LoadedLM) -> None:
+    mv, sae = _register(dir_lm)
+    config = SelectionConfig(**FAST)
+    scores, run_id, reused = scores_for_version(mv, sae, dir_lm, LAYER, config)
+    assert not reused
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.data.tags["eval"] == "selection"
+    assert run.data.tags["registered_model"] == NAME
+    assert run.data.tags["model_version"] == str(mv.version)
+    assert client.get_model_version(NAME, mv.version).tags["eval.selection.run_id"] == run_id
+    artifacts = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert artifacts == {"plots/dtc_distribution.png", "plots/output_score_vs_dtc.png"}
+    assert set(scores) == set(SCORE_COLUMNS)
+    assert all(len(v) == 48 for v in scores.values())
+    assert "mean_dtc_in_place" in run.data.metrics
+    # m_i is the steering table's when that run exists (same text, same definition).
+    stats_run = run.data.params["latent_stats_run_id"]
+    if stats_run != "scan":
+        stats = mlflow.load_table("latent_stats.json", run_ids=[stats_run]).sort_values("latent")
+        assert torch.allclose(
+            scores["max_activation"], torch.tensor(stats["max_activation"].to_numpy()).double()
+        )
+
+    again, run_again, reused = scores_for_version(mv, sae, dir_lm, LAYER, config)
+    assert reused and run_again == run_id
+    assert all(_same(again[k], scores[k]) for k in SCORE_COLUMNS)
+
+    _, other_run, reused = scores_for_version(
+        mv, sae, dir_lm, LAYER, SelectionConfig(**FAST, alpha=5.0)
+    )
+    assert not reused and other_run != run_id
+
+
+def test_criteria_plug_into_a_steering_registry(tiny_lm: LoadedLM) -> None:
+    from evaluation.steering.selection import SELECTIONS, SelectionContext
+
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(architecture="topk", d_in=64, d_sae=48, k=8)).eval()
+    max_F = torch.rand(48, generator=torch.Generator().manual_seed(1)) + 0.1
+    freq_F = torch.full((48,), 0.01)
+    freq_F[:6] = 0.0  # dead latents are never selected
+    context = SelectionContext(sae, tiny_lm, LAYER, max_F, freq_F, seed=0)
+    registry = dict(SELECTIONS)
+    register_selections(registry)
+    assert set(CRITERIA) <= set(registry) and "none" in registry
+
+    chosen = registry["dtc"](context)
+    expected = intervened_scores(sae, tiny_lm, LAYER, SelectionConfig(), max_activation_F=max_F)
+    live = freq_F > 0
+    assert chosen == top_k(expected["dtc_in_place"], 42, "abs", live)
+    assert registry["output_score"](context)[:5] == top_k(expected["output_score"], 5, "up", live)
+    assert registry["max_activation"](context)[0] == int(torch.where(live, max_F, -1.0).argmax())
+    # Same subset size for every criterion: each orders all live latents.
+    assert len(registry["dtc_down"](context)) == len(registry["output_score"](context)) == 42
+    with pytest.raises(ValueError, match="unknown criterion 'best'; valid criteria: dtc"):
+        criterion("best")
+    assert not math.isnan(float(expected["dtc_in_place"].sum()))
