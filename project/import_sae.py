@@ -58,8 +58,9 @@ SAE, or a BatchTopK one whose threshold is still 0, fires on ~d_sae/2 latents pe
      ``L0/d_sae`` of the tokens. This is JumpReLU's own initialisation rule
      (``_initialize_from_data`` starts each θ at a per-latent quantile) at the reference's L0
      instead of twice the target, so the control is what a fresh JumpReLU would be at that
-     sparsity, with no dead or dense latent; one shared θ would instead let the few latents
-     aligned with high-variance directions take most of the firing;
+     sparsity, with no dead or dense latent. (One shared θ would be almost as even on
+     SmolLM2-135M layer 4, d_sae 2304, L0 37: no dead latent, the busiest 1% of latents
+     3.5% of the firings; the per-latent rule keeps that true for any LM and layer);
    - ``relu``, ``gated``: one shared shift of the encoder (gate) bias that initialisation
      left (0 for every latent, or per-latent quantiles under L0 control): the shift keeps
      the latents as alike as initialisation made them.
