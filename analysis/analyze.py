@@ -1,0 +1,266 @@
+"""Entry point ``analyze``: does higher interpretability go with better steering? (METHODS §6)
+
+    mlflow run . -e analyze --env-manager local -P interp_metric=autointerp_score \\
+        -P utility_metric=steering_score -P selection=none
+
+Reads every eval and steer run of the chosen experiments through the MLflow client, joins them
+per model version (analysis/collect.py), and logs one run (``saeflow.run_type=analyze``) with:
+metrics ``tau_b`` (+ ``_ci_low``/``_ci_high``, a BCa bootstrap interval, and ``_p_value``, a
+permutation p-value), ``psi_A``, ``psi_B``, ``psi_C``, ``psi`` (each with ``_se`` and an
+interval), ``n_saes``; with a selection other than ``none`` the same for µ against the steering
+gain (``gain_tau_b``, ``gain_psi``...); artifacts ``study_table.csv``, ``group_taus.csv``, the
+plots and ``report.html`` (self-contained, open it from the MLflow UI's artifact view).
+Random-init controls are listed, never correlated. SAEs missing a metric are listed in the
+report. Fewer than three complete SAEs is a clear error before anything is logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from analysis.collect import NO_SELECTION, StudyData, collect
+from analysis.report import (
+    Report,
+    plot_group_taus,
+    plot_mu_vs_g,
+    plot_steering_by_selection,
+    render_html,
+)
+from analysis.stats import (
+    add_sparsity_rank,
+    all_group_taus,
+    bca_interval,
+    kendall_tau_b,
+    permutation_p_value,
+    psi_with_uncertainty,
+)
+from project.cli import (
+    BadInputError,
+    add_dataclass_arguments,
+    config_from_args,
+    mark_work_started,
+    run_entry_point,
+)
+from project.tracking import DEFAULT_EXPERIMENT, RUN_TYPE_TAG, configure_tracking, ui_hint
+
+log = logging.getLogger(__name__)
+
+ANALYZE_RUN_TYPE = "analyze"
+MIN_SAES = 3
+STEER_MODES = ("latent", "concept")
+SPARSITY_COLUMNS = ("l0", "target_l0")
+
+
+@dataclass
+class AnalyzeConfig:
+    """What to correlate.
+
+    - ``experiments``: comma-separated experiment names (``all`` = every experiment).
+    - ``interp_metric``: µ, any metric logged by an eval run (default SAEBench's autointerp).
+    - ``utility_metric``: g, a metric of the steer runs (default the AxBench steering score).
+    - ``steer_mode``: which steer runs (``latent``: the interpretability-vs-utility paper's
+      latent-first protocol; ``concept``).
+    - ``selection``: the steer runs' latent selection; with one other than ``none`` the
+      steering gain over ``none`` is correlated too (the paper's Table 3).
+    - ``sparsity``: ``l0`` (the measured held-out L0 a version is tagged with) or
+      ``target_l0``, used to match sparsity ranks for Ψ_B.
+    - ``n_resamples``, ``seed``: bootstrap and permutation draws.
+    """
+
+    experiments: str = "all"
+    interp_metric: str = "autointerp_score"
+    utility_metric: str = "steering_score"
+    steer_mode: str = "latent"
+    selection: str = NO_SELECTION
+    sparsity: str = "l0"
+    n_resamples: int = 2000
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.steer_mode not in STEER_MODES:
+            raise ValueError(f"steer_mode {self.steer_mode!r} is not one of {STEER_MODES}")
+        if self.sparsity not in SPARSITY_COLUMNS:
+            raise ValueError(f"sparsity {self.sparsity!r} is not one of {SPARSITY_COLUMNS}")
+        if self.n_resamples < 100:
+            raise ValueError(f"n_resamples must be at least 100, got {self.n_resamples}")
+        for name in ("interp_metric", "utility_metric", "selection"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"{name} must not be empty")
+
+    def experiment_names(self) -> list[str]:
+        names = [e.strip() for e in self.experiments.split(",") if e.strip()]
+        return [] if names in ([], ["all"]) else names
+
+
+@dataclass
+class AnalysisResult:
+    run_id: str | None
+    report: Report
+    report_path: str
+
+
+def _check_enough(data: StudyData, config: AnalyzeConfig) -> None:
+    n = len(data.table)
+    if n >= MIN_SAES:
+        return
+    lines = [f"{uri}: {why}" for uri, why in data.missing[:20]]
+    raise BadInputError(
+        f"only {n} SAE(s) have both {config.interp_metric!r} (eval runs) and "
+        f"{config.utility_metric!r} (steer runs, mode {config.steer_mode}, selection "
+        f"{config.selection}); Kendall τ needs at least {MIN_SAES}. "
+        + (("Missing: " + "; ".join(lines)) if lines else "No eval or steer runs were found.")
+        + " Run `evaluate` and `steer` on more versions first."
+    )
+
+
+def correlation(
+    table: pd.DataFrame, x: str, y: str, config: AnalyzeConfig, notes: list[str]
+) -> tuple[dict[str, float], dict[str, dict[str, float]], list]:
+    """Headline τ_b with its interval and p-value, the Ψ's, and the per-group τ's of x vs y."""
+    rows = table.dropna(subset=[x, y])
+    tau = kendall_tau_b(rows[x], rows[y])
+    interval = bca_interval(rows[x], rows[y], n_resamples=config.n_resamples, seed=config.seed)
+    headline = {
+        "n_saes": float(len(rows)),
+        "tau_b": tau,
+        "tau_b_p_value": permutation_p_value(
+            rows[x], rows[y], n_resamples=config.n_resamples, seed=config.seed
+        ),
+        **interval.as_dict("tau_b"),
+    }
+    if math.isnan(tau):
+        notes.append(f"τ_b({x}, {y}) is undefined: one of them is constant over the SAEs.")
+    psi = psi_with_uncertainty(
+        rows, x, y, n_resamples=max(100, config.n_resamples // 4), seed=config.seed
+    )
+    for key, value in psi.items():
+        if math.isnan(value["value"]):
+            notes.append(f"{key} is undefined: no group of that axis has two SAEs with a τ.")
+    groups = all_group_taus(
+        rows, x, y, n_resamples=config.n_resamples, seed=config.seed, on_skip=notes.append
+    )
+    return headline, psi, groups
+
+
+def _flat(headline: dict[str, float], psi: dict[str, dict[str, float]], prefix: str = "") -> dict:
+    out = {f"{prefix}{k}": v for k, v in headline.items()}
+    for key, values in psi.items():
+        out[f"{prefix}{key}"] = values["value"]
+        for part in ("se", "ci_low", "ci_high"):
+            out[f"{prefix}{key}_{part}"] = values[part]
+    return {k: v for k, v in out.items() if not math.isnan(v)}
+
+
+def analyze(config: AnalyzeConfig, client: MlflowClient | None = None) -> AnalysisResult:
+    """Collect, compute, log one analyze run; see the module docstring."""
+    config.validate()
+    client = client or MlflowClient()
+    data = collect(
+        client,
+        experiments=config.experiment_names(),
+        interp_metric=config.interp_metric,
+        utility_metric=config.utility_metric,
+        steer_mode=config.steer_mode,
+        selection=config.selection,
+    )
+    _check_enough(data, config)
+    mark_work_started()
+    notes: list[str] = []
+    table = data.table.copy()
+    if config.sparsity == "target_l0" or table["l0"].isna().any():
+        table["l0"] = table["l0"].fillna(table["target_l0"])
+    table = add_sparsity_rank(table, "l0" if config.sparsity == "l0" else "target_l0")
+    headline, psi, groups = correlation(table, "mu", "g", config, notes)
+    gain: dict[str, object] = {}
+    metrics = _flat(headline, psi)
+    if config.selection != NO_SELECTION:
+        with_gain = table.dropna(subset=["gain"])
+        if len(with_gain) >= MIN_SAES:
+            gain_headline, gain_psi, _ = correlation(with_gain, "mu", "gain", config, notes)
+            metrics.update(_flat(gain_headline, gain_psi, prefix="gain_"))
+            gain = {
+                "n": len(with_gain),
+                "tau_b": gain_headline["tau_b"],
+                "95% CI": f"{gain_headline['tau_b_ci_low']:.3f} – {gain_headline['tau_b_ci_high']:.3f}",
+                "psi": gain_psi["psi"]["value"],
+                "mean gain %": float(with_gain["gain"].mean()),
+            }
+        else:
+            notes.append(
+                f"steering gain of {config.selection!r}: only {len(with_gain)} SAE(s) have a "
+                "selection=none run to compare with; not correlated."
+            )
+    if len(data.controls):
+        notes.append(
+            f"{len(data.controls)} random-init control(s) left out of every τ (listed in the "
+            "table artifact controls.csv)."
+        )
+    if len(table) < 20:
+        notes.append(
+            f"With {len(table)} SAEs the interval of τ_b is wide: it can tell a strong link from "
+            "none, not a paper-sized τ of 0.3 from 0."
+        )
+    report = Report(
+        title="saeflow: interpretability vs steering utility",
+        headline=headline,
+        psi=psi,
+        groups=groups,
+        table=table,
+        missing=data.missing,
+        notes=notes,
+        gain=gain,
+        settings={k: str(v) for k, v in asdict(config).items()},
+    )
+    report.figures.append(plot_mu_vs_g(table, config.interp_metric, config.utility_metric))
+    if groups:
+        report.figures.append(plot_group_taus(groups))
+    bars = plot_steering_by_selection(data.steering_by_selection)
+    if bars is not None:
+        report.figures.append(bars)
+
+    with mlflow.start_run(run_name="analyze") as run, tempfile.TemporaryDirectory() as tmp:
+        mlflow.set_tag(RUN_TYPE_TAG, ANALYZE_RUN_TYPE)
+        mlflow.log_params({k: str(v) for k, v in asdict(config).items()})
+        mlflow.log_metrics(metrics)
+        out = Path(tmp)
+        table.to_csv(out / "study_table.csv", index=False)
+        pd.DataFrame([g.as_dict() for g in groups]).to_csv(out / "group_taus.csv", index=False)
+        pd.DataFrame(data.missing, columns=["model_uri", "missing"]).to_csv(
+            out / "missing.csv", index=False
+        )
+        data.controls.to_csv(out / "controls.csv", index=False)
+        for figure in report.figures:
+            (out / figure.name).write_bytes(figure.png)
+        (out / "report.html").write_text(render_html(report), encoding="utf-8")
+        mlflow.log_artifacts(str(out))
+        report_path = f"{run.info.artifact_uri}/report.html"
+    return AnalysisResult(run_id=run.info.run_id, report=report, report_path=report_path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_dataclass_arguments(parser, AnalyzeConfig)
+    config = config_from_args(AnalyzeConfig, parser.parse_args())
+    config.validate()
+    tracking_uri = configure_tracking(experiment=DEFAULT_EXPERIMENT)
+    result = analyze(config)
+    h = result.report.headline
+    print(
+        f"τ_b = {h['tau_b']:.3f} (95% CI {h['tau_b_ci_low']:.3f} – {h['tau_b_ci_high']:.3f}) "
+        f"over {int(h['n_saes'])} SAEs; Ψ = {result.report.psi['psi']['value']:.3f}"
+    )
+    print(f"report: {result.report_path}")
+    print(f"browse: {ui_hint(tracking_uri)}")
+
+
+if __name__ == "__main__":
+    run_entry_point(main)

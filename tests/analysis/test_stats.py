@@ -1,0 +1,124 @@
+"""analysis/stats.py against scipy and hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from analysis.stats import (
+    add_sparsity_rank,
+    all_group_taus,
+    bca_interval,
+    group_tau,
+    kendall_tau_b,
+    permutation_p_value,
+    psi_point,
+    psi_with_uncertainty,
+)
+
+
+def test_tau_b_equals_scipy_with_ties() -> None:
+    x = [1, 2, 2, 3, 3, 3, 4, 5]
+    y = [2, 1, 2, 2, 4, 3, 5, 5]
+    assert kendall_tau_b(x, y) == pytest.approx(stats.kendalltau(x, y, variant="b").statistic)
+    # With ties τ_b differs from τ_a (concordant - discordant over all pairs): the b variant.
+    assert kendall_tau_b(x, y) != pytest.approx(stats.kendalltau(x, y, variant="c").statistic)
+    assert math.isnan(kendall_tau_b([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(ValueError, match="differ in length"):
+        kendall_tau_b([1, 2], [1, 2, 3])
+
+
+def test_bca_interval_matches_a_direct_scipy_bootstrap() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=25)
+    y = x + rng.normal(size=25)
+    ours = bca_interval(x, y, n_resamples=400, seed=7)
+
+    def tau(a: np.ndarray, b: np.ndarray) -> float:
+        return stats.kendalltau(a, b, variant="b").statistic
+
+    direct = stats.bootstrap(
+        (x, y), tau, paired=True, vectorized=False, n_resamples=400, method="BCa",
+        rng=np.random.default_rng(7),
+    )  # fmt: skip
+    assert ours.method == "BCa"
+    assert ours.low == pytest.approx(direct.confidence_interval.low, abs=1e-9)
+    assert ours.high == pytest.approx(direct.confidence_interval.high, abs=1e-9)
+    assert ours.low < kendall_tau_b(x, y) < ours.high
+
+
+def test_permutation_p_value_small_and_large() -> None:
+    x = np.arange(6.0)
+    # 6! = 720 < n_resamples, so the test is exact: perfect order has p = 2/6! (the identity
+    # and its reverse are as extreme).
+    assert permutation_p_value(x, x) == pytest.approx(2 / math.factorial(6))
+    rng = np.random.default_rng(0)
+    assert permutation_p_value(rng.normal(size=8), rng.normal(size=8)) > 0.05
+
+
+FIXTURE = pd.DataFrame(
+    {
+        "lm_name": ["a"] * 4 + ["b"] * 4,
+        "architecture": ["topk", "topk", "relu", "relu"] * 2,
+        "l0": [10, 20, 12, 25, 10, 20, 11, 30],
+        "mu": [0.1, 0.3, 0.2, 0.4, 0.5, 0.4, 0.3, 0.2],
+        "g": [0.1, 0.2, 0.4, 0.3, 0.1, 0.2, 0.3, 0.4],
+    }
+)
+
+
+def test_psi_matches_a_hand_computation() -> None:
+    table = add_sparsity_rank(FIXTURE)
+    assert table["sparsity_rank"].tolist() == [0, 1, 0, 1, 0, 1, 0, 1]
+    psi = psi_point(table, "mu", "g")
+    # Ψ_A, groups (LM, architecture), two SAEs each: τ = +1 if µ and g move together else -1.
+    # a/topk: µ up g up → +1; a/relu: µ up g down → -1; b/topk: µ down g up → -1;
+    # b/relu: µ down g up → -1. Mean: -0.5.
+    assert psi["psi_A"] == pytest.approx(-0.5)
+    # Ψ_B, groups (LM, rank): a/r0 = (topk .1,.1),(relu .2,.4) → +1; a/r1 (.3,.2),(.4,.3) → +1;
+    # b/r0 (.5,.1),(.3,.3) → -1; b/r1 (.4,.2),(.2,.4) → -1. Mean 0.
+    assert psi["psi_B"] == pytest.approx(0.0)
+    # Ψ_C, groups by LM over their 4 SAEs.
+    tau_a = stats.kendalltau([0.1, 0.3, 0.2, 0.4], [0.1, 0.2, 0.4, 0.3]).statistic
+    tau_b = stats.kendalltau([0.5, 0.4, 0.3, 0.2], [0.1, 0.2, 0.3, 0.4]).statistic
+    assert tau_b == pytest.approx(-1.0)
+    assert psi["psi_C"] == pytest.approx((tau_a + tau_b) / 2)
+    assert psi["psi"] == pytest.approx((psi["psi_A"] + psi["psi_B"] + psi["psi_C"]) / 3)
+
+
+def test_psi_uncertainty_and_groups() -> None:
+    table = add_sparsity_rank(FIXTURE)
+    with_se = psi_with_uncertainty(table, "mu", "g", n_resamples=100, seed=0)
+    assert with_se["psi_A"]["value"] == pytest.approx(-0.5)
+    # SE of the mean over Ψ_A's four group τ's (+1, -1, -1, -1).
+    assert with_se["psi_A"]["se"] == pytest.approx(np.std([1, -1, -1, -1], ddof=1) / 2)
+    for values in with_se.values():
+        assert values["ci_low"] <= values["ci_high"]
+    skipped: list[str] = []
+    one_alone = pd.concat([table, table.iloc[[0]].assign(lm_name="c", architecture="gated")])
+    groups = all_group_taus(one_alone, "mu", "g", n_resamples=100, on_skip=skipped.append)
+    assert {g.axis for g in groups} == {"A", "B", "C"}
+    assert any("lm_name=c" in s and "1 SAE" in s for s in skipped)
+    g = group_tau("C", "x", [1, 2, 3, 4, 5], [1, 3, 2, 5, 4], n_resamples=200)
+    assert g.n == 5 and g.pairs == 10 and 0 < g.p_value <= 1
+
+
+def test_fast_paths_agree_with_scipy_and_pandas() -> None:
+    from analysis.stats import AXES, _group_codes, _psi_of_sample, tau_b_batch
+
+    rng = np.random.default_rng(5)
+    x_RN = rng.integers(0, 4, size=(50, 12)).astype(float)  # many ties
+    y_RN = rng.integers(0, 4, size=(50, 12)).astype(float)
+    expected = [
+        stats.kendalltau(a, b, variant="b").statistic for a, b in zip(x_RN, y_RN, strict=True)
+    ]
+    np.testing.assert_allclose(tau_b_batch(x_RN, y_RN), expected, atol=1e-12)
+    table = add_sparsity_rank(FIXTURE)
+    codes = {axis: _group_codes(table, axis) for axis in AXES}
+    identity = np.arange(len(table))
+    fast = _psi_of_sample(identity, codes, table["mu"].to_numpy(), table["g"].to_numpy())
+    assert fast == pytest.approx(psi_point(table, "mu", "g"))
