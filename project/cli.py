@@ -1,4 +1,12 @@
-"""Command-line plumbing shared by every entry point (train, sweep, evaluate, import_sae): flags from a config dataclass, exit codes."""
+"""Command-line plumbing shared by every entry point (train, sweep, evaluate, import_sae): flags
+from a config dataclass, exit codes.
+
+Exit codes: 0 done; 2 bad input (a ``ValueError`` raised before the entry point called
+:func:`mark_work_started`, or a :class:`BadInputError` at any time); 3 some items of a batch
+failed and the others finished (:class:`PartialFailureError`, e.g. a sweep where one SAE
+failed); 1 any other failure, including a ``ValueError`` raised once work has started (it is
+then a failure of the work, not of the user's input).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +21,34 @@ log = logging.getLogger("saeflow")
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+EXIT_PARTIAL = 3
+
+
+class BadInputError(ValueError):
+    """The user's input is wrong, even if found after work started (exit code 2)."""
+
+
+class PartialFailureError(RuntimeError):
+    """Some items of a batch (SAEs of a sweep, versions of an evaluation) failed while the
+    others finished; ``failed`` names them (exit code 3)."""
+
+    def __init__(self, message: str, failed: list[str]) -> None:
+        super().__init__(message)
+        self.failed = failed
+
+
+_work_started = False
+
+
+def mark_work_started() -> None:
+    """Call once input validation is over: from here on a ``ValueError`` is a failure of the
+    work (exit 1), not bad input (exit 2)."""
+    global _work_started
+    _work_started = True
+
+
+def work_started() -> bool:
+    return _work_started
 
 
 def parse_bool(text: str) -> bool:
@@ -65,14 +101,25 @@ def setup_logging() -> None:
 
 
 def run_entry_point(main: Callable[[], None]) -> None:
-    """Run ``main``; bad input exits 2 with its message, any other failure exits 1."""
+    """Run ``main`` and exit with the code of what happened (see the module docstring)."""
+    global _work_started
+    _work_started = False
     setup_logging()
     try:
         main()
+    except PartialFailureError as err:
+        log.error("partly failed: %s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_PARTIAL)
     except ValueError as err:
+        if _work_started and not isinstance(err, BadInputError):
+            log.exception("failed after work started: %s", err)
+            print(f"error (after work started): {err}", file=sys.stderr)
+            sys.exit(EXIT_FAILED)
         log.error("bad input: %s", err)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except Exception as err:  # noqa: BLE001 - the run is already marked FAILED; report and exit
         log.exception("failed: %s", err)
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(EXIT_FAILED)

@@ -17,8 +17,18 @@ from project.saes import ARCHITECTURES
 
 # Architectures whose sparsity is set by k (exact L0) rather than a penalty.
 K_ARCHITECTURES = frozenset({"topk", "batchtopk", "matryoshka"})
-# Architectures whose sparsity comes from an L1 penalty: target_l0 is only nominal for them.
+# Architectures whose sparsity comes from an L1 penalty: λ is adapted toward target_l0 unless
+# l1_coefficient fixes it.
 L1_ARCHITECTURES = frozenset({"relu", "gated"})
+# The inference threshold of BatchTopK/Matryoshka: METHODS' running mean, or calibrated
+# after training on a sample of training activations (exact L0 = k there).
+THRESHOLD_CHOICES = ("running_mean", "calibrated")
+# Auto dead-latent window: this fraction of the training tokens, within [2 batches, 10M]. The
+# libraries' windows are 0.2-3% of their typical runs (SAELens 1000 steps, dictionary_learning
+# 10M tokens of ~500M); 10M is Gao et al.'s window.
+DEAD_WINDOW_FRACTION = 0.02
+DEAD_WINDOW_MIN_BATCHES = 2
+DEAD_WINDOW_MAX = 10_000_000
 
 
 @dataclass
@@ -34,7 +44,9 @@ class TrainConfig:
     architecture: str = "topk"
     target_l0: int = 32
     expansion: int = 8
-    l1_coefficient: float = 0.0  # 0: the architecture's own default (see project/saes)
+    # relu/gated λ: 0 = adapted during training so that L0 reaches target_l0 (starting from
+    # the architecture's default λ); > 0 = this λ, fixed (L0 then follows λ, target_l0 is nominal).
+    l1_coefficient: float = 0.0
     lr: float = 3e-4
     batch_size: int = 2048
     # Activation vectors seen in training; 0 = auto (several passes over a small cache, see
@@ -47,6 +59,10 @@ class TrainConfig:
     cache_dir: str = ""  # "" = $SAEFLOW_CACHE_DIR/activations; may be s3://bucket/prefix
     checkpoint_dir: str = ""  # "" = ./.saeflow/checkpoints/<run id>
     seed: int = 0
+    # A latent is dead when it has not fired in this many training tokens; 0 = auto:
+    # 2% of the training tokens, at least two batches, at most 10M (Gao et al.'s window).
+    dead_tokens_window: int = 0
+    batchtopk_threshold: str = "running_mean"  # or "calibrated" (see THRESHOLD_CHOICES)
     log_every_n_steps: int = 10
 
     def validate(self) -> None:
@@ -77,6 +93,15 @@ class TrainConfig:
             raise ValueError(f"val_fraction={self.val_fraction} must be in (0, 0.5)")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        if self.dead_tokens_window < 0:
+            raise ValueError(
+                f"dead_tokens_window={self.dead_tokens_window} must be >= 0 (0 = auto)"
+            )
+        if self.batchtopk_threshold not in THRESHOLD_CHOICES:
+            raise ValueError(
+                f"batchtopk_threshold={self.batchtopk_threshold!r} is not supported; "
+                f"valid: {list(THRESHOLD_CHOICES)}"
+            )
 
     def validate_for_width(self, d_in: int) -> None:
         """Checks that need the LM's residual width."""
@@ -92,6 +117,14 @@ class TrainConfig:
         if self.training_tokens:
             return self.training_tokens
         return max(self.n_tokens, 500_000)
+
+    def resolved_dead_tokens_window(self) -> int:
+        """Auto: 2% of the training tokens, within [2 batches, 10M] (a fixed 1M window is longer
+        than a 400k-token run, so no latent could ever count as dead and AuxK never engaged)."""
+        if self.dead_tokens_window:
+            return self.dead_tokens_window
+        auto = int(DEAD_WINDOW_FRACTION * self.resolved_training_tokens())
+        return min(DEAD_WINDOW_MAX, max(DEAD_WINDOW_MIN_BATCHES * self.batch_size, auto))
 
     def as_params(self) -> dict[str, Any]:
         return asdict(self)

@@ -10,17 +10,15 @@ import lightning.pytorch as pl
 import torch
 
 from project.saes import SparseAutoencoder, TrainStep
+from project.saes.base import explained_variance
+
+# Checkpoint key of the SAE's training state outside its state_dict (dead-latent counter, λ
+# controller), so a resumed run continues counting where it stopped.
+TRAINING_STATE_KEY = "saeflow_sae_training_state"
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; the run must fail and register nothing."""
-
-
-def explained_variance(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tensor:
-    """``1 - Var(x - x̂) / Var(x)`` over a batch, variances summed over dimensions."""
-    residual_var = (x_BD - x_hat_BD).var(dim=0).sum()
-    total_var = x_BD.var(dim=0).sum()
-    return 1 - residual_var / total_var
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, decay_fraction: float) -> float:
@@ -68,6 +66,8 @@ class SAETrainingModule(pl.LightningModule):
             "l0": out.l0.detach(),
             "explained_variance": explained_variance(batch_BD, out.x_hat_BD.detach()),
             "dead_fraction": self.sae.dead_fraction(),
+            # The longest silence of any latent, to compare with the dead-latent window.
+            "tokens_since_fired_max": float(self.sae.tokens_since_fired_F.max()),
             "lr": self.optimizers().param_groups[0]["lr"],
         }
         metrics.update({name: value.detach() for name, value in out.aux.items()})
@@ -79,6 +79,14 @@ class SAETrainingModule(pl.LightningModule):
         self.log("ev", metrics["explained_variance"], prog_bar=True, logger=False)
         self.log("L0", metrics["l0"], prog_bar=True, logger=False)
         return out.loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[TRAINING_STATE_KEY] = self.sae.training_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(TRAINING_STATE_KEY)
+        if state is not None:  # checkpoints written before the state was saved lack it
+            self.sae.load_training_state(state)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         before = getattr(self.sae, "before_optimizer_step", None)
@@ -101,30 +109,36 @@ class SAETrainingModule(pl.LightningModule):
 def evaluate_sae(
     sae: SparseAutoencoder, acts_ND: torch.Tensor, batch_size: int = 4096
 ) -> dict[str, float]:
-    """Inference-mode metrics on held-out activations: l0, explained_variance, mse, cossim.
+    """Inference-mode metrics on held-out activations: l0, explained_variance, mse, cossim,
+    dead_fraction.
 
-    Explained variance is ``1 - Var(x - x̂)/Var(x)`` over all tokens, variances summed over
-    dimensions (the SAELens/SAEBench definition).
+    Explained variance is :func:`project.saes.base.explained_variance` over all tokens (the
+    SAELens/SAEBench definition); ``dead_fraction`` is the share of latents that fire on none
+    of these tokens (SAEBench core's definition).
     """
     was_training = sae.training
     sae.eval()
     n, d = acts_ND.shape
-    sq_err = active = cos_sum = 0.0
-    err_sum_D = torch.zeros(d, dtype=torch.float64)
+    active = cos_sum = 0.0
+    fired_F = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    x_hat_parts = []
     for start in range(0, n, batch_size):
         x_BD = acts_ND[start : start + batch_size]
         f_BF = sae.encode(x_BD)
-        err_BD = x_BD - sae.decode(f_BF)
-        sq_err += err_BD.double().pow(2).sum().item()
-        err_sum_D += err_BD.double().sum(dim=0)
-        active += (f_BF != 0).sum().item()
-        cos_sum += torch.nn.functional.cosine_similarity(x_BD, x_BD - err_BD, dim=-1).sum().item()
+        x_hat_BD = sae.decode(f_BF)
+        x_hat_parts.append(x_hat_BD)
+        active_BF = f_BF != 0
+        active += active_BF.sum().item()
+        fired_F |= active_BF.any(dim=0)
+        cos_sum += torch.nn.functional.cosine_similarity(x_BD, x_hat_BD, dim=-1).sum().item()
     sae.train(was_training)
-    residual_var = (sq_err - err_sum_D.pow(2).sum().item() / n) / (n - 1)
+    x_hat_ND = torch.cat(x_hat_parts).to(acts_ND.dtype)
     total_var = acts_ND.double().var(dim=0).sum().item()
+    ev = explained_variance(acts_ND.double(), x_hat_ND.double()).item()
     return {
         "l0": active / n,
-        "explained_variance": 1 - residual_var / total_var if total_var > 0 else math.nan,
-        "mse": sq_err / (n * d),
+        "explained_variance": ev if total_var > 0 else math.nan,
+        "mse": (acts_ND - x_hat_ND).double().pow(2).mean().item(),
         "cossim": cos_sum / n,
+        "dead_fraction": 1 - fired_F.float().mean().item(),
     }

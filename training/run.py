@@ -26,7 +26,7 @@ from mlflow.entities.model_registry import ModelVersion
 from project.activation_cache import HarvestRequest, HarvestResult, harvest
 from project.lm import LoadedLM, hook_name
 from project.registry import default_registered_model_name, register_sae
-from project.saes import SAEConfig, SparseAutoencoder, build_sae
+from project.saes import BatchTopKSAE, SAEConfig, SparseAutoencoder, build_sae
 from project.tracking import LM_TAG, MODEL_VERSION_TAG, RUN_TYPE_TAG
 from training.config import K_ARCHITECTURES, L1_ARCHITECTURES, TrainConfig
 from training.data import ActivationDataModule
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR_TAG = "saeflow.checkpoint_dir"
 LAST_CHECKPOINT = "last.ckpt"
 TRAIN_CONFIG_ARTIFACT = "train_config.json"
+# Version tag: held-out L0 of the registered SAE, beside the nominal "target_l0".
+L0_MEASURED_TAG = "l0_measured"
 
 
 @dataclass
@@ -73,12 +75,16 @@ def sae_config_for(config: TrainConfig, d_in: int, model_name: str) -> SAEConfig
     if config.architecture in K_ARCHITECTURES:
         extra["k"] = config.target_l0
     extra["target_l0"] = float(config.target_l0)
-    if config.architecture in L1_ARCHITECTURES and config.l1_coefficient > 0:
-        extra["l1_coefficient"] = config.l1_coefficient
+    if config.architecture in L1_ARCHITECTURES:
+        if config.l1_coefficient > 0:
+            extra["l1_coefficient"] = config.l1_coefficient  # fixed λ
+        else:
+            extra["l1_control"] = "target_l0"  # λ adapted so that L0 reaches target_l0
     return SAEConfig(
         architecture=config.architecture,
         d_in=d_in,
         d_sae=config.expansion * d_in,
+        dead_tokens_threshold=config.resolved_dead_tokens_window(),
         metadata={
             LM_TAG: model_name,
             "hook_name": hook_name(config.layer),
@@ -88,6 +94,28 @@ def sae_config_for(config: TrainConfig, d_in: int, model_name: str) -> SAEConfig
             "prepend_bos": True,
         },
         **extra,
+    )
+
+
+def choose_threshold(sae: BatchTopKSAE, config: TrainConfig, data: ActivationDataModule) -> None:
+    """Log both inference thresholds of a BatchTopK-family SAE and keep the configured one."""
+    running_mean = float(sae.threshold_value)
+    calibrated = sae.calibrated_threshold(data.sample(min(16384, data.train_ND.shape[0])))
+    mlflow.log_metrics({"threshold_running_mean": running_mean, "threshold_calibrated": calibrated})
+    if config.batchtopk_threshold == "calibrated":
+        sae.set_threshold(calibrated)
+    elif running_mean <= 0:
+        # Only if no step ever updated θ (a run with no positive activation at all).
+        raise RuntimeError(
+            f"the running-mean threshold was never set (θ = {running_mean}); "
+            "train with batchtopk_threshold=calibrated"
+        )
+    log.info(
+        "%s threshold: running mean %.4g, calibrated %.4g; using %s",
+        config.architecture,
+        running_mean,
+        calibrated,
+        config.batchtopk_threshold,
     )
 
 
@@ -190,13 +218,9 @@ def train_and_register(
     sae.initialize_from_data(data.sample(min(8192, data.train_ND.shape[0])))
     fit_sae(config, sae, data, run_id=run_id, checkpoint_dir=checkpoint_dir, resume=resume)
 
-    calibrate = getattr(sae, "calibrate_threshold", None)
-    if calibrate is not None:
-        # BatchTopK-family: set the inference threshold so L0 is k on training data, rather
-        # than trusting a running mean taken while the threshold was still drifting.
-        calibrate(data.sample(min(16384, data.train_ND.shape[0])))
+    if isinstance(sae, BatchTopKSAE):
+        choose_threshold(sae, config, data)
     metrics = evaluate_sae(sae, data.val_ND)
-    metrics["dead_fraction"] = sae.dead_fraction()
     if not all(math.isfinite(v) for v in metrics.values()):
         raise RuntimeError(f"final metrics are not finite: {metrics}; nothing registered")
     mlflow.log_metrics({f"val_{name}": value for name, value in metrics.items()})
@@ -215,6 +239,9 @@ def train_and_register(
         "n_tokens": config.n_tokens,
         "training_run_id": run_id,
         "source": "saeflow-train",
+        # The nominal target_l0 is what was asked for; this is what the SAE does on held-out
+        # activations (relu/gated only approach the target).
+        L0_MEASURED_TAG: f"{metrics['l0']:.4g}",
     }
     description = (
         f"{config.architecture} SAE, d_sae {sae_cfg.d_sae} ({config.expansion}x), target L0 "

@@ -15,7 +15,12 @@ import os
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from project.cli import add_dataclass_arguments, config_from_args, run_entry_point
+from project.cli import (
+    add_dataclass_arguments,
+    config_from_args,
+    mark_work_started,
+    run_entry_point,
+)
 from project.corpus import resolve_corpus
 from project.lm import LoadedLM, check_layer, load_lm
 from project.tracking import DEFAULT_EXPERIMENT, MODEL_VERSION_TAG, configure_tracking, ui_hint
@@ -43,6 +48,7 @@ def prepare(config: TrainConfig) -> LoadedLM:
 def train(config: TrainConfig) -> TrainResult:
     """Train and register one SAE in the active (or a new) MLflow run."""
     lm = prepare(config)
+    mark_work_started()
     with mlflow.start_run(run_name=f"{config.architecture}-l0{config.target_l0}"):
         harvested = harvest_for(config, lm)
         acts_ND = harvested.cache.load_all()
@@ -67,6 +73,7 @@ def resume(run_id: str) -> TrainResult:
         )
     config = config_of_run(run_id)
     lm = prepare(config)
+    mark_work_started()
     # `mlflow run` opened a launcher run for this invocation; point it at the resumed one.
     launcher = os.environ.pop("MLFLOW_RUN_ID", None)
     if launcher and launcher != run_id:

@@ -120,9 +120,14 @@ def test_interrupted_training_resumes_in_the_same_run(
 ) -> None:
     config = tiny_config(tiny_lm_dir, tmp_path, training_tokens=256 * 100)
     original_step = training_module.SAETrainingModule.training_step
+    # The dead-latent counter as step 50 starts: once in the first run, once after resuming
+    # from the step-50 checkpoint.
+    counters_at_50: list[torch.Tensor] = []
 
     def crash_at_step_70(self, batch, batch_idx):
-        if self.global_step == 70:
+        if self.global_step == 50:
+            counters_at_50.append(self.sae.tokens_since_fired_F.clone())
+        if self.global_step == 70 and len(counters_at_50) == 1:  # the first run only
             raise RuntimeError("simulated crash")
         return original_step(self, batch, batch_idx)
 
@@ -138,7 +143,6 @@ def test_interrupted_training_resumes_in_the_same_run(
     assert client.search_registered_models() == []
     assert (tmp_path / "ckpt" / "last.ckpt").exists()
 
-    monkeypatch.setattr(training_module.SAETrainingModule, "training_step", original_step)
     result = resume(failed.info.run_id)
     assert result.run_id == failed.info.run_id
     steps = [m.step for m in client.get_metric_history(result.run_id, "loss")]
@@ -148,6 +152,8 @@ def test_interrupted_training_resumes_in_the_same_run(
     assert all(steps.count(s) <= 1 for s in range(50))
     assert client.get_run(result.run_id).info.status == "FINISHED"
     assert math.isfinite(result.metrics["explained_variance"])
+    first, resumed = counters_at_50
+    assert first.sum() > 0 and torch.equal(first, resumed), "resume lost the dead-latent counter"
 
 
 def test_sweep_harvests_once_and_nests_one_run_per_sae(
