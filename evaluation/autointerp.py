@@ -16,7 +16,16 @@
 4. The judge explains the 15 generation windows (activating tokens, > ``act_threshold_frac`` ·
    the largest top activation, marked ``<<tok>>``, strongest window first) and then predicts,
    for the 14 shuffled unmarked scoring windows, whether the latent fires anywhere in each.
-   The latent's score is the accuracy of those predictions; the SAE's score is their mean.
+   The latent's score is the accuracy of those predictions; the SAE's score is their mean
+   (``autointerp_score``, SAEBench's headline, with a 95% bootstrap interval over latents).
+5. Beside it, what the accuracy must be read against: 10 of the 14 scoring windows are random,
+   so a judge that always answers "never fires" scores ~10/14 ≈ 0.71 on a sparse latent. The
+   floor ``constant_answer_score`` is the better of the two constant answers' mean accuracies
+   (never / always fires), and ``autointerp_balanced_accuracy`` (mean recall on firing and
+   silent windows) scores every constant answer 0.5. A judge adds information only where it
+   beats the floor, and balanced accuracy above 0.5 says by how much.
+
+``explain_latents`` reuses the scan and the explainer for any latents (steering's concepts).
 
 Defaults are SAEBench's except the scan (2M tokens there, ~25k here so that one SmolLM2 SAE
 takes about a minute on a laptop CPU with the offline judge) and ``min_firings`` (SAEBench's
