@@ -23,18 +23,26 @@ Definitions (c_i the DTC reference coefficient, see :class:`SelectionConfig`):
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from evaluation.hook_cache import HookCache, check_sae_fits, logits_from_hook
+from evaluation.hook_cache import (
+    HookCache,
+    _blocks_return_tuple,
+    _HandOn,
+    check_sae_fits,
+    logits_from_hook,
+)
 from evaluation.selection.config import SelectionConfig
 from project.corpus import iter_texts, resolve_corpus, token_windows
-from project.lm import LoadedLM, residual_activations, splice_residual
+from project.lm import LoadedLM, decoder_blocks, residual_activations, splice_residual
 from project.logit_lens import decoder_lens_tokens
 from project.saes import SparseAutoencoder
 
@@ -119,6 +127,50 @@ def _positions(config: SelectionConfig, T: int) -> Tensor:
     return torch.arange(T) if config.dtc_positions == "all" else torch.tensor([T - 1])
 
 
+class _LastPosition:
+    """Next-token logits when only the prefix's last position changes at the hook.
+
+    Every earlier position is the clean prefix for every latent, so the LM runs on it once
+    (``use_cache``) and each batch runs the last position alone against that KV cache, the
+    blocks up to the hook handing on the given hidden state (the stubs of
+    :func:`~evaluation.hook_cache.logits_from_hook`). Their cache entries stay at T − 1
+    positions, which is what sets the last position's index, mask and rotary angle right.
+    """
+
+    def __init__(self, lm: LoadedLM, layer: int, ids_1T: Tensor) -> None:
+        self.lm, self.layer = lm, layer
+        self.ids_1T = ids_1T.to(lm.device)
+        with torch.inference_mode():
+            out = lm.model(input_ids=self.ids_1T[:, :-1], use_cache=True)
+        self.cache: Any = out.past_key_values
+
+    def logits(self, hidden_BD: Tensor) -> Tensor:
+        lm, layer = self.lm, self.layer
+        B = hidden_BD.shape[0]
+        blocks = decoder_blocks(lm.model)
+        as_tuple = _blocks_return_tuple(lm)
+        dtype = next(lm.model.parameters()).dtype
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(B)
+        originals = [blocks[i] for i in range(layer + 1)]
+        try:
+            for i in range(layer):
+                blocks[i] = _HandOn(originals[i], None, as_tuple)
+            blocks[layer] = _HandOn(
+                originals[layer], hidden_BD[:, None].to(lm.device, dtype), as_tuple
+            )
+            with torch.inference_mode():
+                out = lm.model(
+                    input_ids=self.ids_1T[:, -1:].expand(B, 1),
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+        finally:
+            for i, block in enumerate(originals):
+                blocks[i] = block
+        return out.logits[:, -1].float()
+
+
 # ---------------------------------------------------------------------------------------------
 # batched path
 
@@ -149,10 +201,26 @@ def intervened_scores(
     b_dec_D = sae.b_dec.detach().float()
     coef_TF = dtc_coefficients(config, state, max_activation_F)
     pos_P = _positions(config, T)
-    clean_C = token_confidence(state.clean_logits_V[None], config.k)[0]
     s_max = config.output_scale * state.last_max_activation
     out = {name: torch.empty(len(latents), dtype=torch.float64) for name in INTERVENED_SCORES}
     ids_1T = state.ids_1T
+    # Interventions only at the last position (the output score's, and DTC's by default) need
+    # only that position past the hook; "all" positions run the whole prefix per latent.
+    last = _LastPosition(lm, layer, ids_1T) if T > 1 else None
+
+    def run(h_BTD: Tensor, only_last: bool) -> Tensor:
+        if only_last and last is not None:
+            return last.logits(h_BTD[:, -1])
+        return logits_from_hook(lm, layer, ids_1T.expand(len(h_BTD), -1), h_BTD)[:, -1]
+
+    dtc_last = config.dtc_positions == "last"
+    # The clean reference runs the same path as the intervened passes, so a no-op
+    # intervention scores exactly 0.
+    clean_last_V = run(state.x_TD[None], only_last=True)[0]
+    clean_P_logits_V = clean_last_V
+    clean_C = token_confidence(
+        (clean_last_V if dtc_last else state.clean_logits_V)[None], config.k
+    )[0]
     chunks = latents.split(config.batch_latents)
     for start, chunk_B in zip(
         range(0, len(latents), config.batch_latents),
@@ -161,25 +229,24 @@ def intervened_scores(
     ):
         B = len(chunk_B)
         rows_BD = W_dec_FD[chunk_B]
-        ids_BT = ids_1T.expand(B, -1)
         lens_BL = lens_FL[chunk_B]
-        clean_P = lens_probability(state.clean_logits_V[None].expand(B, -1), lens_BL)
+        clean_P = lens_probability(clean_P_logits_V[None].expand(B, -1), lens_BL)
         # Output score: latent i + s·max_j f_j at the last position, the error term kept.
         h_BTD = state.x_TD.expand(B, -1, -1).clone()
         h_BTD[:, -1] += s_max * rows_BD
-        logits_BV = logits_from_hook(lm, layer, ids_BT, h_BTD)[:, -1]
+        logits_BV = run(h_BTD, only_last=True)
         out["output_score"][start : start + B] = lens_probability(logits_BV, lens_BL) - clean_P
         # DTC in place: code of latent i becomes α c_i, everything else (error too) kept.
         target_BP = config.alpha * coef_TF[pos_P][:, chunk_B].T
         delta_BP = target_BP - state.f_TF[pos_P][:, chunk_B].T
         h_BTD = state.x_TD.expand(B, -1, -1).clone()
         h_BTD[:, pos_P] += delta_BP[..., None] * rows_BD[:, None, :]
-        logits_BV = logits_from_hook(lm, layer, ids_BT, h_BTD)[:, -1]
+        logits_BV = run(h_BTD, only_last=dtc_last)
         out["dtc_in_place"][start : start + B] = token_confidence(logits_BV, config.k) - clean_C
         # DTC decoded alone: the residual is decode(α c_i e_i), all other codes zero.
         h_BTD = state.x_TD.expand(B, -1, -1).clone()
         h_BTD[:, pos_P] = target_BP[..., None] * rows_BD[:, None, :] + b_dec_D
-        logits_BV = logits_from_hook(lm, layer, ids_BT, h_BTD)[:, -1]
+        logits_BV = run(h_BTD, only_last=dtc_last)
         out["dtc_decoded_alone"][start : start + B] = (
             token_confidence(logits_BV, config.k) - clean_C
         )

@@ -94,7 +94,8 @@ def test_literal_dtc_leaves_silent_latents_unchanged(
     state = prefix_state(sae, tiny_lm, LAYER, config.prefix)
     silent = torch.nonzero(state.f_TF[-1] == 0)[:, 0][:5]
     out = intervened_scores(sae, tiny_lm, LAYER, config, latents=silent, progress=False)
-    assert torch.equal(out["dtc_in_place"], torch.zeros(len(silent), dtype=torch.float64))
+    # Zero up to float rounding (a batch of 5 and the clean batch of 1 round differently).
+    assert out["dtc_in_place"].abs().max() < 1e-6
 
 
 def test_alpha_one_with_prefix_reference_is_no_intervention(
