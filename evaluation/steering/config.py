@@ -29,7 +29,7 @@ class LatentStatsConfig:
 
     corpus: str = DEFAULT_CORPUS
     text_column: str = "text"
-    n_tokens: int = 32_768
+    n_tokens: int = 16_384
     context_size: int = 128
     lm_batch_size: int = 16
 

@@ -51,7 +51,7 @@ def _package_json(name: str) -> dict:
     return json.loads(resources.files("evaluation.steering").joinpath(name).read_text())
 
 
-@lru_cache(maxsize=1)
+@lru_cache(maxsize=64)
 def _stdlib_documents(paths: tuple[str, ...]) -> tuple[str, ...]:
     """Docstrings and prose comments of the stdlib files under ``paths`` (round-robin over the
     files, so that one long module does not fill a concept's examples)."""
@@ -72,12 +72,20 @@ def _stdlib_documents(paths: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def shipped_concepts(n_examples: int) -> list[Concept]:
+def shipped_concepts(
+    n_examples: int, n_concepts: int | None = None, seed: int = 0
+) -> list[Concept]:
     """saeflow's concepts built from the standard library's text (positives only; the caller
-    draws negatives from other concepts). Concepts with fewer than ``n_examples`` texts in this
+    draws negatives from other concepts): all of them, or a seeded sample of ``n_concepts``
+    (only the sampled modules are parsed). Concepts with fewer than ``n_examples`` texts in this
     Python's library are left out (with a warning)."""
-    out = []
-    for item in _package_json("concepts.json")["concepts"]:
+    items = _package_json("concepts.json")["concepts"]
+    order = list(range(len(items)))
+    if n_concepts is not None:
+        random.Random(f"concepts:{seed}").shuffle(order)
+    chosen: list[int] = []
+    for index in order:
+        item = items[index]
         texts = _stdlib_documents(tuple(item["stdlib"]))
         if len(texts) < n_examples:
             logger.warning(
@@ -87,8 +95,18 @@ def shipped_concepts(n_examples: int) -> list[Concept]:
                 n_examples,
             )
             continue
-        out.append(Concept(item["concept"], tuple(texts[:n_examples]), (), item.get("genre")))
-    return out
+        chosen.append(index)
+        if n_concepts is not None and len(chosen) == n_concepts:
+            break
+    return [
+        Concept(
+            items[i]["concept"],
+            _stdlib_documents(tuple(items[i]["stdlib"]))[:n_examples],
+            (),
+            items[i].get("genre"),
+        )
+        for i in sorted(chosen)
+    ]
 
 
 def _check_texts(value: object, key: str, where: str, allow_empty: bool) -> tuple[str, ...]:

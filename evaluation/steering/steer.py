@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -72,6 +73,7 @@ from project.tracking import (
 log = logging.getLogger(__name__)
 
 STEER_RUN_TYPE = "steer"
+BATCH_RUN_TYPE = "steer_batch"
 VERSION_LINK_TAG = "steer.{mode}.run_id"
 
 
@@ -219,12 +221,12 @@ def steer(
         raise ValueError(
             f"n_instructions={config.n_instructions} but the instruction pool has {len(pool)}"
         )
+    versions = resolve_versions(model_uri)
     concepts = (
         load_concepts(config.concepts, config.n_concepts, config.n_examples, config.seed)
         if config.mode == "concept"
         else []
     )
-    versions = resolve_versions(model_uri)
     sites = {mv.version: _version_site(mv) for mv in versions}
     lms = dict(lms or {})
     for lm_name, layer in sites.values():
@@ -241,7 +243,11 @@ def steer(
     judges = {name: build_judge(judge, lm=lm, **(judge_options or {})) for name, lm in lms.items()}
 
     results = []
+    launcher = os.environ.get("MLFLOW_RUN_ID")
     with _parent_run():
+        active = mlflow.active_run()
+        if launcher and active is not None and active.info.run_id == launcher:
+            mlflow.set_tag(RUN_TYPE_TAG, BATCH_RUN_TYPE)  # the `mlflow run` launcher run
         for mv in versions:
             uri = f"models:/{mv.name}/{mv.version}"
             lm_name, layer = sites[mv.version]

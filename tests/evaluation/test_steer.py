@@ -4,7 +4,6 @@ on a tiny random LM with a registered TopK SAE, runs linked to the version and r
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import mlflow
@@ -62,6 +61,37 @@ def register_tiny_sae(tiny_lm_dir: str) -> str:
             },
         )
     return f"models:/{NAME}/{version.version}"
+
+
+CONCEPTS = [
+    {
+        "concept": "cooking and recipes",
+        "genre": "text",
+        "positives": [
+            "Whisk the eggs with sugar, fold in the flour and bake the cake for forty minutes.",
+            "Chop the onions, fry them in butter and add the tomatoes to the simmering sauce.",
+            "Knead the dough, let it rise overnight and bake the bread in a hot oven.",
+        ],
+        "negatives": [],
+    },
+    {
+        "concept": "the ocean and marine life",
+        "genre": "text",
+        "positives": [
+            "Dolphins and whales swam past the coral reef as waves rolled over the deep sea.",
+            "The tide pulled the fishing boats out past the lighthouse into the open ocean.",
+            "Sharks, turtles and bright fish live among the kelp forests of the cold sea.",
+        ],
+        "negatives": [],
+    },
+]
+
+
+@pytest.fixture
+def concepts_file(tmp_path: Path) -> str:
+    path = tmp_path / "concepts.jsonl"
+    path.write_text("\n".join(json.dumps(c) for c in CONCEPTS) + "\n")
+    return str(path)
 
 
 def small_config(**changes: object) -> SteerConfig:
@@ -125,11 +155,22 @@ def test_auroc_per_column() -> None:
 
 
 def test_shipped_concepts_are_offline_text() -> None:
-    concepts = load_concepts("stdlib", 28, n_examples=4, seed=0)
-    assert len(concepts) >= 20
+    from importlib import resources
+
+    from project.corpus import stdlib_dir
+
+    shipped = json.loads(
+        resources.files("evaluation.steering").joinpath("concepts.json").read_text()
+    )["concepts"]
+    assert len(shipped) >= 20 and {c["genre"] for c in shipped} == {"text", "code", "math"}
+    for item in shipped:  # every concept names library files that exist here
+        assert any((stdlib_dir() / path).exists() for path in item["stdlib"]), item
+    concepts = load_concepts("stdlib", 3, n_examples=4, seed=0)
+    assert len(concepts) == 3
     for c in concepts:
         assert len(c.positives) == 4 and len(c.negatives) == 4
         assert not set(c.positives) & set(c.negatives)
+    assert load_concepts("stdlib", 3, n_examples=4, seed=0) == concepts
 
 
 class _ScriptedChat(ChatJudge):
@@ -281,9 +322,11 @@ def test_bad_input_fails_before_any_run(
 # both modes end to end on the tiny model
 
 
-def test_concept_mode_on_tiny_model(tiny_lm_dir: str, tracking_uri: str, tmp_path: Path) -> None:
+def test_concept_mode_on_tiny_model(
+    tiny_lm_dir: str, tracking_uri: str, concepts_file: str
+) -> None:
     uri = register_tiny_sae(tiny_lm_dir)
-    config = small_config()
+    config = small_config(concepts=concepts_file)
     (result,) = steer(uri, config, "offline")
     run = MlflowClient().get_run(result.run_id)
     tags, metrics = run.data.tags, run.data.metrics
@@ -346,4 +389,20 @@ def test_latent_mode_on_tiny_model(tiny_lm_dir: str, tracking_uri: str) -> None:
     assert all(p["concept"] and p["latent"] >= 0 for p in sae_rows)
     generations = load_table(result.run_id, "generations")
     assert len(generations) == 2 * 2 * (1 + 2)
-    random.seed(0)
+
+
+def test_command_line_bad_input_exits_2_before_any_run(tiny_lm_dir: str, tracking_uri: str) -> None:
+    import subprocess
+    import sys
+
+    uri = register_tiny_sae(tiny_lm_dir)
+    # One process (imports take seconds); the other bad inputs are checked in-process above.
+    done = subprocess.run(
+        [sys.executable, "-m", "evaluation.steering.steer", "--model_uri", uri, "--mode", "both"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "unknown mode 'both'; valid modes: latent, concept" in done.stderr
+    assert runs_of(STEER_RUN_TYPE) == []
