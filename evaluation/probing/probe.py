@@ -14,7 +14,8 @@ the version by the tag ``probe.<regime>.run_id``. Each run logs:
 - metrics: ``auc_without_sae``, ``auc_with_sae``, ``delta_auc`` with a 95% bootstrap
   interval over datasets (``delta_auc_ci_low`` / ``_high``), ``share_sae_chosen`` (cells where
   the quiver picks an SAE probe), ``share_sae_wins_test`` (cells where the best SAE probe alone
-  beats the baselines' quiver on test), ``auc_sae_only``;
+  beats the baselines' quiver on test), ``auc_sae_only``, and ``delta_auc_tie_<rule>``: the
+  mean ΔAUC re-counted under each tie rule;
 - plots in the paper's form (evaluation/probing/plots.py).
 
 Activations (last token, layer of the SAE) are harvested once per (LM, layer, dataset) and
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from dataclasses import asdict, fields
 from typing import Any
@@ -49,7 +51,7 @@ from evaluation.evaluate import (
 )
 from evaluation.probing import activations as acts_mod
 from evaluation.probing import plots
-from evaluation.probing.config import ProbeConfig
+from evaluation.probing.config import TIE_RULES, ProbeConfig
 from evaluation.probing.datasets import ProbeDataset, load_all
 from evaluation.probing.methods import MethodResult, run_baseline, sae_probe
 from evaluation.probing.quiver import cell
@@ -69,6 +71,7 @@ from project.tracking import (
 log = logging.getLogger(__name__)
 
 PROBE_RUN_TYPE = "probe"
+BATCH_RUN_TYPE = "probe_batch"
 VERSION_LINK_TAG = "probe.{regime}.run_id"
 Cells = dict[tuple[str, float], list[MethodResult]]
 
@@ -175,6 +178,13 @@ def summarise(
             }
         )
     methods, quiver = pd.DataFrame(method_rows), pd.DataFrame(quiver_rows)
+    # The same cells re-counted under every tie rule: ties decide small-n cells.
+    recount = {
+        f"delta_auc_tie_{rule}": float(
+            np.mean([cell([*baselines[k], *saes[k]], rule).delta for k in baselines])
+        )
+        for rule in TIE_RULES
+    }
     per_dataset = quiver.groupby("dataset")["delta_auc"].mean()
     low, high = bootstrap_interval(per_dataset.tolist(), seed=config.bootstrap_seed)
     metrics = {
@@ -188,6 +198,7 @@ def summarise(
         "share_sae_wins_test": float((quiver["auc_sae_only"] > quiver["auc_without_sae"]).mean()),
         "n_cells": float(len(quiver)),
         "n_datasets": float(quiver["dataset"].nunique()),
+        **recount,
     }
     return methods, quiver, metrics
 
@@ -333,40 +344,44 @@ def probe(
     started = time.perf_counter()
     features = harvest_all(datasets, lm, layer, config)
     log.info("activations ready in %.1fs", time.perf_counter() - started)
-    baselines = {}
-    for regime in todo:
-        t0 = time.perf_counter()
-        baselines[regime] = run_baselines(plan[regime], features, config, regime)
-        log.info("%s: baselines in %.1fs", regime, time.perf_counter() - t0)
-    with _parent_run():
-        for mv in versions:
-            if not any(mv is m for pending in todo.values() for m, _ in pending):
-                continue
+    latents: dict[str, dict] = {}  # by version: each SAE encodes every dataset once
+
+    def latents_of(mv: ModelVersion) -> dict:
+        if mv.version not in latents:
             sae = load_version(mv)
-            latents = {
+            latents[mv.version] = {
                 name: (
                     acts_mod.encode(sae, X),
                     None if X_ood is None else acts_mod.encode(sae, X_ood),
                 )
                 for name, (X, X_ood) in features.items()
             }
-            for regime, pending in todo.items():
-                for m, digest in pending:
-                    if m is not mv:
-                        continue
-                    t0 = time.perf_counter()
-                    saes = run_sae_probes(plan[regime], latents, config, regime)
-                    log.info("%s: SAE probes in %.1fs", regime, time.perf_counter() - t0)
-                    run_id, metrics = _log_run(mv, regime, digest, config, baselines[regime], saes)
-                    records.append(
-                        {
-                            "uri": f"models:/{mv.name}/{mv.version}",
-                            "regime": regime,
-                            "run_id": run_id,
-                            "reused": False,
-                            "metrics": metrics,
-                        }
-                    )
+        return latents[mv.version]
+
+    launcher = os.environ.get("MLFLOW_RUN_ID")
+    with _parent_run():
+        active = mlflow.active_run()
+        if launcher and active is not None and active.info.run_id == launcher:
+            mlflow.set_tag(RUN_TYPE_TAG, BATCH_RUN_TYPE)  # the `mlflow run` run holds the batch
+        # Regime by regime, so each regime's runs are logged as soon as they are done.
+        for regime, pending in todo.items():
+            t0 = time.perf_counter()
+            baselines = run_baselines(plan[regime], features, config, regime)
+            log.info("%s: baselines in %.1fs", regime, time.perf_counter() - t0)
+            for mv, digest in pending:
+                t0 = time.perf_counter()
+                saes = run_sae_probes(plan[regime], latents_of(mv), config, regime)
+                log.info("%s: SAE probes in %.1fs", regime, time.perf_counter() - t0)
+                run_id, metrics = _log_run(mv, regime, digest, config, baselines, saes)
+                records.append(
+                    {
+                        "uri": f"models:/{mv.name}/{mv.version}",
+                        "regime": regime,
+                        "run_id": run_id,
+                        "reused": False,
+                        "metrics": metrics,
+                    }
+                )
     return records
 
 
