@@ -1,11 +1,14 @@
 """The selection criteria as steering selections (``steer -P selection=NAME``).
 
 :func:`register_selections` adds to the steering registry (a name → ``(context) -> list[int]``
-dict) one entry per criterion. Each returns every live latent with a finite score, best first
-in its direction, so latent-first steering (which takes the first ``n_concepts``) compares
-criteria at the same subset size. Scores are computed batched with the default
-:class:`SelectionConfig`, using the steering table's max activations (``context``), once per SAE
-and process.
+dict) one entry per criterion. Each returns the same number of latents, best first: the
+top ``1 − q`` share of the live latents by its score (q = 0.90, the middle of the DTC paper's
+tail quantiles), so criteria are compared at one subset size, as the paper does. Latent-first
+steering takes the first ``n_concepts`` of them; concept-first steering picks each concept's
+latent inside the set. ``random`` is a seeded random subset of the same size (the fair
+baseline in concept mode, where ``none`` offers every live latent). Scores are computed
+batched with the default :class:`SelectionConfig` and the steering table's max activations
+(``context``), once per SAE and process.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from evaluation.selection.config import SelectionConfig
-from evaluation.selection.rules import top_k
+from evaluation.selection.rules import random_order, top_k
 from evaluation.selection.scores import compute_scores, intervened_scores
 
 # name → (score column, direction)
@@ -30,6 +33,7 @@ CRITERIA: dict[str, tuple[str, str]] = {
     "input_score": ("input_score", "up"),
     "max_activation": ("max_activation", "up"),
 }
+SUBSET_QUANTILE = 0.90
 _SCORES: weakref.WeakKeyDictionary[nn.Module, dict[str, Tensor]] = weakref.WeakKeyDictionary()
 
 
@@ -59,23 +63,39 @@ def _scores(context: Any, column: str) -> Tensor:
     return cached[column]
 
 
+def subset_size(context: Any, q: float = SUBSET_QUANTILE) -> int:
+    """``round((1 − q) · live latents)``, at least 1: every criterion's subset size."""
+    live = int(((context.firing_frequency_F > 0) & (context.max_activation_F > 0)).sum())
+    return max(1, round((1 - q) * live)) if live else 0
+
+
 def criterion(name: str) -> Callable[[Any], list[int]]:
-    """The selection function of criterion ``name`` (a key of :data:`CRITERIA`)."""
+    """The selection function of criterion ``name`` (a key of :data:`CRITERIA` or
+    ``random``)."""
+    live = lambda c: (c.firing_frequency_F > 0) & (c.max_activation_F > 0)  # noqa: E731
+    if name == "random":
+
+        def select_random(context: Any) -> list[int]:
+            order = random_order(context.max_activation_F, context.seed, live(context))
+            return order[: subset_size(context)]
+
+        return select_random
     if name not in CRITERIA:
-        raise ValueError(f"unknown criterion {name!r}; valid criteria: {', '.join(CRITERIA)}")
+        valid = ", ".join([*CRITERIA, "random"])
+        raise ValueError(f"unknown criterion {name!r}; valid criteria: {valid}")
     column, direction = CRITERIA[name]
 
     def select(context: Any) -> list[int]:
         scores_F = _scores(context, column).double()
-        live_F = (context.firing_frequency_F > 0) & (context.max_activation_F > 0)
-        n = int((live_F & scores_F.isfinite()).sum())
+        live_F = live(context)
+        n = min(subset_size(context), int((live_F & scores_F.isfinite()).sum()))
         return top_k(scores_F, n, direction, live_F) if n else []
 
-    select.__doc__ = f"Live latents by {column}, {direction} first."
+    select.__doc__ = f"The top {1 - SUBSET_QUANTILE:.0%} of live latents by {column}, {direction}."
     return select
 
 
 def register_selections(selections: dict[str, Callable[[Any], list[int]]]) -> None:
-    """Add every criterion of :data:`CRITERIA` to a steering selection registry."""
-    for name in CRITERIA:
+    """Add every criterion of :data:`CRITERIA`, and ``random``, to a steering registry."""
+    for name in [*CRITERIA, "random"]:
         selections.setdefault(name, criterion(name))
