@@ -40,9 +40,11 @@ class SAEConfig:
 
     - ``k``: latents kept per token (topk) or on average per token (batchtopk, matryoshka).
     - ``target_l0``: jumprelu's L0 target (falls back to ``k`` if only that is given); for the
-      topk family it equals ``k``; for relu/gated it is only a label (their L0 follows λ).
+      topk family it equals ``k``; for relu/gated the target of ``l1_control="target_l0"``
+      (with a fixed λ only a label: their L0 follows λ).
     - ``l1_coefficient`` (relu, gated): λ of the April-2024 update, penalty
-      ``λ Σ_i f_i ‖W_dec,i‖`` (the starting λ when ``l1_control="target_l0"``). Anthropic's λ = 5 is defined on inputs scaled so that
+      ``λ Σ_i f_i ‖W_dec,i‖`` (the starting λ when ``l1_control="target_l0"``). Anthropic's
+      λ = 5 is defined on inputs scaled so that
       E‖x‖ = √d_in; saeflow trains on raw activations and multiplies λ by the batch's
       mean ‖x‖ / √d_in, which is the April loss on normalised inputs divided by a constant
       (with the batch estimating the dataset's mean norm), so 5.0 means the same thing for
