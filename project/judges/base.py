@@ -76,6 +76,18 @@ class Judge(ABC):
         """What to log about this judge (name, model, settings)."""
         return {"name": self.name}
 
+    def identity(self) -> dict[str, str]:
+        """What makes two results of this judge comparable (METHODS §5): ``kind``, ``model``,
+        ``endpoint``, ``temperature`` and ``calibration`` (a hash of the calibration data and
+        rule, empty for judges without one). Eval reuse hashes and steering runs log it."""
+        return {
+            "kind": self.name,
+            "model": "",
+            "endpoint": "",
+            "temperature": "",
+            "calibration": "",
+        }
+
 
 class ChatJudge(Judge):
     """A judge that asks a chat model with the prompts above; subclasses implement ``_chat``."""

@@ -63,3 +63,12 @@ class HFJudge(ChatJudge):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "model": self.lm.name, "max_new_tokens": self.max_tokens_rate}
+
+    def identity(self) -> dict[str, str]:
+        return {
+            "kind": self.name,
+            "model": self.lm.name,
+            "endpoint": "local",
+            "temperature": "0",  # greedy decoding
+            "calibration": "",
+        }

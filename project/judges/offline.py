@@ -19,6 +19,13 @@ from torch import Tensor
 
 from project.judges.base import Judge
 from project.judges.prompts import _MARK_RE, check_kind, strip_marks
+from project.judges.rating import (
+    CALIBRATION_FILE,
+    RATING_RULE_VERSION,
+    OfflineRater,
+    calibration_hash,
+    load_lexicon,
+)
 from project.lm import LoadedLM
 
 logger = logging.getLogger(__name__)
@@ -30,119 +37,6 @@ _JSON_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
 # ---------------------------------------------------------------------------------------------
 # offline
 
-# Hand-labelled calibration sets for the offline ratings (AxBench's 0/1/2 scale). The labels
-# are saeflow's own; they fix the similarity thresholds, and the training accuracy is logged.
-_CONCEPT_EXAMPLES: list[tuple[str, str, int]] = []
-_INSTRUCT_EXAMPLES: list[tuple[str, str, int]] = []
-_CONCEPT_TABLE = [
-    (
-        "cooking and recipes",
-        "Preheat the oven, whisk the eggs with sugar and fold in the flour before baking the cake.",
-        "After the meeting I went home and had some dinner before reading the report.",
-        "The stock market closed higher today as investors reacted to the interest rate decision.",
-    ),
-    (
-        "the ocean and marine life",
-        "Dolphins and whales swam past the coral reef as waves rolled across the deep blue sea.",
-        "We spent the summer holiday at a hotel near the coast and mostly stayed by the pool.",
-        "The compiler reported a syntax error on line twelve of the source file.",
-    ),
-    (
-        "Python programming",
-        "Define a function with def, return a list comprehension and import the module at the "
-        "top of the script.",
-        "The engineer spent the afternoon fixing the laptop and installing software updates.",
-        "The garden was full of roses, tulips and buzzing bees in the spring sunshine.",
-    ),
-    (
-        "football",
-        "The striker scored a late goal and the team won the championship match in front of the "
-        "fans.",
-        "He goes running in the park every morning to stay healthy.",
-        "The committee approved the new tax regulation after a long debate in parliament.",
-    ),
-    (
-        "sadness and grief",
-        "She wept at the funeral, overwhelmed by grief and the loss of her closest friend.",
-        "It was a grey, rainy day and nobody in the office felt like talking much.",
-        "Add two cups of flour and a teaspoon of baking powder to the bowl.",
-    ),
-    (
-        "space exploration",
-        "The rocket carried the astronauts into orbit on their mission to the Moon and Mars.",
-        "On clear nights we looked up at the stars from the roof of the house.",
-        "The lawyer filed a motion to dismiss the case before the trial began.",
-    ),
-    (
-        "music",
-        "The orchestra played the symphony while the violinist performed a beautiful solo.",
-        "The party was loud and everyone was dancing until midnight.",
-        "The chemical reaction produced a precipitate when the solution was heated.",
-    ),
-    (
-        "courts and legal proceedings",
-        "The judge instructed the jury before the defendant's lawyer gave the closing argument.",
-        "They signed the rental contract and agreed on the terms with the landlord.",
-        "The puppy chased the ball across the grassy field.",
-    ),
-]
-_INSTRUCT_TABLE = [
-    (
-        "Give me three tips for staying healthy.",
-        "Eat a balanced diet with plenty of vegetables, exercise regularly, and sleep seven to "
-        "eight hours each night.",
-        "Health is something many people start to think about when they get older.",
-        "The capital of France is Paris, which is known for the Eiffel Tower.",
-    ),
-    (
-        "Explain how a bicycle works.",
-        "Pedalling turns the crank, which drives the chain and rotates the rear wheel, while the "
-        "rider steers with the handlebars.",
-        "Bicycles are popular in many cities and come in many colours.",
-        "Whisk the eggs and pour them into a hot pan with butter.",
-    ),
-    (
-        "Write a short poem about winter.",
-        "Snow falls soft on silent hills, frost paints every window pane, the cold wind "
-        "whispers, calm and still.",
-        "Winter is the coldest season of the year in many countries.",
-        "The quarterly revenue increased by twelve percent compared to last year.",
-    ),
-    (
-        "What is the boiling point of water?",
-        "At sea level, water boils at 100 degrees Celsius, or 212 degrees Fahrenheit.",
-        "Water is essential for life and covers most of the surface of the Earth.",
-        "My favourite film is a comedy about two friends on a road trip.",
-    ),
-    (
-        "Suggest a name for a new coffee shop.",
-        "How about 'The Daily Grind', a cosy name for a neighbourhood coffee shop?",
-        "Coffee is one of the most traded commodities in the world.",
-        "The spacecraft entered orbit around Jupiter after a long journey.",
-    ),
-    (
-        "Translate 'good morning' into Spanish.",
-        "'Good morning' in Spanish is 'buenos días'.",
-        "Spanish is spoken in many countries across Latin America and in Spain.",
-        "The football match ended in a draw after extra time.",
-    ),
-]
-for _ref, _two, _one, _zero in _CONCEPT_TABLE:
-    _CONCEPT_EXAMPLES += [(_ref, _two, 2), (_ref, _one, 1), (_ref, _zero, 0)]
-for _ref, _two, _one, _zero in _INSTRUCT_TABLE:
-    _INSTRUCT_EXAMPLES += [(_ref, _two, 2), (_ref, _one, 1), (_ref, _zero, 0)]
-# Fluency: the fluent texts above (2), awkward but readable text (1), broken text (0).
-_FLUENCY_EXAMPLES: list[tuple[str, int]] = [
-    *((two, 2) for _, two, _, _ in _CONCEPT_TABLE),
-    ("The cake is good. The cake is very good and the cake is a good cake to eat cake.", 1),
-    ("Him go to the store yesterday and buyed three apple for he mother.", 1),
-    ("The meeting, which was the meeting about the meeting, it was long and also long.", 1),
-    ("Music is the music that plays music when music is played by the music people.", 1),
-    ("bread bread bread bread bread bread bread bread bread bread bread bread", 0),
-    ("Tuesday quantum elbow the of purple running sky if carpet ninety seldom", 0),
-    (")) ;; of of :: the the , , , and and and ]] [[ the the", 0),
-    ("the the the the the the the the the the the the the the the", 0),
-]
 _STOPWORDS = frozenset(
     """a about above after again against all also am an and any are as at be because been
     before being below between both but by can could did do does doing down during each few for
@@ -169,32 +63,6 @@ def _best_threshold(pos: Tensor, neg: Tensor) -> float:
     balanced = (tpr + tnr) / 2
     best = torch.nonzero(balanced >= balanced.max() - 1e-9).flatten()
     return float(cuts[best[len(best) // 2]])
-
-
-def _fit_three_levels(scores: Tensor, labels: Tensor) -> tuple[float, float, float]:
-    """Cuts t1 <= t2 that map ``score`` to 0 (< t1), 1 (< t2) or 2 with the best accuracy on the
-    labelled examples; returns (t1, t2, training accuracy)."""
-    values = scores.sort().values
-    cuts = torch.cat([values[:1] - 1e-6, (values[1:] + values[:-1]) / 2, values[-1:] + 1e-6])
-    best: tuple[float, float, float] = (float(cuts[0]), float(cuts[-1]), -1.0)
-    for i in range(len(cuts)):
-        for j in range(i, len(cuts)):
-            predicted = (scores >= cuts[i]).long() + (scores >= cuts[j]).long()
-            accuracy = float((predicted == labels).float().mean())
-            if accuracy > best[2] + 1e-9:
-                best = (float(cuts[i]), float(cuts[j]), accuracy)
-    return best
-
-
-def _three_level(score: float, cuts: tuple[float, float, float]) -> int:
-    return int(score >= cuts[0]) + int(score >= cuts[1])
-
-
-def _repeated_trigram_fraction(text: str) -> float:
-    """Share of word 3-grams that repeat an earlier one (0 for ordinary prose)."""
-    words = text.lower().split()
-    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
-    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 def embedding_model_dir() -> Path:
@@ -249,13 +117,12 @@ class OfflineJudge(Judge):
     did not write itself, the cut is the 95th percentile of the random windows' scores (5%
     false positives).
 
-    **rate**: concept / instruct = cosine similarity of text and reference, cut into 0/1/2 at
-    thresholds fit to the hand-labelled examples in this module (training accuracy in
-    :meth:`describe`). Fluency with an LM: score = -(mean token NLL) - 5·(share of repeated
-    word trigrams), cut at thresholds fit the same way on labelled fluent / awkward / broken
-    texts; without an LM only the repetition term and the share of non-word tokens count.
-
-    Its agreement with an LLM judge is not assumed: measure it with :func:`measure_agreement`.
+    **rate** (steering's three 0/1/2 ratings): concept from the best-matching single word of
+    the text, instruct from whole-text similarity above the instruction's baseline, fluency from
+    loop / non-word / symbol statistics and the unsteered LM's likelihood, each cut at
+    thresholds fit on the packaged ``calibration.json``; details in
+    :mod:`project.judges.rating`. Its measured agreement with hand ratings is in
+    :data:`project.judges.agreement.AGREEMENT` (``bench/judge_agreement.py`` measures any judge).
     """
 
     name = "offline"
@@ -282,7 +149,10 @@ class OfflineJudge(Judge):
         self._thresholds: dict[str, float] = {}
         self._reference: list[str] | None = None
         self._reference_emb: Tensor | None = None
-        self._rating_cuts: dict[str, tuple[float, float, float]] = {}
+        self._custom_model = model_path is not None
+        self.rater = OfflineRater(
+            self.embed, load_lexicon(str(self.model_dir / "vocab.txt")), fluency_lm
+        )
 
     # ------------------------------------------------------------------ embeddings
     @torch.inference_mode()
@@ -434,50 +304,9 @@ class OfflineJudge(Judge):
 
     # ------------------------------------------------------------------ rate
     def rate(self, kind: str, text: str, reference: str) -> int | None:
+        """0/1/2 on ``kind``, computed as :mod:`project.judges.rating` describes."""
         check_kind(kind)
-        if not text.strip():
-            return 0
-        if kind == "fluency":
-            return _three_level(self._fluency_score(text), self._cuts("fluency"))
-        score = float(self.similarity([text], reference)[0])
-        return _three_level(score, self._cuts(kind))
-
-    def _cuts(self, kind: str) -> tuple[float, float, float]:
-        if kind not in self._rating_cuts:
-            if kind == "fluency":
-                scores = torch.tensor([self._fluency_score(t) for t, _ in _FLUENCY_EXAMPLES])
-                labels = torch.tensor([label for _, label in _FLUENCY_EXAMPLES])
-            else:
-                table = _CONCEPT_EXAMPLES if kind == "concept" else _INSTRUCT_EXAMPLES
-                self.embed([ref for ref, _, _ in table] + [t for _, t, _ in table])  # one pass
-                scores = torch.cat([self.similarity([t], ref) for ref, t, _ in table])
-                labels = torch.tensor([label for _, _, label in table])
-            self._rating_cuts[kind] = _fit_three_levels(scores, labels)
-            logger.info(
-                "offline judge: %s cuts %.3f / %.3f, accuracy %.2f on %d labelled examples",
-                kind,
-                *self._rating_cuts[kind],
-                len(labels),
-            )
-        return self._rating_cuts[kind]
-
-    @torch.inference_mode()
-    def _fluency_score(self, text: str) -> float:
-        repetition = _repeated_trigram_fraction(text)
-        if self.fluency_lm is None:
-            words = text.split()
-            non_words = sum(not re.search(r"[A-Za-z]{2,}", w) for w in words) / max(1, len(words))
-            return -5.0 * repetition - 3.0 * non_words
-        lm = self.fluency_lm
-        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][:256]
-        if lm.tokenizer.bos_token_id is not None:
-            ids = [lm.tokenizer.bos_token_id, *ids]
-        if len(ids) < 2:
-            return -5.0 * repetition
-        ids_1T = torch.tensor([ids], device=lm.device)
-        logits_1TV = lm.model(input_ids=ids_1T).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits_1TV[0, :-1], ids_1T[0, 1:])
-        return -float(nll) - 5.0 * repetition
+        return self.rater.rate(kind, text, reference)
 
     def describe(self) -> dict[str, Any]:
         version = _installed_version(EMBEDDING_PACKAGE)
@@ -485,10 +314,20 @@ class OfflineJudge(Judge):
             "name": self.name,
             "embedding_model": f"all-MiniLM-L6-v2 ({EMBEDDING_PACKAGE} {version})",
             "fluency_lm": self.fluency_lm.name if self.fluency_lm is not None else None,
-            "rating_calibration": {
-                kind: {"cuts": list(cuts[:2]), "train_accuracy": cuts[2]}
-                for kind, cuts in self._rating_cuts.items()
-            },
+            "rating_calibration": self.rater.describe(),
+            "identity": self.identity(),
+        }
+
+    def identity(self) -> dict[str, str]:
+        return {
+            "kind": self.name,
+            "model": str(self.model_dir)
+            if self._custom_model
+            else f"all-MiniLM-L6-v2 ({EMBEDDING_PACKAGE} {_installed_version(EMBEDDING_PACKAGE)})",
+            "fluency_lm": self.fluency_lm.name if self.fluency_lm is not None else "none",
+            "endpoint": "local",
+            "temperature": "0",
+            "calibration": f"{CALIBRATION_FILE} {calibration_hash()} rule {RATING_RULE_VERSION}",
         }
 
 

@@ -120,3 +120,12 @@ class OpenAIJudge(ChatJudge):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "model": self.model, "base_url": self.base_url}
+
+    def identity(self) -> dict[str, str]:
+        return {
+            "kind": self.name,
+            "model": self.model,
+            "endpoint": self.base_url,
+            "temperature": "0",
+            "calibration": "",
+        }

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from project.judges import (
+    HF_JUDGE_MODEL_ENV,
     JUDGE_NAMES,
     OfflineJudge,
     build_judge,
@@ -156,6 +157,10 @@ def test_openai_judge_over_http(fake_openai: Any, monkeypatch: pytest.MonkeyPatc
     # Detection windows go to the scorer without their activation marks.
     assert "<<" not in json.dumps(handler.requests[3]["body"])
     assert judge.describe() == {"name": "openai", "model": "judge-model", "base_url": base_url}
+    identity = judge.identity()
+    assert identity["model"] == "judge-model" and identity["endpoint"] == base_url
+    other = build_judge("openai", base_url=base_url, model="other-model", max_retries=0)
+    assert other.identity() != identity and other.identity()["kind"] == "openai"
 
 
 def test_openai_endpoint_failures_raise_before_work(
@@ -195,14 +200,33 @@ def test_openai_request_failure_is_counted(
 # hf
 
 
-def test_hf_judge_with_tiny_random_lm_counts_garbage(tiny_lm: LoadedLM) -> None:
-    judge = build_judge("hf", lm=tiny_lm, max_new_tokens=8)
-    assert judge.describe()["model"] == tiny_lm.name
+def test_hf_judge_with_tiny_random_lm_counts_garbage(tiny_lm_dir: str) -> None:
+    judge = build_judge("hf", model=tiny_lm_dir, max_new_tokens=8)
+    assert judge.describe()["model"] == judge.identity()["model"]
     # A random model answers gibberish: no rating, one counted failure, no exception.
     assert judge.rate("concept", "Bake the bread.", "cooking") is None
     assert judge.parse_failures == 1
     assert judge.detect_or_none("cats", ["a cat", "a dog"]) is None
     assert judge.parse_failures == 2
+
+
+def test_hf_judge_needs_a_named_model(
+    tiny_lm: LoadedLM, tiny_lm_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(HF_JUDGE_MODEL_ENV, raising=False)
+    # The evaluated LM is never silently its own judge.
+    with pytest.raises(ValueError, match="judge 'hf' needs its judge model named"):
+        build_judge("hf", lm=tiny_lm)
+    monkeypatch.setenv(HF_JUDGE_MODEL_ENV, tiny_lm_dir)
+    judge = build_judge("hf", lm=tiny_lm, max_new_tokens=8)
+    assert judge.identity() == {
+        "kind": "hf",
+        "model": judge.lm.name,
+        "endpoint": "local",
+        "temperature": "0",
+        "calibration": "",
+    }
+    assert judge.identity() != build_judge("offline").identity()
 
 
 def test_hf_judge_bad_model_raises() -> None:

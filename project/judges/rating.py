@@ -1,0 +1,326 @@
+"""Offline 0/1/2 ratings of a steered continuation on AxBench's three scales (METHODS §3).
+
+What each rating is computed from (issue 13):
+
+- **concept** (is the concept clearly present): the largest cosine similarity between the
+  concept description and any single content word of the text, each embedded alone with the
+  packaged all-MiniLM-L6-v2. A concept is there when one of its words (or a close one: "melody"
+  for music, "planet" for space) is; a text that is merely on a neighbouring topic has no such
+  word, so it does not earn credit the way a whole-text similarity would.
+- **instruct** (is the text on the instruction's topic): cosine similarity of the whole text and
+  the instruction, minus that instruction's mean similarity to the calibration completions
+  written for other instructions (what unrelated text already scores against it). Text that is
+  mostly non-words or symbols answers nothing: instruct 0.
+- **fluency** (well-formed language; loops and non-words are 0): a score from lexical
+  statistics, minus the unsteered LM's surprisal where an LM is given —
+  ``-(4·loop + 4·non_words + 2·symbols)``, where ``loop`` is the larger of the share of word
+  trigrams that repeat an earlier one and how far zlib compresses the text beyond ordinary
+  prose, ``non_words`` the share of whitespace tokens that are neither numbers nor words of
+  the embedding model's vocabulary (22k English words, simple inflections allowed), ``symbols``
+  the share of tokens with no letter or digit; with an LM, ``- 0.25·max(0, NLL - 2.5)`` where
+  NLL is the LM's mean per-token negative log-likelihood of the text (nats). Perplexity alone
+  rewards predictable loops, which is why it only refines the lexical score.
+
+Each score is cut into 0/1/2 at two thresholds fit (best accuracy) on the labelled examples in
+``calibration.json``: short completions written for saeflow and rated by careful reading,
+none taken from any benchmark file. The cuts are fit when a judge is built, with its own LM,
+so the fluency cuts match the LM's scale. Empty text rates 0 on every scale.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import re
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from project.lm import LoadedLM
+
+logger = logging.getLogger(__name__)
+
+# Bumped whenever a formula below changes: part of the judge's identity.
+RATING_RULE_VERSION = "3"
+CALIBRATION_FILE = "calibration.json"
+_PUNCT = " .,;:!?\"'()[]{}*_`“”‘’-–—…#<>|/\\~"
+_ALPHA_RE = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*")
+_NUMBER_RE = re.compile(r"[\d.,%/:$+=x-]*\d[\d.,%/:$+=x-]*")
+_CONTENT_RE = re.compile(r"[A-Za-z]{3,}")
+_SUFFIXES = ("s", "es", "ed", "d", "ing", "ly", "er", "ers", "est", "ies", "ied")
+# Ordinary prose compresses to ~0.6-0.75 of its bytes with zlib; a loop to far less.
+_PROSE_COMPRESSION = 0.55
+_MIN_COMPRESS_BYTES = 60
+# Mean NLL (nats/token) of fluent text under a small chat LM sits around 2-3.
+_NLL_FREE = 2.5
+_STOPWORDS = frozenset(
+    """the and for are but not you your with this that these those from have has had was were
+    been being its their them they his her she him our who whom what which when where why how
+    all any can could will would should may might must shall into onto than then there here
+    also just very more most some such only own same other each both few many much one two
+    three first about after before over under again once out off too does did doing done""".split()  # noqa: SIM905
+)
+
+
+@functools.lru_cache(maxsize=4)
+def load_lexicon(vocab_path: str) -> frozenset[str]:
+    """Lower-case whole English words of a WordPiece ``vocab.txt`` (the embedding model's)."""
+    words = set()
+    for line in Path(vocab_path).read_text(encoding="utf-8").splitlines():
+        if re.fullmatch(r"[a-z]+", line) and (len(line) > 1 or line in "ai"):
+            words.add(line)
+    return frozenset(words)
+
+
+def _known(word: str, lexicon: frozenset[str]) -> bool:
+    word = word.lower()
+    if word in lexicon:
+        return True
+    for suffix in _SUFFIXES:
+        if word.endswith(suffix) and len(word) > len(suffix) + 2:
+            stem = word[: -len(suffix)]
+            if stem in lexicon or stem + "e" in lexicon or stem + "y" in lexicon:
+                return True
+    return False
+
+
+@dataclass(frozen=True)
+class TextStats:
+    """Lexical statistics of a text (shares of its whitespace tokens unless said otherwise)."""
+
+    n_tokens: int
+    non_words: float
+    symbols: float
+    repeated_trigrams: float
+    compression: float  # zlib-compressed bytes / bytes (1.0 for texts too short to tell)
+
+    @property
+    def loop(self) -> float:
+        """How loop-like the text is: repeated trigrams, or compressibility beyond prose."""
+        excess = max(0.0, _PROSE_COMPRESSION - self.compression) / _PROSE_COMPRESSION
+        return max(self.repeated_trigrams, excess)
+
+
+def text_stats(text: str, lexicon: frozenset[str]) -> TextStats:
+    """Non-word, symbol and repetition statistics of ``text`` (see the module docstring)."""
+    tokens = text.split()
+    non_words = symbols = 0
+    words: list[str] = []
+    for token in tokens:
+        core = token.strip(_PUNCT)
+        if not core:
+            symbols += 1
+            continue
+        if _ALPHA_RE.fullmatch(core):
+            # Hyphenated and elided words: the first part decides ("self-care", "it's"); an
+            # unknown capitalised word is a name ("Erebus"), not a non-word.
+            head = re.split(r"['’-]", core)[0]
+            is_name = head[:1].isupper() and head[1:].islower()
+            if not (len(head) <= 1 or is_name or _known(head, lexicon)):
+                non_words += 1
+            words.append(core.lower())
+        elif not _NUMBER_RE.fullmatch(core):
+            non_words += 1  # letters glued to digits or symbols: "the1", "is=zero:one"
+    n = max(1, len(tokens))
+    trigrams = list(zip(words, words[1:], words[2:], strict=False))
+    repeated = 1.0 - len(set(trigrams)) / len(trigrams) if len(trigrams) >= 4 else 0.0
+    raw = text.encode("utf-8")
+    compression = len(zlib.compress(raw, 9)) / len(raw) if len(raw) >= _MIN_COMPRESS_BYTES else 1.0
+    return TextStats(len(tokens), non_words / n, symbols / n, repeated, compression)
+
+
+def content_words(text: str) -> list[str]:
+    """Distinct lower-case words of three letters or more, stop words dropped, in order."""
+    seen: dict[str, None] = {}
+    for word in _CONTENT_RE.findall(text):
+        word = word.lower()
+        if word not in _STOPWORDS:
+            seen.setdefault(word, None)
+    return list(seen)
+
+
+@dataclass(frozen=True)
+class LabelledText:
+    """One calibration example: a completion with its hand ratings."""
+
+    concept: str
+    instruction: str
+    completion: str
+    ratings: dict[str, int]
+
+
+def calibration_path() -> Path:
+    """``calibration.json`` inside the installed package."""
+    return Path(str(resources.files("project.judges").joinpath(CALIBRATION_FILE)))
+
+
+@functools.lru_cache(maxsize=1)
+def calibration_examples() -> tuple[LabelledText, ...]:
+    """The labelled completions written for saeflow (``calibration.json``)."""
+    data = json.loads(calibration_path().read_text(encoding="utf-8"))
+    return tuple(
+        LabelledText(
+            item["concept"],
+            item["instruction"],
+            item["completion"],
+            {k: int(item[f"{k}_rating"]) for k in ("concept", "instruct", "fluency")},
+        )
+        for item in data["examples"]
+    )
+
+
+def calibration_hash() -> str:
+    """Short hash of the calibration data and the rating rule's version."""
+    digest = hashlib.sha256(calibration_path().read_bytes())
+    digest.update(RATING_RULE_VERSION.encode())
+    return digest.hexdigest()[:12]
+
+
+def fit_three_levels(scores: Sequence[float], labels: Sequence[int]) -> tuple[float, float, float]:
+    """Cuts t1 <= t2 mapping a score to 0 (< t1), 1 (< t2) or 2 with the best accuracy on the
+    labelled examples (among equally good cuts, the midpoints between neighbouring scores
+    closest to the middle); returns (t1, t2, training accuracy)."""
+    s = torch.tensor(list(scores), dtype=torch.float64)
+    y = torch.tensor(list(labels))
+    values = s.unique().sort().values
+    cuts = torch.cat([values[:1] - 1e-6, (values[1:] + values[:-1]) / 2, values[-1:] + 1e-6])
+    level = (s[None, :] >= cuts[:, None]).long()  # [C, N]
+    best: tuple[float, float, float] = (float(cuts[0]), float(cuts[-1]), -1.0)
+    for i in range(len(cuts)):
+        predicted = level[i][None, :] + level[i:]  # cut j >= i
+        accuracy = (predicted == y[None, :]).double().mean(dim=1)
+        j = int(accuracy.argmax())
+        if float(accuracy[j]) > best[2] + 1e-9:
+            best = (float(cuts[i]), float(cuts[i + j]), float(accuracy[j]))
+    return best
+
+
+def three_level(score: float, cuts: tuple[float, float, float]) -> int:
+    """0, 1 or 2 for a score and (t1, t2, _) cuts."""
+    return int(score >= cuts[0]) + int(score >= cuts[1])
+
+
+class OfflineRater:
+    """The offline judge's ratings (module docstring); ``embed`` maps texts to unit vectors."""
+
+    def __init__(
+        self,
+        embed: Callable[[Sequence[str]], Tensor],
+        lexicon: frozenset[str],
+        fluency_lm: LoadedLM | None = None,
+    ) -> None:
+        self.embed = embed
+        self.lexicon = lexicon
+        self.fluency_lm = fluency_lm
+        self.cuts: dict[str, tuple[float, float, float]] = {}
+        self._baselines: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ scores
+    def concept_score(self, text: str, concept: str) -> float:
+        words = content_words(text)
+        if not words:
+            return 0.0
+        return float((self.embed(words) @ self.embed([concept])[0]).max())
+
+    def instruct_score(self, text: str, instruction: str) -> float:
+        similarity = float(self.embed([text])[0] @ self.embed([instruction])[0])
+        return similarity - self.instruction_baseline(instruction)
+
+    def instruction_baseline(self, instruction: str) -> float:
+        """Mean similarity of ``instruction`` to the calibration completions written for other
+        instructions: how similar unrelated text already is ("write a note" instructions
+        resemble every text less than "explain X" ones)."""
+        if instruction not in self._baselines:
+            unrelated = [
+                ex.completion for ex in calibration_examples() if ex.instruction != instruction
+            ]
+            sims = self.embed(unrelated) @ self.embed([instruction])[0]
+            self._baselines[instruction] = float(sims.mean())
+        return self._baselines[instruction]
+
+    def fluency_score(self, text: str) -> float:
+        stats = text_stats(text, self.lexicon)
+        score = -(4.0 * stats.loop + 4.0 * stats.non_words + 2.0 * stats.symbols)
+        if self.fluency_lm is not None:
+            score -= 0.25 * max(0.0, self.mean_nll(text) - _NLL_FREE)
+        return score
+
+    @torch.inference_mode()
+    def mean_nll(self, text: str) -> float:
+        """Mean per-token negative log-likelihood of ``text`` under the fluency LM (nats)."""
+        lm = self.fluency_lm
+        if lm is None:
+            raise ValueError("mean_nll needs a fluency LM")
+        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][:256]
+        if lm.tokenizer.bos_token_id is not None:
+            ids = [lm.tokenizer.bos_token_id, *ids]
+        if len(ids) < 2:
+            return _NLL_FREE
+        ids_1T = torch.tensor([ids], device=lm.device)
+        logits_1TV = lm.model(input_ids=ids_1T).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits_1TV[0, :-1], ids_1T[0, 1:])
+        return float(nll) if math.isfinite(float(nll)) else 20.0
+
+    def score(self, kind: str, text: str, reference: str) -> float:
+        if kind == "concept":
+            return self.concept_score(text, reference)
+        if kind == "instruct":
+            return self.instruct_score(text, reference)
+        return self.fluency_score(text)
+
+    # ------------------------------------------------------------------ ratings
+    def calibrate(self, kind: str) -> tuple[float, float, float]:
+        """The (t1, t2, training accuracy) cuts of ``kind``, fit once on ``calibration.json``
+        (on the examples that the score decides: not the empty or gibberish ones that
+        :meth:`rate` settles by rule)."""
+        if kind not in self.cuts:
+            references = {"concept": "concept", "instruct": "instruction", "fluency": "concept"}
+            examples = [
+                ex for ex in calibration_examples() if self.by_rule(kind, ex.completion) is None
+            ]
+            scores = [
+                self.score(kind, ex.completion, getattr(ex, references[kind])) for ex in examples
+            ]
+            self.cuts[kind] = fit_three_levels(scores, [ex.ratings[kind] for ex in examples])
+            logger.info(
+                "offline judge: %s cuts %.3f / %.3f, accuracy %.2f on %d labelled examples",
+                kind,
+                *self.cuts[kind],
+                len(examples),
+            )
+        return self.cuts[kind]
+
+    def by_rule(self, kind: str, text: str) -> int | None:
+        """The rating where a rule settles it (empty text: 0; gibberish answers no
+        instruction: instruct 0), else None."""
+        if not text.strip():
+            return 0
+        if kind == "instruct" and self.is_gibberish(text):
+            return 0
+        return None
+
+    def rate(self, kind: str, text: str, reference: str) -> int:
+        ruled = self.by_rule(kind, text)
+        if ruled is not None:
+            return ruled
+        return three_level(self.score(kind, text, reference), self.calibrate(kind))
+
+    def is_gibberish(self, text: str) -> bool:
+        """Mostly non-words or symbols: the text answers nothing, whatever its embedding."""
+        stats = text_stats(text, self.lexicon)
+        return stats.non_words + stats.symbols >= 0.5
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            kind: {"cuts": [round(c, 4) for c in cuts[:2]], "train_accuracy": round(cuts[2], 3)}
+            for kind, cuts in self.cuts.items()
+        }

@@ -1,0 +1,206 @@
+"""The offline judge's steering ratings (issue 13) and the agreement statistics of
+bench/judge_agreement.py, on text written here and the tiny random LM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from project.judges import OfflineJudge, build_judge, embedding_model_dir
+from project.judges.agreement import (
+    AGREEMENT,
+    agreement_report,
+    harmonic_score,
+    kind_agreement,
+    load_gold,
+    rate_items,
+)
+from project.judges.rating import (
+    calibration_examples,
+    fit_three_levels,
+    load_lexicon,
+    text_stats,
+)
+from project.lm import LoadedLM
+
+_LOOP = "the ocean ocean ocean ocean ocean ocean ocean ocean ocean ocean ocean ocean ocean ocean"
+_PHRASE_LOOP = "I love the sea and " * 8
+_NON_WORDS = "NADARARAMANNA ARADAMPCAARR ANHNASCAND SEAREDAdALARA RWAMingRCA RARAROFARA"
+_GLUED = "isother:other_ On the1 is The=1 of10:The1 isX zeros 2x is=zero:one is10:one=10"
+_FLUENT = (
+    "To make a paper airplane, fold a sheet of paper in half lengthwise, open it again and "
+    "fold the two top corners down to the centre line."
+)
+_STEERED = (
+    "To make a paper airplane, fold the paper like a wave of the ocean, as dolphins and whales "
+    "glide through the deep blue sea past the coral reef."
+)
+
+
+@pytest.fixture(scope="module")
+def offline() -> OfflineJudge:
+    judge = build_judge("offline")
+    assert isinstance(judge, OfflineJudge)
+    return judge
+
+
+@pytest.fixture(scope="module")
+def offline_tiny(tiny_lm: LoadedLM) -> OfflineJudge:
+    judge = build_judge("offline", lm=tiny_lm)
+    assert isinstance(judge, OfflineJudge)
+    return judge
+
+
+@pytest.mark.parametrize("text", [_LOOP, _PHRASE_LOOP, _NON_WORDS, _GLUED])
+def test_loops_and_non_words_get_fluency_zero(
+    text: str, offline: OfflineJudge, offline_tiny: OfflineJudge
+) -> None:
+    # With no LM, and with a random LM whose likelihood says nothing: the lexical part decides.
+    assert offline.rate("fluency", text, "") == 0
+    assert offline_tiny.rate("fluency", text, "") == 0
+    assert offline.rate("fluency", _FLUENT, "") == 2
+    assert offline_tiny.rate("fluency", _FLUENT, "") == 2
+
+
+def test_gibberish_answers_no_instruction(offline: OfflineJudge) -> None:
+    instruction = "Describe how to make a paper airplane."
+    assert offline.rate("instruct", _NON_WORDS + " paper airplane", instruction) == 0
+    assert offline.rate("instruct", _FLUENT, instruction) == 2
+    for kind in ("concept", "instruct", "fluency"):
+        assert offline.rate(kind, "  \n ", "the ocean") == 0
+
+
+def test_on_topic_answer_without_the_concept_gets_concept_zero(offline: OfflineJudge) -> None:
+    # Same instruction, same topic: only the steered one carries the concept.
+    assert offline.rate("concept", _FLUENT, "the ocean and sea life") == 0
+    assert offline.rate("concept", _STEERED, "the ocean and sea life") == 2
+    assert offline.rate("concept", _FLUENT, "space and astronomy") == 0
+    assert offline.rate("instruct", _STEERED, "Describe how to make a paper airplane.") >= 1
+
+
+def test_text_stats_count_what_they_say() -> None:
+    lexicon = load_lexicon(str(embedding_model_dir() / "vocab.txt"))
+    stats = text_stats("The cat sat on 3 mats, flurbix!", lexicon)
+    assert stats.n_tokens == 7
+    assert stats.non_words == pytest.approx(1 / 7)  # "flurbix"; the number is no non-word
+    assert stats.symbols == 0.0
+    assert text_stats(_LOOP, lexicon).loop > 0.5
+    assert text_stats(_FLUENT, lexicon).loop < 0.1
+    assert text_stats("( ) ; . ,", lexicon).symbols == 1.0
+
+
+def test_fit_three_levels_finds_separating_cuts() -> None:
+    t1, t2, accuracy = fit_three_levels([0.1, 0.2, 0.5, 0.6, 0.9, 1.0], [0, 0, 1, 1, 2, 2])
+    assert accuracy == 1.0
+    assert 0.2 < t1 <= 0.5 and 0.6 < t2 <= 0.9
+
+
+def test_calibration_data_is_packaged_and_covers_every_level() -> None:
+    examples = calibration_examples()
+    assert len(examples) >= 30
+    for kind in ("concept", "instruct", "fluency"):
+        counts = {level: sum(e.ratings[kind] == level for e in examples) for level in (0, 1, 2)}
+        assert min(counts.values()) >= 3, (kind, counts)
+
+
+def test_offline_identity_names_lm_and_calibration(
+    offline: OfflineJudge, offline_tiny: OfflineJudge, tiny_lm: LoadedLM
+) -> None:
+    plain, tiny = offline.identity(), offline_tiny.identity()
+    assert plain["kind"] == tiny["kind"] == "offline"
+    assert plain["fluency_lm"] == "none" and tiny["fluency_lm"] == tiny_lm.name
+    assert plain != tiny
+    assert "calibration.json" in plain["calibration"] and all(
+        isinstance(v, str) for v in plain.values()
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# agreement statistics
+
+
+def _hand_quadratic_kappa(a: list[int], b: list[int]) -> float:
+    """Cohen's κ with quadratic weights, written out: 1 - Σ w·O / Σ w·E."""
+    observed = np.zeros((3, 3))
+    for x, y in zip(a, b, strict=True):
+        observed[x, y] += 1
+    observed /= observed.sum()
+    expected = np.outer(observed.sum(1), observed.sum(0))
+    weights = np.array([[(i - j) ** 2 for j in range(3)] for i in range(3)]) / 4
+    return 1 - (weights * observed).sum() / (weights * expected).sum()
+
+
+def test_kappa_matches_a_hand_computation() -> None:
+    hand = [0, 0, 0, 1, 1, 2, 2, 2, 0, 1]
+    judge = [0, 1, 0, 1, 2, 2, 1, 2, 0, 0]
+    result = kind_agreement(hand, judge)
+    # 4 of 10 disagree by one step (weight 1/4): 0.1 observed; by chance (marginals .4/.3/.3
+    # on both sides) 0.105 + 0.24 = 0.345; κ = 1 - 0.1 / 0.345
+    assert result["exact"] == pytest.approx(0.6)
+    assert result["kappa"] == pytest.approx(_hand_quadratic_kappa(hand, judge))
+    assert result["kappa"] == pytest.approx(1 - 0.1 / 0.345)
+    assert result["confusion"] == [[3, 1, 0], [1, 1, 1], [0, 1, 2]]
+    assert np.isnan(kind_agreement([1, 1], [0, 2])["kappa"])  # one side constant
+
+
+def test_agreement_report_on_a_gold_fixture(tmp_path: Path, offline: OfflineJudge) -> None:
+    rows = [
+        {
+            "concept": "the ocean and sea life",
+            "instruction": "Describe how to make a paper airplane.",
+            "method": "plain",
+            "completion": _FLUENT,
+            "concept_rating": 0,
+            "instruct_rating": 2,
+            "fluency_rating": 2,
+        },
+        {
+            "concept": "the ocean and sea life",
+            "instruction": "Describe how to make a paper airplane.",
+            "method": "steered",
+            "completion": _STEERED,
+            "concept_rating": 2,
+            "instruct_rating": 1,
+            "fluency_rating": 2,
+        },
+        {
+            "concept": "the ocean and sea life",
+            "instruction": "Describe how to make a paper airplane.",
+            "method": "steered",
+            "completion": _LOOP,
+            "concept_rating": 2,
+            "instruct_rating": 0,
+            "fluency_rating": 0,
+        },
+    ]
+    path = tmp_path / "gold.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    gold = load_gold(path)
+    ratings = rate_items(offline, gold)
+    report = agreement_report(gold, ratings)
+    assert report["methods"]["plain"]["hand"] == 0.0
+    assert report["methods"]["steered"]["hand"] == pytest.approx(harmonic_score(2, 1, 2) / 2)
+    assert report["methods"]["plain"]["judge"] == 0.0  # concept 0: no credit for plain text
+    assert set(report["kinds"]) == {"concept", "instruct", "fluency"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**rows[0], "fluency_rating": 3}))
+    with pytest.raises(ValueError, match="fluency_rating=3 is not 0, 1 or 2"):
+        load_gold(bad)
+
+
+def test_harmonic_score() -> None:
+    assert harmonic_score(2, 2, 2) == 2.0
+    assert harmonic_score(0, 2, 2) == 0.0
+    assert harmonic_score(1, 2, 2) == pytest.approx(1.5)
+
+
+def test_shipped_agreement_figures_are_keyed_by_identity() -> None:
+    assert AGREEMENT, "agreement.json must ship the offline judge's measured figures"
+    for key, figures in AGREEMENT.items():
+        assert key.startswith("offline|")
+        assert {"concept_kappa", "instruct_kappa", "fluency_kappa", "score_spearman"} <= set(
+            figures
+        )
