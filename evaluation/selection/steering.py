@@ -13,11 +13,11 @@ batched with the default :class:`SelectionConfig` and the steering table's max a
 
 from __future__ import annotations
 
-import weakref
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from evaluation.selection.config import SelectionConfig
 from evaluation.selection.rules import random_order, top_k
@@ -34,14 +34,23 @@ CRITERIA: dict[str, tuple[str, str]] = {
     "max_activation": ("max_activation", "up"),
 }
 SUBSET_QUANTILE = 0.90
-_SCORES: weakref.WeakKeyDictionary[nn.Module, dict[str, Tensor]] = weakref.WeakKeyDictionary()
+_SCORES: dict[str, dict[str, Tensor]] = {}
+
+
+def _key(context: Any) -> str:
+    """Identity of (SAE weights, LM, layer, m_i): steering loads the SAE afresh per run, and
+    several selections on one version in one process should compute the scores once."""
+    h = hashlib.sha256(f"{id(context.lm.model)}:{context.layer}".encode())
+    for t in (context.sae.W_dec, context.sae.b_dec, context.max_activation_F):
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _scores(context: Any, column: str) -> Tensor:
     """The column for ``context.sae`` (computed on first use; the scan only for input_score)."""
     if column == "max_activation":
         return context.max_activation_F
-    cached = _SCORES.setdefault(context.sae, {})
+    cached = _SCORES.setdefault(_key(context), {})
     if column not in cached:
         stats = {
             "max_activation": context.max_activation_F,
