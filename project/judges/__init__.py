@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from project.checks import check_int
+from project.judges.agreement import AGREEMENT, harmonic_score, measured_agreement
 from project.judges.base import ChatJudge, Judge
 from project.judges.hf import HFJudge
 from project.judges.offline import EMBEDDING_PACKAGE, OfflineJudge, embedding_model_dir
@@ -239,6 +240,7 @@ def measure_agreement(
 
 
 __all__ = [
+    "AGREEMENT",
     "EMBEDDING_PACKAGE",
     "HF_JUDGE_MODEL_ENV",
     "JUDGE_NAMES",
@@ -252,7 +254,9 @@ __all__ = [
     "detection_messages",
     "embedding_model_dir",
     "explanation_messages",
+    "harmonic_score",
     "measure_agreement",
+    "measured_agreement",
     "parse_detection",
     "parse_explanation",
     "parse_rating",
