@@ -118,7 +118,10 @@ def test_nan_loss_fails_the_run_and_registers_nothing(
 def test_interrupted_training_resumes_in_the_same_run(
     tiny_lm_dir: str, tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = tiny_config(tiny_lm_dir, tmp_path, training_tokens=256 * 100)
+    # A wide dictionary at k = 2: a batch leaves most latents silent, so their counters run.
+    config = tiny_config(
+        tiny_lm_dir, tmp_path, training_tokens=256 * 100, expansion=16, target_l0=2
+    )
     original_step = training_module.SAETrainingModule.training_step
     # The dead-latent counter as step 50 starts: once in the first run, once after resuming
     # from the step-50 checkpoint.
