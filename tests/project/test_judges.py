@@ -16,6 +16,7 @@ from project.judges import (
     OfflineJudge,
     build_judge,
     measure_agreement,
+    measured_agreement,
     parse_detection,
     parse_explanation,
     parse_rating,
@@ -333,3 +334,6 @@ def test_offline_fluency_from_smollm2_perplexity() -> None:
     assert fluent_rating is not None and salad_rating is not None
     assert fluent_rating > salad_rating
     assert judge.describe()["fluency_lm"] == "smollm2-135m-instruct"
+    # The default steering judge's agreement with hand ratings ships with the package.
+    figures = measured_agreement(judge.identity())
+    assert figures is not None and figures["concept_kappa"] >= 0.75
