@@ -16,6 +16,7 @@ from project.judges.agreement import (
     harmonic_score,
     kind_agreement,
     load_gold,
+    measured_agreement,
     rate_items,
 )
 from project.judges.rating import (
@@ -197,8 +198,10 @@ def test_harmonic_score() -> None:
     assert harmonic_score(1, 2, 2) == pytest.approx(1.5)
 
 
-def test_shipped_agreement_figures_are_keyed_by_identity() -> None:
+def test_shipped_agreement_figures_are_keyed_by_identity(offline: OfflineJudge) -> None:
     assert AGREEMENT, "agreement.json must ship the offline judge's measured figures"
+    figures = measured_agreement(offline.identity())
+    assert figures is not None and figures["instruct_kappa"] >= 0.85
     for key, figures in AGREEMENT.items():
         assert key.startswith("offline|")
         assert {"concept_kappa", "instruct_kappa", "fluency_kappa", "score_spearman"} <= set(
