@@ -6,7 +6,8 @@ top ``1 − q`` share of the live latents by its score (q = 0.90, the middle of 
 tail quantiles), so criteria are compared at one subset size, as the paper does. Latent-first
 steering takes the first ``n_concepts`` of them; concept-first steering picks each concept's
 latent inside the set. ``random`` is a seeded random subset of the same size (the fair
-baseline in concept mode, where ``none`` offers every live latent). Scores are computed
+baseline in concept mode, where ``none`` offers every live latent); ``supervised`` ranks by
+the best calibrated F1 over the shipped concepts' labelled tokens. Scores are computed
 batched with the default :class:`SelectionConfig` and the steering table's max activations
 (``context``), once per SAE and process.
 """
@@ -17,11 +18,13 @@ import hashlib
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from evaluation.selection.config import SelectionConfig
 from evaluation.selection.rules import random_order, top_k
 from evaluation.selection.scores import compute_scores, intervened_scores
+from evaluation.selection.supervised import supervised_scores
 
 # name → (score column, direction)
 CRITERIA: dict[str, tuple[str, str]] = {
@@ -33,7 +36,11 @@ CRITERIA: dict[str, tuple[str, str]] = {
     "input_score": ("input_score", "up"),
     "max_activation": ("max_activation", "up"),
 }
+# Criteria beyond the score columns: an equal-size random subset; supervised calibrated F1.
+EXTRA = ("random", "supervised")
 SUBSET_QUANTILE = 0.90
+# The labelled concepts ``supervised`` scores against (steering's ``concepts`` forms).
+SUPERVISED_CONCEPTS = "stdlib"
 _SCORES: dict[str, dict[str, Tensor]] = {}
 
 
@@ -89,8 +96,17 @@ def criterion(name: str) -> Callable[[Any], list[int]]:
             return order[: subset_size(context)]
 
         return select_random
+    if name == "supervised":
+
+        def select_supervised(context: Any) -> list[int]:
+            scores_F = supervised_over_concepts(context, SUPERVISED_CONCEPTS)
+            live_F = live(context)
+            n = min(subset_size(context), int((live_F & scores_F.isfinite()).sum()))
+            return top_k(scores_F, n, "up", live_F) if n else []
+
+        return select_supervised
     if name not in CRITERIA:
-        valid = ", ".join([*CRITERIA, "random"])
+        valid = ", ".join([*CRITERIA, *EXTRA])
         raise ValueError(f"unknown criterion {name!r}; valid criteria: {valid}")
     column, direction = CRITERIA[name]
 
@@ -104,7 +120,37 @@ def criterion(name: str) -> Callable[[Any], list[int]]:
     return select
 
 
+def supervised_over_concepts(
+    context: Any, concepts: str = "stdlib", n_concepts: int | None = None, n_examples: int = 16
+) -> Tensor:
+    """Per latent, its best calibrated F1 over the steering concepts' labelled tokens (the
+        shipped set by default; steering's selection context does not say which concepts a run
+        uses, so this is the set its defaults draw: 6 shipped concepts, or every concept of a
+    file). NaN below the support of 50."""
+    from evaluation.steering.data import load_concepts, read_concepts_file
+
+    if n_concepts is None:  # steering's default count, or every concept of a file
+        n_concepts = 6 if concepts == "stdlib" else len(read_concepts_file(concepts))
+
+    cached = _SCORES.setdefault(_key(context), {})
+    name = f"supervised:{concepts}:{n_concepts}:{n_examples}:{context.seed}"
+    if name not in cached:
+        best_F = torch.full((context.sae.cfg.d_sae,), float("nan"), dtype=torch.float64)
+        for concept in load_concepts(concepts, n_concepts, n_examples, context.seed):
+            f1_F = supervised_scores(
+                context.sae,
+                context.lm,
+                context.layer,
+                list(concept.positives),
+                list(concept.negatives),
+            ).f1_F
+            best_F = torch.fmax(best_F, f1_F)  # fmax: NaN only where both are NaN
+        cached[name] = best_F
+    return cached[name]
+
+
 def register_selections(selections: dict[str, Callable[[Any], list[int]]]) -> None:
-    """Add every criterion of :data:`CRITERIA`, and ``random``, to a steering registry."""
-    for name in [*CRITERIA, "random"]:
+    """Add every criterion of :data:`CRITERIA`, ``random`` and ``supervised`` to a steering
+    selection registry."""
+    for name in [*CRITERIA, *EXTRA]:
         selections.setdefault(name, criterion(name))

@@ -43,17 +43,32 @@ def calibrated_f1(tp_F: Tensor, fp_F: Tensor, fn_F: Tensor, pi: float, pi0: floa
 
 @torch.no_grad()
 def _firing(
-    sae: SparseAutoencoder, lm: LoadedLM, layer: int, texts: list[str], max_tokens: int
+    sae: SparseAutoencoder,
+    lm: LoadedLM,
+    layer: int,
+    texts: list[str],
+    max_tokens: int,
+    batch_size: int = 16,
 ) -> list[Tensor]:
     """Per text, a [T, F] bool tensor of which latents fire on each (non-special) token."""
     tok = lm.tokenizer
     special = {t for t in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if t is not None}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     out = []
-    for text in texts:
-        ids_1T = tok(text, return_tensors="pt", truncation=True, max_length=max_tokens).input_ids
-        keep_T = torch.tensor([int(t) not in special for t in ids_1T[0]])
-        acts_TD = residual_activations(lm, ids_1T, layer)[0].float().cpu()
-        out.append(sae.encode(acts_TD[keep_T].to(sae.W_dec.dtype)) > 0)
+    for start in range(0, len(texts), batch_size):
+        rows = [
+            tok(t, truncation=True, max_length=max_tokens).input_ids
+            for t in texts[start : start + batch_size]
+        ]
+        width = max(len(r) for r in rows)
+        # Right padding: a causal LM's real positions never see the pads.
+        ids_BT = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        mask_BT = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        acts_BTD = residual_activations(lm, ids_BT, layer, mask_BT).float().cpu()
+        for b, r in enumerate(rows):
+            keep_T = torch.tensor([int(t) not in special for t in r], dtype=torch.bool)
+            acts_TD = acts_BTD[b, : len(r)][keep_T]
+            out.append(sae.encode(acts_TD.to(sae.W_dec.dtype)) > 0)
     return out
 
 

@@ -3,17 +3,25 @@ and the criteria as steering selections."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from evaluation.selection import steering as steering_module
 from evaluation.selection.config import SelectionConfig
 from evaluation.selection.rules import top_k
 from evaluation.selection.scores import intervened_scores
-from evaluation.selection.steering import CRITERIA, criterion, register_selections
+from evaluation.selection.steering import (
+    CRITERIA,
+    criterion,
+    register_selections,
+    supervised_over_concepts,
+)
 from evaluation.selection.table import SCORE_COLUMNS, scores_for_version
 from project.lm import LoadedLM, hook_name, load_lm
 from project.registry import register_sae
@@ -91,8 +99,21 @@ def test_scores_table_is_logged_once_and_reused(tracking_uri: str, dir_lm: Loade
     assert not reused and other_run != run_id
 
 
-def test_criteria_plug_into_a_steering_registry(tiny_lm: LoadedLM) -> None:
+def test_criteria_plug_into_a_steering_registry(
+    tiny_lm: LoadedLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from evaluation.steering.selection import SELECTIONS, SelectionContext
+
+    # Two small labelled concepts (the shipped stdlib set takes long to gather).
+    concepts = tmp_path / "concepts.jsonl"
+    code = "def parse(text):\n    return [int(part) for part in text.split(',')]"
+    prose = "The weather in spring is mild, and the evenings grow longer every week."
+    concepts.write_text(
+        json.dumps({"concept": "code", "positives": [code] * 6, "negatives": [prose] * 6})
+        + "\n"
+        + json.dumps({"concept": "weather", "positives": [prose] * 6, "negatives": [code] * 6})
+    )
+    monkeypatch.setattr(steering_module, "SUPERVISED_CONCEPTS", str(concepts))
 
     torch.manual_seed(0)
     sae = build_sae(SAEConfig(architecture="topk", d_in=64, d_sae=48, k=8)).eval()
@@ -114,6 +135,10 @@ def test_criteria_plug_into_a_steering_registry(tiny_lm: LoadedLM) -> None:
     randomly = registry["random"](context)
     assert len(randomly) == 4 and all(i >= 6 for i in randomly)
     assert len(registry["dtc_down"](context)) == len(registry["dtc_alone"](context)) == 4
+    supervised = registry["supervised"](context)
+    f1_F = supervised_over_concepts(context, str(concepts))
+    assert 1 <= len(supervised) <= 4 and all(i >= 6 for i in supervised)
+    assert supervised == top_k(f1_F, len(supervised), "up", live)
     with pytest.raises(ValueError, match="unknown criterion 'best'; valid criteria: dtc"):
         criterion("best")
     assert not math.isnan(float(expected["dtc_in_place"].sum()))
