@@ -22,7 +22,8 @@ own run FAILED, the others go on, and the process exits non-zero at the end.
 
 Eval config fields can be overridden on the command line as ``--<eval>.<field> VALUE``
 (``-P core.n_tokens=8192`` through ``mlflow run``); ``k_values``-like tuple fields take
-comma-separated values.
+comma-separated values. Judge options likewise: ``-P judge.model=NAME`` (``hf`` needs one: a judge
+never silently grades with the evaluated LM), ``-P judge.temperature=0.7``.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ log = logging.getLogger(__name__)
 EVAL_RUN_TYPE = "eval"
 BATCH_RUN_TYPE = "evaluate"
 CONFIG_HASH_TAG = "eval_config_hash"
+# Command-line overrides ``--judge.<option> VALUE`` set the judge's options, not an eval's.
+JUDGE_OPTIONS_PREFIX = "judge"
 VERSION_LINK_TAG = "eval.{name}.run_id"
 _ALL_VERSIONS_URI = re.compile(r"^models:/(?P<name>[^/@]+)/?$")
 # Version tags that are not the SAE's own description (links and training metrics).
@@ -449,6 +452,7 @@ def evaluate(
     configs: dict[str, Any] | None = None,
     hook_cache: HookCache | None = None,
     lms: dict[str, LoadedLM] | None = None,
+    judge_options: dict[str, Any] | None = None,
 ) -> list[EvalRunResult]:
     """Evaluate every version ``model_uri`` names with each eval; one MLflow run per pair.
 
@@ -461,6 +465,8 @@ def evaluate(
         hook_cache: shared hook activations (default: in memory and under
             ``$SAEFLOW_CACHE_DIR/hook_activations``).
         lms: already loaded LMs by name (as in the versions' ``lm_name`` tag).
+        judge_options: the judge's settings (``model``, ``base_url``, ``temperature``, ...;
+            ``-P judge.model=NAME`` on the command line). ``hf`` needs ``model``.
 
     Raises:
         ValueError: bad input (eval names, URI, LM, configs, judge), before any run starts.
@@ -497,7 +503,7 @@ def evaluate(
         except ImportError as err:
             raise ValueError(f"judge {judge!r} needs project.judges: {err}") from err
         for lm_name, lm in lms.items():
-            judges[lm_name] = build_judge(judge, lm=lm)
+            judges[lm_name] = build_judge(judge, lm=lm, **(judge_options or {}))
     hook_cache = hook_cache if hook_cache is not None else HookCache(default_hook_cache_dir())
     # Part of every reuse hash: other weights under the same LM name are another evaluation.
     fingerprints = {lm_name: lm_fingerprint(lm) for lm_name, lm in lms.items()}
@@ -623,9 +629,10 @@ def _overrides(extra: list[str]) -> dict[str, dict[str, str]]:
             value = extra[i + 1]
             i += 1
         eval_name, _, field_name = key.partition(".")
-        if eval_name not in EVALS:
+        if eval_name not in EVALS and eval_name != JUDGE_OPTIONS_PREFIX:
             raise ValueError(
-                f"override {arg!r} names unknown eval {eval_name!r}; valid: {', '.join(EVALS)}"
+                f"override {arg!r} names unknown eval {eval_name!r}; valid: {', '.join(EVALS)} "
+                f"(or {JUDGE_OPTIONS_PREFIX}.<option> for the judge)"
             )
         out.setdefault(eval_name, {})[field_name] = value
         i += 1
@@ -641,6 +648,7 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     names = parse_evals(args.evals)
     overrides = _overrides(extra)
+    judge_options = overrides.pop(JUDGE_OPTIONS_PREFIX, {})
     not_requested = sorted(set(overrides) - set(names))
     if not_requested:
         raise ValueError(f"config overrides given for evals not requested: {not_requested}")
@@ -650,7 +658,14 @@ def main() -> None:
     }
     tracking_uri = configure_tracking(experiment=DEFAULT_EXPERIMENT)
     try:
-        results = evaluate(args.model_uri, names, args.judge, args.force, configs=configs)
+        results = evaluate(
+            args.model_uri,
+            names,
+            args.judge,
+            args.force,
+            configs=configs,
+            judge_options=judge_options,
+        )
     except EvaluationFailed as failed:
         _print_results(failed.results, tracking_uri)
         raise

@@ -64,7 +64,7 @@ class Judge(ABC):
         return result if result is not None else [False] * len(windows)
 
     @abstractmethod
-    def rate(self, kind: str, text: str, reference: str) -> int | None:
+    def rate(self, kind: str, text: str, reference: str) -> float | None:
         """0/1/2 on ``kind`` ∈ concept / instruct / fluency (``reference`` is the concept or the
         instruction; unused for fluency); None when the answer could not be parsed."""
 
@@ -126,7 +126,7 @@ class ChatJudge(Judge):
             self._count_failure("detect", answer)
         return result
 
-    def rate(self, kind: str, text: str, reference: str) -> int | None:
+    def rate(self, kind: str, text: str, reference: str) -> float | None:
         messages = rating_messages(kind, text, reference)
         answer = self._ask(f"rate:{kind}", messages, self.max_tokens_rate)
         if answer is None:

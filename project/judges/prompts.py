@@ -13,21 +13,28 @@ from collections.abc import Sequence
 
 RATING_KINDS = ("concept", "instruct", "fluency")
 _MARK_RE = re.compile(r"<<(.*?)>>", re.DOTALL)
-_RATING_RE = re.compile(r"Rating:\s*\[\[\s*(-?\d+(?:\.\d+)?)\s*\]\]", re.IGNORECASE)
 
 # ---------------------------------------------------------------------------------------------
 # parsing (pure functions, shared by the LLM judges)
 
 
-def parse_rating(answer: str) -> int | None:
-    """The n of the last ``Rating: [[n]]`` in ``answer`` if n is 0, 1 or 2, else None."""
-    matches = _RATING_RE.findall(answer or "")
-    if not matches:
+def parse_rating(answer: str) -> float | None:
+    """AxBench's parse (METHODS §3): the text after the last ``Rating:``, its first line, with
+    brackets, quotes, ``*`` and spaces stripped, read as a float. None (which counts as 0 and is
+    counted as a parse failure) when it is missing, unparsable or outside [0, 2]."""
+    text = answer or ""
+    at = text.lower().rfind("rating:")
+    if at < 0:
         return None
-    value = float(matches[-1])
-    if value not in (0.0, 1.0, 2.0):
+    lines = text[at + len("rating:") :].strip().splitlines()
+    first = lines[0].strip().strip("[]\"'* ") if lines else ""
+    try:
+        value = float(first)
+    except ValueError:
         return None
-    return int(value)
+    if not 0.0 <= value <= 2.0 or value != value:
+        return None
+    return value
 
 
 def parse_detection(answer: str, n_windows: int) -> list[bool] | None:

@@ -192,6 +192,21 @@ def test_bad_input_fails_before_any_run(
     assert eval_runs() == []
 
 
+def test_hf_judge_needs_a_named_model_and_takes_judge_options(
+    tiny_lm_dir: str, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SAEFLOW_HF_JUDGE_MODEL", raising=False)
+    register_versions(tiny_lm_dir, ks=(4,))
+    # Never silently the evaluated LM as its own judge: no model named, no run.
+    with pytest.raises(ValueError, match="model"):
+        evaluate(f"models:/{NAME}/1", ["autointerp"], "hf")
+    assert eval_runs() == []
+    overrides = evaluate_module._overrides(["--judge.model", "some/judge", "--core.n_tokens=64"])
+    assert overrides == {"judge": {"model": "some/judge"}, "core": {"n_tokens": "64"}}
+    with pytest.raises(ValueError, match="unknown eval 'jduge'"):
+        evaluate_module._overrides(["--jduge.model", "x"])
+
+
 def test_unreachable_judge_endpoint_fails_before_any_run(
     tiny_lm_dir: str, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -195,6 +195,10 @@ def test_judge_parsing_edge_cases() -> None:
     assert parse_rating("Rating: [[0]] ... on reflection Rating: [[1]]") == 1  # the last one
     assert parse_rating("rating: [[ 2 ]]") == 2
     assert parse_rating("I would say 2.") is None
+    # AxBench's rule: after the last "Rating:", first line, brackets/quotes/* stripped, a float.
+    assert parse_rating("Rating: 2") == 2 and parse_rating("Rating: [[1.5]]") == 1.5
+    assert parse_rating('Rating: **"1"**\nmore text') == 1
+    assert parse_rating("Rating: [[two]]") is None
     assert parse_rating("") is None
     assert parse_rating("Rating: [[3]]") is None  # outside the scale
     assert parse_rating("Rating: [[-1]]") is None

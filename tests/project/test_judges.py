@@ -37,8 +37,8 @@ from project.lm import LoadedLM
         ("First Rating: [[1]], revised Rating: [[2]]", 2),
         ("Rating: [[2.0]]", 2),
         ("Rating: [[3]]", None),
-        ("Rating: [[1.5]]", None),
-        ("Rating: 2", None),
+        ("Rating: [[1.5]]", 1.5),  # AxBench reads a float in [0, 2] (METHODS §3)
+        ("Rating: 2", 2),
         ("I would say two", None),
         ("", None),
     ],
