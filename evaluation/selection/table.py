@@ -108,7 +108,12 @@ def compute(
 
 def read_scores(run_id: str) -> dict[str, Tensor]:
     """The score columns of a logged table, as float64 tensors indexed by latent."""
-    df = mlflow.load_table(f"tables/{TABLE}.json", run_ids=[run_id]).sort_values("latent")
+    # The client's load_table with the run's own experiment: the fluent one searches only the
+    # active experiment, which need not be the run's.
+    client = MlflowClient()
+    experiment_id = client.get_run(run_id).info.experiment_id
+    df = client.load_table(experiment_id, f"tables/{TABLE}.json", run_ids=[run_id])
+    df = df.sort_values("latent")
     return {
         name: torch.tensor(df[name].astype(float).to_numpy(), dtype=torch.float64)
         for name in SCORE_COLUMNS
