@@ -18,7 +18,10 @@ analysis entry point, the tests and a user's notebook compute the same numbers.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -70,6 +73,11 @@ _NO_INTERVAL = Interval(math.nan, math.nan, "none")
 _PAIRWISE_MAX_N = 64
 
 
+@functools.lru_cache(maxsize=256)
+def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.triu_indices(n, k=1)
+
+
 def tau_b_batch(x_RN: np.ndarray, y_RN: np.ndarray) -> np.ndarray:
     """τ_b of each row pair (x_RN[r], y_RN[r]); NaN where a row is constant.
 
@@ -79,7 +87,7 @@ def tau_b_batch(x_RN: np.ndarray, y_RN: np.ndarray) -> np.ndarray:
     n = x_RN.shape[-1]
     if n > _PAIRWISE_MAX_N:
         return np.array([kendall_tau_b(a, b) for a, b in zip(x_RN, y_RN, strict=True)])
-    i, j = np.triu_indices(n, k=1)
+    i, j = _pairs(n)
     sx_RP, sy_RP = np.sign(x_RN[:, i] - x_RN[:, j]), np.sign(y_RN[:, i] - y_RN[:, j])
     denominator = np.sqrt((sx_RP**2).sum(-1) * (sy_RP**2).sum(-1))
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -123,22 +131,55 @@ def bca_interval(
 def permutation_p_value(
     x: Sequence[float], y: Sequence[float], *, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
 ) -> float:
-    """Two-sided permutation p-value of τ_b (y shuffled against x; exact for small n)."""
+    """Two-sided permutation p-value of τ_b (y shuffled against fixed x), scipy's definition:
+    ``min(1, 2·min(P(null ≤ τ), P(null ≥ τ)))``. Exact (every permutation) when n! is at most
+    ``n_resamples``, else ``n_resamples`` random permutations. Beyond 64 SAEs, where a
+    permutation test costs seconds, the normal approximation of ``scipy.stats.kendalltau``
+    (accurate at that size) is used."""
+    x_arr, y_arr = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    n = len(x_arr)
+    observed = kendall_tau_b(x_arr, y_arr)
+    if n < 3 or math.isnan(observed):
+        return math.nan
+    if n > _PAIRWISE_MAX_N:
+        return float(stats.kendalltau(x_arr, y_arr, variant="b").pvalue)
+    exact = math.factorial(n) <= n_resamples
+    if exact:
+        order_RN = np.array(list(itertools.permutations(range(n))))
+    else:
+        rng = np.random.default_rng(seed)
+        order_RN = rng.permuted(np.tile(np.arange(n), (n_resamples, 1)), axis=1)
+    null = tau_b_batch(np.broadcast_to(x_arr, order_RN.shape), y_arr[order_RN])
+    eps = 1e-12  # ties of the statistic with itself count as "as extreme"
+    less, greater = np.sum(null <= observed + eps), np.sum(null >= observed - eps)
+    if exact:
+        p_less, p_greater = less / len(null), greater / len(null)
+    else:  # the observed arrangement counts as one of the draws (scipy's correction)
+        p_less, p_greater = (less + 1) / (len(null) + 1), (greater + 1) / (len(null) + 1)
+    return float(min(1.0, 2 * min(p_less, p_greater)))
+
+
+def percentile_interval(
+    x: Sequence[float],
+    y: Sequence[float],
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+) -> Interval:
+    """Percentile bootstrap interval of τ_b over resampled (x_i, y_i) pairs, all draws in one
+    batch; resamples where τ_b is undefined (all ties) are left out."""
     x_arr, y_arr = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if len(x_arr) < 3 or math.isnan(kendall_tau_b(x_arr, y_arr)):
-        return math.nan
-    # One sample permuted against fixed x: n! distinct pairings, enumerated exactly when that
-    # is no more than n_resamples.
-    result = stats.permutation_test(
-        (y_arr,),
-        lambda b, axis=-1: _tau_statistic(np.broadcast_to(x_arr, b.shape), b, axis),
-        permutation_type="pairings",
-        vectorized=True,
-        n_resamples=n_resamples,
-        alternative="two-sided",
-        rng=np.random.default_rng(seed),
-    )
-    return float(result.pvalue)
+        return _NO_INTERVAL
+    idx_RN = np.random.default_rng(seed).integers(0, len(x_arr), (n_resamples, len(x_arr)))
+    draws = tau_b_batch(x_arr[idx_RN], y_arr[idx_RN])
+    draws = draws[~np.isnan(draws)]
+    if len(draws) < 2:
+        return _NO_INTERVAL
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(draws, [alpha, 1 - alpha])
+    return Interval(float(low), float(high), "percentile")
 
 
 @dataclass(frozen=True)
@@ -168,7 +209,7 @@ def group_tau(
     seed: int = DEFAULT_SEED,
 ) -> GroupTau:
     n = len(x)
-    interval = bca_interval(x, y, n_resamples=n_resamples, seed=seed, method="percentile")
+    interval = percentile_interval(x, y, n_resamples=n_resamples, seed=seed)
     return GroupTau(
         axis=axis,
         group=group,
@@ -232,24 +273,55 @@ def _group_codes(table: pd.DataFrame, axis: str) -> np.ndarray:
     return table.groupby(list(AXIS_GROUPS[axis]), sort=True).ngroup().to_numpy()
 
 
-def _psi_of_sample(
-    idx: np.ndarray, codes: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray
-) -> dict[str, float]:
-    """psi_point of the rows ``idx`` (a bootstrap sample, repeats allowed), without pandas."""
-    out = {}
-    for axis, code in codes.items():
-        sample_codes = code[idx]
-        taus = []
-        for group in np.unique(sample_codes):
-            members = idx[sample_codes == group]
-            if len(members) >= 2:
-                tau = tau_b_batch(x[members][None], y[members][None])[0]
-                if not math.isnan(tau):
-                    taus.append(tau)
-        out[f"psi_{axis}"] = float(np.mean(taus)) if taus else math.nan
-    defined = [out[f"psi_{a}"] for a in AXES if not math.isnan(out[f"psi_{a}"])]
-    out["psi"] = float(np.mean(defined)) if defined else math.nan
-    return out
+def _psi_draws(
+    table: pd.DataFrame, x: str, y: str, n_resamples: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Bootstrap draws of Ψ_A, Ψ_B, Ψ_C and Ψ: SAEs resampled with replacement within each LM.
+
+    Every Ψ group lies inside one LM, so each LM is a block: with the pair-sign products
+    S_uv = sign(x_u - x_v)·sign(y_u - y_v) (and the squares, for τ_b's tie correction) of its
+    SAEs precomputed once, a group's τ_b in a resample is a sum over the resampled pairs,
+    computed for all draws and groups at once. A resample that repeats one SAE pairs it with
+    itself at sign 0, exactly as τ_b treats a tie.
+    """
+    codes = {axis: _group_codes(table, axis) for axis in AXES}
+    x_all, y_all = table[x].to_numpy(float), table[y].to_numpy(float)
+    taus: dict[str, list[np.ndarray]] = {axis: [] for axis in AXES}  # each (R, groups of LM)
+    for _, block in table.groupby("lm_name", sort=True):
+        rows = block.index.to_numpy()
+        m = len(rows)
+        sx = np.sign(x_all[rows][:, None] - x_all[rows][None, :])
+        sy = np.sign(y_all[rows][:, None] - y_all[rows][None, :])
+        products = (sx * sy, sx * sx, sy * sy)
+        idx_RM = rng.integers(0, m, size=(n_resamples, m))
+        chunk = max(1, 4_000_000 // (m * m))  # bound the (R, m, m) gathers' memory
+        for axis in AXES:
+            local = np.unique(codes[axis][rows], return_inverse=True)[1]
+            n_groups = int(local.max()) + 1
+            out = np.empty((n_resamples, n_groups))
+            for lo in range(0, n_resamples, chunk):
+                idx = idx_RM[lo : lo + chunk]
+                onehot_RKM = np.eye(n_groups)[local[idx]].transpose(0, 2, 1)
+                sums = [
+                    np.einsum(
+                        "rkm,rmn,rkn->rk",
+                        onehot_RKM,
+                        p[idx[:, :, None], idx[:, None, :]],
+                        onehot_RKM,
+                    )
+                    for p in products
+                ]
+                denominator = np.sqrt(sums[1] * sums[2])
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    out[lo : lo + chunk] = np.where(denominator > 0, sums[0] / denominator, np.nan)
+            taus[axis].append(out)
+    draws: dict[str, np.ndarray] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a draw with no defined group: NaN
+        for axis in AXES:
+            draws[f"psi_{axis}"] = np.nanmean(np.concatenate(taus[axis], axis=1), axis=1)
+        draws["psi"] = np.nanmean(np.stack([draws[f"psi_{a}"] for a in AXES]), axis=0)
+    return draws
 
 
 def psi_with_uncertainty(
@@ -266,19 +338,11 @@ def psi_with_uncertainty(
     with replacement within each LM (so every resample keeps every LM's groups)."""
     table = table.reset_index(drop=True)
     point = psi_point(table, x, y)
-    rng = np.random.default_rng(seed)
-    codes = {axis: _group_codes(table, axis) for axis in AXES}
-    x_values, y_values = table[x].to_numpy(float), table[y].to_numpy(float)
-    lm_rows = [rows.index.to_numpy() for _, rows in table.groupby("lm_name", sort=True)]
-    draws: dict[str, list[float]] = {key: [] for key in point}
-    for _ in range(n_resamples):
-        idx = np.concatenate([rows[rng.integers(0, len(rows), len(rows))] for rows in lm_rows])
-        for key, value in _psi_of_sample(idx, codes, x_values, y_values).items():
-            draws[key].append(value)
+    draws = _psi_draws(table, x, y, n_resamples, np.random.default_rng(seed))
     alpha = (1 - confidence) / 2
     out: dict[str, dict[str, float]] = {}
     for key, value in point.items():
-        values = np.asarray([v for v in draws[key] if not math.isnan(v)])
+        values = draws[key][~np.isnan(draws[key])]
         if key == "psi":
             se = float(values.std(ddof=1)) if len(values) > 1 else math.nan
         else:

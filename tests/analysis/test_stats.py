@@ -58,6 +58,13 @@ def test_permutation_p_value_small_and_large() -> None:
     assert permutation_p_value(x, x) == pytest.approx(2 / math.factorial(6))
     rng = np.random.default_rng(0)
     assert permutation_p_value(rng.normal(size=8), rng.normal(size=8)) > 0.05
+    # Exact: the same p-value as scipy's exact permutation test.
+    a, b = rng.normal(size=6), rng.normal(size=6)
+    direct = stats.permutation_test(
+        (b,), lambda v: stats.kendalltau(a, v).statistic, permutation_type="pairings",
+        n_resamples=10_000,
+    )  # fmt: skip
+    assert permutation_p_value(a, b) == pytest.approx(direct.pvalue)
 
 
 FIXTURE = pd.DataFrame(
@@ -108,7 +115,7 @@ def test_psi_uncertainty_and_groups() -> None:
 
 
 def test_fast_paths_agree_with_scipy_and_pandas() -> None:
-    from analysis.stats import AXES, _group_codes, _psi_of_sample, tau_b_batch
+    from analysis.stats import _psi_draws, tau_b_batch
 
     rng = np.random.default_rng(5)
     x_RN = rng.integers(0, 4, size=(50, 12)).astype(float)  # many ties
@@ -117,8 +124,14 @@ def test_fast_paths_agree_with_scipy_and_pandas() -> None:
         stats.kendalltau(a, b, variant="b").statistic for a, b in zip(x_RN, y_RN, strict=True)
     ]
     np.testing.assert_allclose(tau_b_batch(x_RN, y_RN), expected, atol=1e-12)
+    # A bootstrap "resample" that is the table itself gives the point values.
     table = add_sparsity_rank(FIXTURE)
-    codes = {axis: _group_codes(table, axis) for axis in AXES}
-    identity = np.arange(len(table))
-    fast = _psi_of_sample(identity, codes, table["mu"].to_numpy(), table["g"].to_numpy())
-    assert fast == pytest.approx(psi_point(table, "mu", "g"))
+
+    class Identity:
+        def integers(self, low: int, high: int, size: tuple[int, int]) -> np.ndarray:
+            return np.tile(np.arange(high), (size[0], 1))
+
+    draws = _psi_draws(table, "mu", "g", 3, Identity())  # type: ignore[arg-type]
+    point = psi_point(table, "mu", "g")
+    for key, values in draws.items():
+        np.testing.assert_allclose(values, point[key])
