@@ -302,13 +302,16 @@ def _psi_draws(
             for lo in range(0, n_resamples, chunk):
                 idx = idx_RM[lo : lo + chunk]
                 onehot_RKM = np.eye(n_groups)[local[idx]].transpose(0, 2, 1)
+                # Σ_{u,v in group k} P[u,v]: (P @ onehotᵀ) then a row sum per group, as
+                # batched matrix products (a three-operand einsum does not use BLAS).
+                onehot_RMK = onehot_RKM.transpose(0, 2, 1)
                 sums = [
-                    np.einsum(
-                        "rkm,rmn,rkn->rk",
-                        onehot_RKM,
-                        p[idx[:, :, None], idx[:, None, :]],
-                        onehot_RKM,
-                    )
+                    (
+                        onehot_RKM
+                        * np.matmul(p[idx[:, :, None], idx[:, None, :]], onehot_RMK).transpose(
+                            0, 2, 1
+                        )
+                    ).sum(-1)
                     for p in products
                 ]
                 denominator = np.sqrt(sums[1] * sums[2])
