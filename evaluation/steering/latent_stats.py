@@ -108,7 +108,11 @@ def _find_run(mv: ModelVersion, digest: str) -> Any | None:
 
 
 def _read_table(run_id: str) -> dict[str, Tensor]:
-    df = mlflow.load_table(STATS_TABLE, run_ids=[run_id])
+    # The fluent mlflow.load_table searches only the active experiment; the stats run may live in
+    # another one (a steer run in experiment B reusing stats logged from experiment A).
+    client = MlflowClient()
+    experiment_id = client.get_run(run_id).info.experiment_id
+    df = client.load_table(experiment_id, STATS_TABLE, run_ids=[run_id])
     df = df.sort_values("latent")
     return {
         "max_activation": torch.tensor(df["max_activation"].to_numpy(), dtype=torch.float32),

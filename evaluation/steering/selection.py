@@ -61,3 +61,10 @@ def select(name: str, context: SelectionContext) -> list[int]:
             f"selection {name!r} left no candidate latent (no latent fired in the held-out scan)"
         )
     return candidates
+
+
+# The per-latent criteria of evaluation/selection (dtc, output_score, input_score, supervised,
+# max_activation, random) register themselves here; imported last, it needs SELECTIONS above.
+from evaluation.selection.steering import register_selections  # noqa: E402
+
+register_selections(SELECTIONS)

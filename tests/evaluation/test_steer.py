@@ -410,3 +410,14 @@ def test_command_line_bad_input_exits_2_before_any_run(tiny_lm_dir: str, trackin
     assert done.returncode == 2, done.stderr[-2000:]
     assert "unknown mode 'both'; valid modes: latent, concept" in done.stderr
     assert runs_of(STEER_RUN_TYPE) == []
+
+
+def test_selection_criteria_are_registered_with_steer() -> None:
+    from evaluation.steering.selection import SELECTIONS, check_selection
+
+    assert {"none", "dtc", "dtc_alone", "output_score", "input_score", "supervised"} <= set(
+        SELECTIONS
+    )
+    assert check_selection("dtc") == "dtc"
+    with pytest.raises(ValueError, match="dtc"):
+        check_selection("dtcc")
