@@ -201,7 +201,7 @@ def _version_uri(mv: ModelVersion) -> str:
     return f"models:/{mv.name}/{mv.version}"
 
 
-def _version_site(mv: ModelVersion) -> tuple[str, int]:
+def version_site(mv: ModelVersion) -> tuple[str, int]:
     """(LM name, layer) of a version, from its tags; ValueError if they are missing or odd."""
     tags = mv.tags or {}
     missing = [k for k, v in ((LM_TAG, lm_of(tags)), ("layer", tags.get("layer"))) if v is None]
@@ -369,7 +369,7 @@ def _sae_lens_version() -> str:
 
 
 @contextmanager
-def _parent_run() -> Iterator[None]:
+def parent_run() -> Iterator[None]:
     """Nest eval runs under the caller's active run, or under the `mlflow run` launcher run."""
     launcher = os.environ.get("MLFLOW_RUN_ID")
     if mlflow.active_run() is None and launcher:
@@ -485,7 +485,7 @@ def evaluate(
         if callable(getattr(config, "validate", None)):
             config.validate()
     versions = resolve_versions(model_uri)
-    sites = {mv.version: _version_site(mv) for mv in versions}
+    sites = {mv.version: version_site(mv) for mv in versions}
     lms = dict(lms or {})
     for lm_name, layer in sites.values():
         if lm_name not in lms:
@@ -509,7 +509,7 @@ def evaluate(
     fingerprints = {lm_name: lm_fingerprint(lm) for lm_name, lm in lms.items()}
 
     results: list[EvalRunResult] = []
-    with _parent_run():
+    with parent_run():
         for mv in versions:
             results.extend(
                 _evaluate_version(

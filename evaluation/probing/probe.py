@@ -43,11 +43,11 @@ from tqdm.auto import tqdm
 from evaluation.autointerp import bootstrap_interval
 from evaluation.evaluate import (
     CONFIG_HASH_TAG,
-    _parent_run,
-    _version_site,
     config_hash,
+    parent_run,
     resolve_versions,
     run_tags,
+    version_site,
 )
 from evaluation.probing import activations as acts_mod
 from evaluation.probing import plots
@@ -288,7 +288,7 @@ def probe(
     datasets = load_all(config.datasets, config.max_rows)
     plan = check_plan(datasets, config)
     versions = resolve_versions(model_uri)
-    sites = {mv.version: _version_site(mv) for mv in versions}
+    sites = {mv.version: version_site(mv) for mv in versions}
     if len({s for s in sites.values()}) != 1:
         raise ValueError(
             f"{model_uri} has versions at different sites {sorted(set(sites.values()))}; "
@@ -359,7 +359,7 @@ def probe(
         return latents[mv.version]
 
     launcher = os.environ.get("MLFLOW_RUN_ID")
-    with _parent_run():
+    with parent_run():
         active = mlflow.active_run()
         if launcher and active is not None and active.info.run_id == launcher:
             mlflow.set_tag(RUN_TYPE_TAG, BATCH_RUN_TYPE)  # the `mlflow run` run holds the batch

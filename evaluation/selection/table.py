@@ -29,13 +29,13 @@ from torch import Tensor
 
 from evaluation.evaluate import (
     VERSION_LINK_TAG,
-    _parent_run,
-    _version_site,
     config_from_overrides,
     config_hash,
     find_existing_run,
+    parent_run,
     resolve_versions,
     run_tags,
+    version_site,
 )
 from evaluation.hook_cache import HookCache
 from evaluation.schema import EvalOutput
@@ -214,13 +214,13 @@ def main() -> None:
     config = config_from_overrides(SelectionConfig, overrides, EVAL_NAME)
     tracking_uri = configure_tracking(experiment=DEFAULT_EXPERIMENT)
     versions = resolve_versions(args.model_uri)
-    sites = {mv.version: _version_site(mv) for mv in versions}
+    sites = {mv.version: version_site(mv) for mv in versions}
     lms: dict[str, LoadedLM] = {}
     for lm_name, layer in sites.values():
         lms.setdefault(lm_name, load_lm(lm_name))
         check_layer(lms[lm_name], layer)
     cache = HookCache()
-    with _parent_run():
+    with parent_run():
         for mv in versions:
             lm_name, layer = sites[mv.version]
             started = time.perf_counter()

@@ -39,11 +39,11 @@ from mlflow.tracking import MlflowClient
 
 from evaluation.evaluate import (
     CONFIG_HASH_TAG,
-    _parent_run,
-    _version_site,
     config_hash,
+    parent_run,
     resolve_versions,
     run_tags,
+    version_site,
 )
 from evaluation.steering.config import LatentStatsConfig, SteerConfig, parse_factors
 from evaluation.steering.data import (
@@ -227,7 +227,7 @@ def steer(
         if config.mode == "concept"
         else []
     )
-    sites = {mv.version: _version_site(mv) for mv in versions}
+    sites = {mv.version: version_site(mv) for mv in versions}
     lms = dict(lms or {})
     for lm_name, layer in sites.values():
         if lm_name not in lms:
@@ -244,7 +244,7 @@ def steer(
 
     results = []
     launcher = os.environ.get("MLFLOW_RUN_ID")
-    with _parent_run():
+    with parent_run():
         active = mlflow.active_run()
         if launcher and active is not None and active.info.run_id == launcher:
             mlflow.set_tag(RUN_TYPE_TAG, BATCH_RUN_TYPE)  # the `mlflow run` launcher run
