@@ -58,6 +58,7 @@ from evaluation.steering.protocol import Target, concept_targets, run_protocol
 from evaluation.steering.selection import SelectionContext, select
 from project.cli import parse_bool, parse_int, run_entry_point
 from project.judges import JUDGE_NAMES, Judge, build_judge
+from project.judges.agreement import measured_agreement
 from project.lm import LoadedLM, check_layer, load_lm
 from project.registry import load_version
 from project.saes import SparseAutoencoder
@@ -302,9 +303,22 @@ def steer(
                 mlflow.log_metrics(finite)
                 for name, table in tables.items():
                     mlflow.log_table(table, f"tables/{name}.json")
+                # How far to trust this judge: its measured agreement with careful reading
+                # (bench/judge_agreement.py), where it was measured.
+                agreement = measured_agreement(identity)
+                mlflow.set_tag("judge_agreement", "measured" if agreement else "not measured")
+                if agreement:
+                    mlflow.log_metrics(
+                        {
+                            f"judge_{key}": float(value)
+                            for key, value in agreement.items()
+                            if key.endswith(("_kappa", "_spearman"))
+                        }
+                    )
                 mlflow.log_dict(
                     {
                         "identity": identity,
+                        "agreement": agreement,
                         "describe": judge_obj.describe(),
                         "options": judge_options or {},
                         "parse_failures": judge_obj.parse_failures,

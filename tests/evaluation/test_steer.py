@@ -335,6 +335,8 @@ def test_concept_mode_on_tiny_model(
     run = MlflowClient().get_run(result.run_id)
     tags, metrics = run.data.tags, run.data.metrics
     assert tags[RUN_TYPE_TAG] == STEER_RUN_TYPE and tags["steer_mode"] == "concept"
+    # The tiny LM's offline judge was never measured against careful reading: it says so.
+    assert tags["judge_agreement"] == "not measured"
     assert tags["model_uri"] == uri and tags["lm_name"] == tiny_lm_dir
     for prefix in ("", "diffmean_", "random_", "prompt_", "unsteered_"):
         for name in ("steering", "concept", "instruct", "fluency"):
