@@ -312,15 +312,18 @@ def config_from_overrides(config_cls: type, overrides: dict[str, str], eval_name
 # runs
 
 
-def find_existing_run(mv: ModelVersion, eval_name: str, digest: str) -> Any | None:
-    """The latest FINISHED eval run of this version with this config hash, if any."""
+def find_finished_run(mv: ModelVersion, run_type: str, digest: str, **tags: str) -> Any | None:
+    """The latest FINISHED run of ``run_type`` about this version with this config hash (and
+    these extra tag values), in any experiment; None if there is none. Every kind of run that
+    is reused by config hash (eval, steer, latent stats, probe) is found here."""
     client = MlflowClient()
     experiments = [e.experiment_id for e in client.search_experiments()]
     name = mv.name.replace("'", "\\'")
+    extra = "".join(f" AND tags.{key} = '{value}'" for key, value in tags.items())
     runs = client.search_runs(
         experiments,
         filter_string=(
-            f"tags.`{RUN_TYPE_TAG}` = '{EVAL_RUN_TYPE}' AND tags.eval = '{eval_name}' "
+            f"tags.`{RUN_TYPE_TAG}` = '{run_type}'{extra} "
             f"AND tags.{REGISTERED_MODEL_TAG} = '{name}' AND tags.{MODEL_VERSION_NUMBER_TAG} = '{mv.version}' "
             f"AND tags.{CONFIG_HASH_TAG} = '{digest}' AND attributes.status = 'FINISHED'"
         ),
@@ -328,6 +331,11 @@ def find_existing_run(mv: ModelVersion, eval_name: str, digest: str) -> Any | No
         max_results=1,
     )
     return runs[0] if runs else None
+
+
+def find_existing_run(mv: ModelVersion, eval_name: str, digest: str) -> Any | None:
+    """The latest FINISHED eval run of this version with this config hash, if any."""
+    return find_finished_run(mv, EVAL_RUN_TYPE, digest, eval=eval_name)
 
 
 def run_tags(mv: ModelVersion, eval_name: str, digest: str) -> dict[str, str]:

@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 
 from evaluation.autointerp import bootstrap_interval
 from evaluation.evaluate import (
-    CONFIG_HASH_TAG,
     config_hash,
+    find_finished_run,
     parent_run,
     resolve_versions,
     run_tags,
@@ -61,8 +61,6 @@ from project.lm import LoadedLM, check_layer, lm_fingerprint, load_lm
 from project.registry import load_version
 from project.tracking import (
     DEFAULT_EXPERIMENT,
-    MODEL_VERSION_NUMBER_TAG,
-    REGISTERED_MODEL_TAG,
     RUN_TYPE_TAG,
     configure_tracking,
     ui_hint,
@@ -207,24 +205,6 @@ def summarise(
 # runs
 
 
-def _find_existing(mv: ModelVersion, regime: str, digest: str) -> Any | None:
-    client = MlflowClient()
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    name = mv.name.replace("'", "\\'")
-    runs = client.search_runs(
-        experiments,
-        filter_string=(
-            f"tags.`{RUN_TYPE_TAG}` = '{PROBE_RUN_TYPE}' AND tags.regime = '{regime}' "
-            f"AND tags.{REGISTERED_MODEL_TAG} = '{name}' "
-            f"AND tags.{MODEL_VERSION_NUMBER_TAG} = '{mv.version}' "
-            f"AND tags.{CONFIG_HASH_TAG} = '{digest}' AND attributes.status = 'FINISHED'"
-        ),
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0] if runs else None
-
-
 def _probe_tags(mv: ModelVersion, regime: str, digest: str) -> dict[str, str]:
     tags = run_tags(mv, PROBE_RUN_TYPE, digest)
     tags.pop("eval", None)
@@ -316,7 +296,9 @@ def probe(
     for regime in config.regimes:
         for mv in versions:
             digest = config_hash(f"probe.{regime}", regime_config(config, regime), None, mv)
-            existing = None if force else _find_existing(mv, regime, digest)
+            existing = (
+                None if force else find_finished_run(mv, PROBE_RUN_TYPE, digest, regime=regime)
+            )
             if existing is not None:
                 MlflowClient().set_model_version_tag(
                     mv.name,

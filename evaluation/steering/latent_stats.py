@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict
-from typing import Any
 
 import mlflow
 import torch
@@ -22,13 +21,13 @@ from mlflow.tracking import MlflowClient
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from evaluation.evaluate import CONFIG_HASH_TAG, config_hash, run_tags
+from evaluation.evaluate import config_hash, find_finished_run, run_tags
 from evaluation.hook_cache import check_sae_fits
 from evaluation.steering.config import LatentStatsConfig
 from project.corpus import iter_texts, region_description, resolve_corpus, token_windows
 from project.lm import LoadedLM, residual_activations
 from project.saes import SparseAutoencoder
-from project.tracking import MODEL_VERSION_NUMBER_TAG, REGISTERED_MODEL_TAG, RUN_TYPE_TAG
+from project.tracking import RUN_TYPE_TAG
 
 logger = logging.getLogger(__name__)
 
@@ -90,23 +89,6 @@ def measure_latent_stats(
     }
 
 
-def _find_run(mv: ModelVersion, digest: str) -> Any | None:
-    client = MlflowClient()
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    name = mv.name.replace("'", "\\'")
-    runs = client.search_runs(
-        experiments,
-        filter_string=(
-            f"tags.`{RUN_TYPE_TAG}` = '{STATS_RUN_TYPE}' AND tags.{REGISTERED_MODEL_TAG} = '{name}' "
-            f"AND tags.{MODEL_VERSION_NUMBER_TAG} = '{mv.version}' "
-            f"AND tags.{CONFIG_HASH_TAG} = '{digest}' AND attributes.status = 'FINISHED'"
-        ),
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0] if runs else None
-
-
 def _read_table(run_id: str) -> dict[str, Tensor]:
     # The fluent mlflow.load_table searches only the active experiment; the stats run may live in
     # another one (a steer run in experiment B reusing stats logged from experiment A).
@@ -132,7 +114,7 @@ def latent_stats_for_version(
     """(table, run id, reused): the version's latent table for ``config``, read from its
     FINISHED ``latent_stats`` run, else measured and logged as a new run."""
     digest = config_hash(STATS_RUN_TYPE, asdict(config), None, mv)
-    existing = None if force else _find_run(mv, digest)
+    existing = None if force else find_finished_run(mv, STATS_RUN_TYPE, digest)
     if existing is not None:
         logger.info(
             "latent stats of %s/%s: reusing run %s", mv.name, mv.version, existing.info.run_id

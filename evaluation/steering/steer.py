@@ -38,8 +38,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from evaluation.evaluate import (
-    CONFIG_HASH_TAG,
     config_hash,
+    find_finished_run,
     parent_run,
     resolve_versions,
     run_tags,
@@ -64,8 +64,6 @@ from project.registry import load_version
 from project.saes import SparseAutoencoder
 from project.tracking import (
     DEFAULT_EXPERIMENT,
-    MODEL_VERSION_NUMBER_TAG,
-    REGISTERED_MODEL_TAG,
     RUN_TYPE_TAG,
     configure_tracking,
     ui_hint,
@@ -90,23 +88,6 @@ class SteerRunResult:
 def _judge_identity(judge: Judge) -> dict[str, Any]:
     identity = getattr(judge, "identity", None)
     return identity() if callable(identity) else judge.describe()
-
-
-def _find_steer_run(mv: ModelVersion, digest: str) -> Any | None:
-    client = MlflowClient()
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    name = mv.name.replace("'", "\\'")
-    runs = client.search_runs(
-        experiments,
-        filter_string=(
-            f"tags.`{RUN_TYPE_TAG}` = '{STEER_RUN_TYPE}' AND tags.{REGISTERED_MODEL_TAG} = '{name}' "
-            f"AND tags.{MODEL_VERSION_NUMBER_TAG} = '{mv.version}' "
-            f"AND tags.{CONFIG_HASH_TAG} = '{digest}' AND attributes.status = 'FINISHED'"
-        ),
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0] if runs else None
 
 
 def _latent_targets(
@@ -265,7 +246,7 @@ def steer(
                 mv,
             )
             link = VERSION_LINK_TAG.format(mode=config.mode)
-            existing = None if force else _find_steer_run(mv, digest)
+            existing = None if force else find_finished_run(mv, STEER_RUN_TYPE, digest)
             if existing is not None:
                 run_id = existing.info.run_id
                 log.info(
