@@ -109,6 +109,9 @@ def tracking_uri(
     # The default experiment's artifact root depends on the cwd; keep this test's artifacts here.
     experiment_id = mlflow.create_experiment("tests", artifact_location=artifacts.as_uri())
     mlflow.set_experiment(experiment_id=experiment_id)
+    # Pin the experiment in the environment through monkeypatch too, so that whatever a test
+    # sets there (mlflow.set_experiment may export it) is undone when the test ends.
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
     yield uri
     while mlflow.active_run() is not None:
         mlflow.end_run()

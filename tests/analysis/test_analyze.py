@@ -27,7 +27,6 @@ def study_store(tracking_uri: str) -> MlflowClient:
     configure_tracking(tracking_uri)
     client = MlflowClient()
     write_study(client, "study", STUDY)
-    mlflow.set_experiment("analysis")
     return client
 
 

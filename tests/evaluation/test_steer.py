@@ -237,7 +237,7 @@ def test_clamp_sets_the_latent_and_keeps_the_error() -> None:
     ("changes", "message"),
     [
         ({"mode": "both"}, "unknown mode 'both'; valid modes: latent, concept"),
-        ({"selection": "dtc"}, "unknown selection 'dtc'; valid selections: none"),
+        ({"selection": "dtcc"}, "unknown selection 'dtcc'; valid selections: none, "),
         ({"intervention": "swap"}, "unknown intervention"),
         ({"factors": ()}, "factors is empty"),
         ({"factors": (1.0, float("nan"))}, "not a finite number"),
