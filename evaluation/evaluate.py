@@ -250,6 +250,26 @@ def judge_identity(judge: Any) -> dict[str, str] | str | None:
     return str(getattr(judge, "name", type(judge).__name__))
 
 
+def load_sites(
+    versions: list[ModelVersion], lms: dict[str, LoadedLM] | None = None
+) -> tuple[dict[str, tuple[str, int]], dict[str, LoadedLM]]:
+    """(version → (LM name, layer), LM name → loaded LM) for ``versions``: each LM loaded once
+    (``lms`` may hold some already), its layer checked, and each version's d_in checked against
+    the LM's width; ValueError before any work otherwise."""
+    sites = {mv.version: version_site(mv) for mv in versions}
+    lms = dict(lms or {})
+    for lm_name, layer in sites.values():
+        if lm_name not in lms:
+            lms[lm_name] = load_lm(lm_name)
+        check_layer(lms[lm_name], layer)
+    for mv in versions:
+        d_in = (mv.tags or {}).get("d_in")
+        lm = lms[sites[mv.version][0]]
+        if d_in is not None and int(d_in) != lm.d_model:
+            raise ValueError(f"{_version_uri(mv)} has d_in {d_in} but {lm.name} has {lm.d_model}")
+    return sites, lms
+
+
 def config_hash(
     eval_name: str,
     config: Any,
@@ -493,17 +513,7 @@ def evaluate(
         if callable(getattr(config, "validate", None)):
             config.validate()
     versions = resolve_versions(model_uri)
-    sites = {mv.version: version_site(mv) for mv in versions}
-    lms = dict(lms or {})
-    for lm_name, layer in sites.values():
-        if lm_name not in lms:
-            lms[lm_name] = load_lm(lm_name)
-        check_layer(lms[lm_name], layer)
-    for mv in versions:
-        d_in = (mv.tags or {}).get("d_in")
-        lm = lms[sites[mv.version][0]]
-        if d_in is not None and int(d_in) != lm.d_model:
-            raise ValueError(f"{_version_uri(mv)} has d_in {d_in} but {lm.name} has {lm.d_model}")
+    sites, lms = load_sites(versions, lms)
     judges: dict[str, Any] = {}
     if any(EVALS[n].uses_judge for n in names):
         try:

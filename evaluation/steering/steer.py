@@ -40,10 +40,10 @@ from mlflow.tracking import MlflowClient
 from evaluation.evaluate import (
     config_hash,
     find_finished_run,
+    load_sites,
     parent_run,
     resolve_versions,
     run_tags,
-    version_site,
 )
 from evaluation.steering.config import LatentStatsConfig, SteerConfig, parse_factors
 from evaluation.steering.data import (
@@ -59,7 +59,7 @@ from evaluation.steering.selection import SelectionContext, select
 from project.cli import parse_bool, parse_int, run_entry_point
 from project.judges import JUDGE_NAMES, Judge, build_judge
 from project.judges.agreement import measured_agreement
-from project.lm import LoadedLM, check_layer, load_lm
+from project.lm import LoadedLM
 from project.registry import load_version
 from project.saes import SparseAutoencoder
 from project.tracking import (
@@ -209,19 +209,7 @@ def steer(
         if config.mode == "concept"
         else []
     )
-    sites = {mv.version: version_site(mv) for mv in versions}
-    lms = dict(lms or {})
-    for lm_name, layer in sites.values():
-        if lm_name not in lms:
-            lms[lm_name] = load_lm(lm_name)
-        check_layer(lms[lm_name], layer)
-    for mv in versions:
-        d_in = (mv.tags or {}).get("d_in")
-        lm = lms[sites[mv.version][0]]
-        if d_in is not None and int(d_in) != lm.d_model:
-            raise ValueError(
-                f"models:/{mv.name}/{mv.version} has d_in {d_in} but {lm.name} has {lm.d_model}"
-            )
+    sites, lms = load_sites(versions, lms)
     judges = {name: build_judge(judge, lm=lm, **(judge_options or {})) for name, lm in lms.items()}
 
     results = []
