@@ -537,3 +537,22 @@ def token_windows(
             context_size,
             n_windows,
         )
+
+
+def eval_windows(
+    corpus: str,
+    tokenizer: PreTrainedTokenizerBase,
+    context_size: int,
+    n_tokens: int,
+    *,
+    text_column: str = "text",
+) -> Tensor:
+    """[W, context_size] token windows of ``corpus``'s eval region (the text no harvest reads);
+    ValueError when the region has not one full window."""
+    spec = resolve_corpus(corpus, text_column=text_column)
+    windows = list(
+        token_windows(iter_texts(spec, region="eval"), tokenizer, context_size, n_tokens)
+    )
+    if not windows:
+        raise ValueError(f"corpus {corpus!r} has no held-out window of {context_size} tokens")
+    return torch.stack(windows)

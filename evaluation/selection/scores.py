@@ -41,7 +41,7 @@ from evaluation.hook_cache import (
     logits_from_hook,
 )
 from evaluation.selection.config import SelectionConfig
-from project.corpus import iter_texts, resolve_corpus, token_windows
+from project.corpus import eval_windows
 from project.lm import LoadedLM, decoder_blocks, residual_activations, splice_residual
 from project.logit_lens import decoder_lens_tokens
 from project.saes import SparseAutoencoder
@@ -342,17 +342,13 @@ def scan_latents(
     table) and per example (``example_tokens`` tokens) each latent's max ``example_max_EF`` and
     the token at that max ``example_token_EF``."""
     check_sae_fits(sae, lm, layer)
-    spec = resolve_corpus(config.corpus, text_column=config.text_column)
-    windows = list(
-        token_windows(
-            iter_texts(spec, region="eval"), lm.tokenizer, config.context_size, config.n_tokens
-        )
+    ids_WT = eval_windows(
+        config.corpus,
+        lm.tokenizer,
+        config.context_size,
+        config.n_tokens,
+        text_column=config.text_column,
     )
-    if not windows:
-        raise ValueError(
-            f"corpus {config.corpus!r} has no held-out window of {config.context_size} tokens"
-        )
-    ids_WT = torch.stack(windows)
     tok = lm.tokenizer
     special = {t for t in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if t is not None}
     F, E_len = sae.cfg.d_sae, config.example_tokens

@@ -24,7 +24,11 @@ from tqdm.auto import tqdm
 from evaluation.evaluate import config_hash, find_finished_run, run_tags
 from evaluation.hook_cache import check_sae_fits
 from evaluation.steering.config import LatentStatsConfig
-from project.corpus import iter_texts, region_description, resolve_corpus, token_windows
+from project.corpus import (
+    eval_windows,
+    region_description,
+    resolve_corpus,
+)
 from project.lm import LoadedLM, residual_activations
 from project.saes import SparseAutoencoder
 from project.tracking import RUN_TYPE_TAG
@@ -44,17 +48,13 @@ def measure_latent_stats(
     """``max_activation`` [F] and ``firing_frequency`` [F] (share of counted tokens where the
     latent is > 0) over ``config.n_tokens`` held-out tokens, plus ``n_tokens`` counted."""
     check_sae_fits(sae, lm, layer)
-    spec = resolve_corpus(config.corpus, text_column=config.text_column)
-    windows = list(
-        token_windows(
-            iter_texts(spec, region="eval"), lm.tokenizer, config.context_size, config.n_tokens
-        )
+    ids_WT = eval_windows(
+        config.corpus,
+        lm.tokenizer,
+        config.context_size,
+        config.n_tokens,
+        text_column=config.text_column,
     )
-    if not windows:
-        raise ValueError(
-            f"corpus {config.corpus!r} has no held-out window of {config.context_size}"
-        )
-    ids_WT = torch.stack(windows)
     special = [
         t
         for t in {lm.tokenizer.bos_token_id, lm.tokenizer.eos_token_id, lm.tokenizer.pad_token_id}
