@@ -17,6 +17,13 @@ Tables ``tables/per_concept.json``, ``tables/per_factor.json`` and ``tables/gene
 (every generation with its three ratings, for re-judging); ``steer_config.json`` and
 ``judge.json`` (the judge's identity, description and unparsable answers).
 
+With ``selection`` other than ``none``, the run also logs its **steering gain**: the metric
+``steering_gain`` = ``100 · (steering_score − s_none) / s_none``, s_none the ``steering_score``
+of the same version's ``selection=none`` run with the same config otherwise (found by hash, or
+computed first as its own linked run), whose id is the tag ``none_run_id`` and whose score is
+the metric ``none_steering_score``. A zero (or missing) s_none defines no gain: the metric is
+not logged and the tag ``steering_gain_status`` says why (``logged`` otherwise).
+
 Judge options pass as ``--judge.<option> VALUE`` (``-P judge.model=...`` through mlflow run).
 Everything that can be wrong with the input fails before any generation (exit code 2).
 """
@@ -74,6 +81,11 @@ log = logging.getLogger(__name__)
 STEER_RUN_TYPE = "steer"
 BATCH_RUN_TYPE = "steer_batch"
 VERSION_LINK_TAG = "steer.{mode}.run_id"
+NO_SELECTION = "none"
+# The steering gain of a selection run (METHODS §3) and what it is measured against.
+GAIN_METRIC = "steering_gain"
+GAIN_NONE_RUN_TAG = "none_run_id"
+GAIN_STATUS_TAG = "steering_gain_status"
 
 
 @dataclass
@@ -83,6 +95,9 @@ class SteerRunResult:
     metrics: dict[str, float] = field(default_factory=dict)
     reused: bool = False
     seconds: float = 0.0
+    # Selection runs only: the gain over the version's selection=none run (None: undefined).
+    gain: float | None = None
+    none_run_id: str | None = None
 
 
 def _judge_identity(judge: Judge) -> dict[str, Any]:
@@ -180,6 +195,161 @@ def _params(config: SteerConfig, judge_name: str) -> dict[str, str]:
     return params
 
 
+def steering_gain(score: float, none_score: float) -> float | None:
+    """Percentage lift of a selection's steering score over the same SAE's ``selection=none``
+    score (METHODS §3), ``100 · (score − none_score) / none_score``; None where no lift is
+    defined: a zero (or NaN) baseline, or a NaN score. ``analysis/collect.py`` uses the same
+    rule (NaN there)."""
+    if math.isnan(score) or math.isnan(none_score) or none_score == 0:
+        return None
+    return 100.0 * (score - none_score) / none_score
+
+
+def _log_gain(run_id: str, metrics: dict[str, float], baseline: SteerRunResult) -> float | None:
+    """Log on ``run_id`` its steering gain over ``baseline`` (metric ``steering_gain``), the
+    baseline's run id and whether the gain is defined (tags); returns the gain."""
+    client = MlflowClient()
+    score = metrics.get("steering_score", math.nan)
+    none_score = baseline.metrics.get("steering_score", math.nan)
+    gain = steering_gain(score, none_score)
+    client.set_tag(run_id, GAIN_NONE_RUN_TAG, baseline.run_id)
+    if not math.isnan(none_score):
+        client.log_metric(run_id, "none_steering_score", none_score)
+    if gain is None:
+        why = (
+            "the selection=none steering score is 0"
+            if none_score == 0
+            else "a steering score is missing (NaN)"
+        )
+        client.set_tag(run_id, GAIN_STATUS_TAG, f"undefined: {why}")
+        log.warning("steering gain of run %s not logged: %s", run_id, why)
+    else:
+        client.set_tag(run_id, GAIN_STATUS_TAG, "logged")
+        client.log_metric(run_id, GAIN_METRIC, gain)
+    return gain
+
+
+def _steer_one(
+    mv: ModelVersion,
+    config: SteerConfig,
+    judge: str,
+    judge_options: dict[str, Any] | None,
+    judge_obj: Judge,
+    lm: LoadedLM,
+    layer: int,
+    concepts: list[Concept],
+    pool: list[Instruction],
+    *,
+    force: bool,
+    baseline: SteerRunResult | None = None,
+) -> SteerRunResult:
+    """One version's steer run for ``config`` (reused by hash unless ``force``); with a
+    ``baseline`` (its ``selection=none`` run) the run gets its steering gain."""
+    uri = f"models:/{mv.name}/{mv.version}"
+    identity = _judge_identity(judge_obj)
+    digest = config_hash(
+        f"{STEER_RUN_TYPE}:{config.mode}",
+        asdict(config),
+        json.dumps(
+            {"judge": judge, "identity": identity, "options": judge_options or {}},
+            sort_keys=True,
+            default=str,
+        ),
+        mv,
+    )
+    link = VERSION_LINK_TAG.format(mode=config.mode)
+    existing = None if force else find_finished_run(mv, STEER_RUN_TYPE, digest)
+    if existing is not None:
+        run_id = existing.info.run_id
+        log.info(
+            "steer %s (selection %s) on %s: reusing FINISHED run %s (force=true recomputes)",
+            config.mode,
+            config.selection,
+            uri,
+            run_id,
+        )
+        MlflowClient().set_model_version_tag(mv.name, mv.version, link, run_id)
+        metrics = dict(existing.data.metrics)
+        result = SteerRunResult(uri, run_id, metrics, True)
+        if baseline is not None:
+            # A run from before the gain existed, or one whose baseline was recomputed since,
+            # gets the gain over the current none run; an up-to-date one is left as it is.
+            tags = existing.data.tags
+            if tags.get(GAIN_NONE_RUN_TAG) != baseline.run_id or GAIN_STATUS_TAG not in tags:
+                result.gain = _log_gain(run_id, metrics, baseline)
+            else:
+                result.gain = metrics.get(GAIN_METRIC)
+            result.none_run_id = baseline.run_id
+        return result
+    started = time.perf_counter()
+    sae = load_version(mv)
+    tags = run_tags(mv, STEER_RUN_TYPE, digest)
+    tags.update(
+        {
+            RUN_TYPE_TAG: STEER_RUN_TYPE,
+            "steer_mode": config.mode,
+            "selection": config.selection,
+            "judge": judge,
+        }
+    )
+    with mlflow.start_run(
+        run_name=f"steer-{config.mode}-{config.selection}-{mv.name}-v{mv.version}",
+        nested=mlflow.active_run() is not None,
+        tags=tags,
+    ) as run:
+        mlflow.log_params(_params(config, judge))
+        mlflow.log_dict(asdict(config), "steer_config.json")
+        metrics, tables, extra = steer_version(
+            mv, sae, lm, layer, judge_obj, config, concepts, pool, force=force
+        )
+        mlflow.log_params({k: str(v) for k, v in extra.items()})
+        finite = {k: v for k, v in metrics.items() if not math.isnan(v)}
+        mlflow.log_metrics(finite)
+        for name, table in tables.items():
+            mlflow.log_table(table, f"tables/{name}.json")
+        # How far to trust this judge: its measured agreement with careful reading
+        # (bench/judge_agreement.py), where it was measured.
+        agreement = measured_agreement(identity)
+        mlflow.set_tag("judge_agreement", "measured" if agreement else "not measured")
+        if agreement:
+            mlflow.log_metrics(
+                {
+                    f"judge_{key}": float(value)
+                    for key, value in agreement.items()
+                    if key.endswith(("_kappa", "_spearman"))
+                }
+            )
+        mlflow.log_dict(
+            {
+                "identity": identity,
+                "agreement": agreement,
+                "describe": judge_obj.describe(),
+                "options": judge_options or {},
+                "parse_failures": judge_obj.parse_failures,
+                "failure_log": judge_obj.failure_log,
+            },
+            "judge.json",
+        )
+        gain = None
+        if baseline is not None:
+            gain = _log_gain(run.info.run_id, metrics, baseline)
+        seconds = time.perf_counter() - started
+        mlflow.log_metric("steer_seconds", seconds)
+    MlflowClient().set_model_version_tag(mv.name, mv.version, link, run.info.run_id)
+    log.info(
+        "steer %s (selection %s) on %s finished in %.1fs (run %s)",
+        config.mode,
+        config.selection,
+        uri,
+        seconds,
+        run.info.run_id,
+    )
+    result = SteerRunResult(uri, run.info.run_id, metrics, False, seconds)
+    if baseline is not None:
+        result.gain, result.none_run_id = gain, baseline.run_id
+    return result
+
+
 def steer(
     model_uri: str,
     config: SteerConfig | None = None,
@@ -190,6 +360,12 @@ def steer(
     lms: dict[str, LoadedLM] | None = None,
 ) -> list[SteerRunResult]:
     """Steer every version ``model_uri`` names; one MLflow run per version (reused by hash).
+
+    With a selection other than ``none``, each version's ``selection=none`` run with the same
+    config otherwise (mode, concepts, factors, instructions, judge, seed, ...) is found, or
+    computed first as a run of its own, and the selection's run logs its steering gain over
+    it (:func:`steering_gain`). ``force`` recomputes the runs asked for, not that baseline.
+    Returns the asked-for runs only (their ``none_run_id`` names the baseline).
 
     Raises:
         ValueError: bad input (URI, LM, config, judge, concept or instruction files), before
@@ -219,93 +395,14 @@ def steer(
         if launcher and active is not None and active.info.run_id == launcher:
             mlflow.set_tag(RUN_TYPE_TAG, BATCH_RUN_TYPE)  # the `mlflow run` launcher run
         for mv in versions:
-            uri = f"models:/{mv.name}/{mv.version}"
             lm_name, layer = sites[mv.version]
-            lm, judge_obj = lms[lm_name], judges[lm_name]
-            identity = _judge_identity(judge_obj)
-            digest = config_hash(
-                f"{STEER_RUN_TYPE}:{config.mode}",
-                asdict(config),
-                json.dumps(
-                    {"judge": judge, "identity": identity, "options": judge_options or {}},
-                    sort_keys=True,
-                    default=str,
-                ),
-                mv,
-            )
-            link = VERSION_LINK_TAG.format(mode=config.mode)
-            existing = None if force else find_finished_run(mv, STEER_RUN_TYPE, digest)
-            if existing is not None:
-                run_id = existing.info.run_id
-                log.info(
-                    "steer %s on %s: reusing FINISHED run %s (force=true recomputes)",
-                    config.mode,
-                    uri,
-                    run_id,
+            common = (judge, judge_options, judges[lm_name], lms[lm_name], layer, concepts, pool)
+            baseline = None
+            if config.selection != NO_SELECTION:
+                baseline = _steer_one(
+                    mv, replace(config, selection=NO_SELECTION), *common, force=False
                 )
-                MlflowClient().set_model_version_tag(mv.name, mv.version, link, run_id)
-                results.append(SteerRunResult(uri, run_id, dict(existing.data.metrics), True))
-                continue
-            started = time.perf_counter()
-            sae = load_version(mv)
-            tags = run_tags(mv, STEER_RUN_TYPE, digest)
-            tags.update(
-                {
-                    RUN_TYPE_TAG: STEER_RUN_TYPE,
-                    "steer_mode": config.mode,
-                    "selection": config.selection,
-                    "judge": judge,
-                }
-            )
-            with mlflow.start_run(
-                run_name=f"steer-{config.mode}-{mv.name}-v{mv.version}",
-                nested=mlflow.active_run() is not None,
-                tags=tags,
-            ) as run:
-                mlflow.log_params(_params(config, judge))
-                mlflow.log_dict(asdict(config), "steer_config.json")
-                metrics, tables, extra = steer_version(
-                    mv, sae, lm, layer, judge_obj, config, concepts, pool, force=force
-                )
-                mlflow.log_params({k: str(v) for k, v in extra.items()})
-                finite = {k: v for k, v in metrics.items() if not math.isnan(v)}
-                mlflow.log_metrics(finite)
-                for name, table in tables.items():
-                    mlflow.log_table(table, f"tables/{name}.json")
-                # How far to trust this judge: its measured agreement with careful reading
-                # (bench/judge_agreement.py), where it was measured.
-                agreement = measured_agreement(identity)
-                mlflow.set_tag("judge_agreement", "measured" if agreement else "not measured")
-                if agreement:
-                    mlflow.log_metrics(
-                        {
-                            f"judge_{key}": float(value)
-                            for key, value in agreement.items()
-                            if key.endswith(("_kappa", "_spearman"))
-                        }
-                    )
-                mlflow.log_dict(
-                    {
-                        "identity": identity,
-                        "agreement": agreement,
-                        "describe": judge_obj.describe(),
-                        "options": judge_options or {},
-                        "parse_failures": judge_obj.parse_failures,
-                        "failure_log": judge_obj.failure_log,
-                    },
-                    "judge.json",
-                )
-                seconds = time.perf_counter() - started
-                mlflow.log_metric("steer_seconds", seconds)
-            MlflowClient().set_model_version_tag(mv.name, mv.version, link, run.info.run_id)
-            log.info(
-                "steer %s on %s finished in %.1fs (run %s)",
-                config.mode,
-                uri,
-                seconds,
-                run.info.run_id,
-            )
-            results.append(SteerRunResult(uri, run.info.run_id, metrics, False, seconds))
+            results.append(_steer_one(mv, config, *common, force=force, baseline=baseline))
     return results
 
 
@@ -384,6 +481,9 @@ def main() -> None:
         for ref in ("diffmean", "random", "prompt", "unsteered"):
             if f"{ref}_steering_score" in m:
                 line += f", {ref} {m[f'{ref}_steering_score']:.3f}"
+        if r.none_run_id is not None:
+            gain = "undefined (tag steering_gain_status)" if r.gain is None else f"{r.gain:+.1f}%"
+            line += f", gain over none {gain} (run {r.none_run_id})"
         print(line)
     print(f"total {time.perf_counter() - started:.0f}s; browse: {ui_hint(tracking_uri)}")
 

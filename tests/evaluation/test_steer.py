@@ -3,7 +3,12 @@ on a tiny random LM with a registered TopK SAE, runs linked to the version and r
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import mlflow
@@ -423,3 +428,158 @@ def test_selection_criteria_are_registered_with_steer() -> None:
     assert check_selection("dtc") == "dtc"
     with pytest.raises(ValueError, match="dtc"):
         check_selection("dtcc")
+
+
+# ---------------------------------------------------------------------------------------------
+# steering gain of a selection over the same version's selection=none run
+
+
+def test_steering_gain_rule() -> None:
+    from evaluation.steering.steer import steering_gain
+
+    assert steering_gain(0.3, 0.2) == pytest.approx(50.0)
+    assert steering_gain(0.1, 0.2) == pytest.approx(-50.0)
+    assert steering_gain(0.2, 0.0) is None  # no lift over a zero baseline
+    assert steering_gain(float("nan"), 0.2) is None
+    assert steering_gain(0.2, float("nan")) is None
+
+
+class _RatingServer(BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat endpoint on loopback that rates every text 1 or 2 from a hash
+    of the prompt (``constant`` overrides): deterministic, and never 0 unless told, so the
+    tiny LM's steering scores are non-zero and differ between selections."""
+
+    constant: int | None = None
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _send(self, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._send({"data": [{"id": "judge-model"}]})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        prompt = body["messages"][-1]["content"]
+        digest = hashlib.sha256(prompt.encode()).digest()
+        if "Rating:" not in prompt:  # an explanation: one per latent, from its examples
+            answer = f"This neuron activates on the token {digest.hex()[:8]}"
+        else:
+            rating = 1 + digest[0] % 2 if self.constant is None else self.constant
+            answer = f"Rating: [[{rating}]]"
+        self._send({"choices": [{"message": {"role": "assistant", "content": answer}}]})
+
+
+@contextlib.contextmanager
+def rating_judge(monkeypatch: pytest.MonkeyPatch, constant: int | None = None) -> Iterator[dict]:
+    """Options of an ``openai`` judge served by :class:`_RatingServer`."""
+    handler = type("Handler", (_RatingServer,), {"constant": constant})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    try:
+        yield {
+            "base_url": f"http://127.0.0.1:{server.server_address[1]}/v1",
+            "model": "judge-model",
+            "max_retries": 0,
+        }
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _steer_runs(selection: str) -> list:
+    return [r for r in runs_of(STEER_RUN_TYPE) if r.data.tags["selection"] == selection]
+
+
+def test_selection_run_logs_gain_over_the_none_run(
+    tiny_lm_dir: str, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = register_tiny_sae(tiny_lm_dir)
+    client = MlflowClient()
+    with rating_judge(monkeypatch) as options:
+
+        def run(selection: str, force: bool = False) -> object:
+            # Latent mode: each selection steers its own latents toward their own (served)
+            # explanations, so the scores of two selections differ.
+            config = small_config(mode="latent", selection=selection, factors=(1.0, 4.0))
+            (result,) = steer(uri, config, "openai", judge_options=options, force=force)
+            return result
+
+        # No none run yet: a selection computes it first, as a linked steer run of its own.
+        selected = run("max_activation")
+        (none_run,) = _steer_runs("none")
+        (sel_run,) = _steer_runs("max_activation")
+        assert selected.run_id == sel_run.info.run_id and not selected.reused
+        assert selected.none_run_id == none_run.info.run_id
+        assert none_run.data.tags["model_uri"] == uri
+        assert none_run.data.tags["steer_mode"] == "latent"
+        assert sel_run.data.tags["none_run_id"] == none_run.info.run_id
+        # The baseline's config differs from the selection's in the selection only.
+        none_params, sel_params = none_run.data.params, sel_run.data.params
+        differing = {k for k in sel_params if sel_params[k] != none_params.get(k)}
+        assert "selection" in differing and differing <= {"selection", "n_candidates"}
+        s_sel = sel_run.data.metrics["steering_score"]
+        s_none = none_run.data.metrics["steering_score"]
+        assert s_none > 0 and s_sel != s_none  # the judge makes the gain a real number
+        gain = 100 * (s_sel - s_none) / s_none
+        assert sel_run.data.metrics["steering_gain"] == pytest.approx(gain, rel=1e-9)
+        assert sel_run.data.metrics["none_steering_score"] == pytest.approx(s_none)
+        assert sel_run.data.tags["steering_gain_status"] == "logged"
+        assert selected.gain == pytest.approx(gain)
+        assert "steering_gain" not in none_run.data.metrics
+        # The none run's config is the one a plain selection=none steer uses: reused as is.
+        plain_none = run("none")
+        assert plain_none.reused and plain_none.run_id == none_run.info.run_id
+        assert plain_none.none_run_id is None
+
+        # A none run present beforehand is reused by the next selection, not recomputed.
+        other = run("random")
+        assert other.none_run_id == none_run.info.run_id
+        assert len(_steer_runs("none")) == 1
+        other_run = client.get_run(other.run_id)
+        s_other = other_run.data.metrics["steering_score"]
+        assert other_run.data.metrics["steering_gain"] == pytest.approx(
+            100 * (s_other - s_none) / s_none, rel=1e-9
+        )
+
+        # Asking again reuses both runs; after the none run is recomputed, the reused
+        # selection run's gain moves to the new baseline.
+        again = run("max_activation")
+        assert again.reused and again.run_id == selected.run_id
+        assert len(runs_of(STEER_RUN_TYPE)) == 3
+        new_none = run("none", force=True)
+        assert new_none.run_id != none_run.info.run_id
+        moved = run("max_activation")
+        assert moved.reused and moved.none_run_id == new_none.run_id
+        moved_run = client.get_run(moved.run_id)
+        assert moved_run.data.tags["none_run_id"] == new_none.run_id
+        s_new_none = new_none.metrics["steering_score"]
+        assert moved_run.data.metrics["steering_gain"] == pytest.approx(
+            100 * (s_sel - s_new_none) / s_new_none, rel=1e-9
+        )
+
+
+def test_zero_baseline_logs_no_gain_and_says_why(
+    tiny_lm_dir: str, tracking_uri: str, concepts_file: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = register_tiny_sae(tiny_lm_dir)
+    with rating_judge(monkeypatch, constant=0) as options:  # every rating 0: every score 0
+        config = small_config(concepts=concepts_file, selection="random")
+        (selected,) = steer(uri, config, "openai", judge_options=options)
+    (none_run,) = _steer_runs("none")
+    assert none_run.data.metrics["steering_score"] == 0.0
+    sel_run = MlflowClient().get_run(selected.run_id)
+    assert "steering_gain" not in sel_run.data.metrics and selected.gain is None
+    assert sel_run.data.tags["steering_gain_status"] == (
+        "undefined: the selection=none steering score is 0"
+    )
+    assert sel_run.data.tags["none_run_id"] == none_run.info.run_id
