@@ -3,7 +3,9 @@
 METHODS §6. Everything here is a pure function of arrays (or of the joined table), so the
 analysis entry point, the tests and a user's notebook compute the same numbers.
 
-- ``kendall_tau_b``: ``scipy.stats.kendalltau`` (variant b, which corrects for ties).
+- ``kendall_tau_b``: ``scipy.stats.kendalltau`` (variant b, which corrects for ties); the
+  batched forms (``tau_b_batch`` over rows, ``tau_b_resamples`` over bootstrap resamples)
+  count the same integer pairs and combine them as scipy does, so they equal it bitwise.
 - ``bca_interval``: a BCa bootstrap interval of τ_b over SAEs (``scipy.stats.bootstrap``,
   paired resampling of (µ, g)).
 - ``group_tau``: τ_b inside one group with n, the number of pairs, a permutation p-value
@@ -45,6 +47,16 @@ AXIS_MEANING = {
 }
 
 
+def _tau_b_from_counts(
+    con_minus_dis: np.ndarray, untied_x: np.ndarray, untied_y: np.ndarray
+) -> np.ndarray:
+    """τ_b from its integer pair counts, combined in scipy's order (so equal to
+    ``scipy.stats.kendalltau`` to the last bit); NaN where x or y has no untied pair."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tau = con_minus_dis / np.sqrt(untied_x) / np.sqrt(untied_y)
+    return np.where((untied_x > 0) & (untied_y > 0), np.clip(tau, -1.0, 1.0), np.nan)
+
+
 def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float:
     """Kendall's τ_b of two equally long sequences; NaN when either is constant."""
     x_arr, y_arr = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
@@ -52,6 +64,8 @@ def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float:
         raise ValueError(f"x and y differ in length: {x_arr.shape} vs {y_arr.shape}")
     if len(x_arr) < 2 or np.ptp(x_arr) == 0 or np.ptp(y_arr) == 0:
         return math.nan
+    if len(x_arr) <= _PAIRWISE_MAX_N:  # scipy's call overhead is ~1 ms; pair signs cost µs
+        return float(tau_b_batch(x_arr[None], y_arr[None])[0])
     return float(stats.kendalltau(x_arr, y_arr, variant="b").statistic)
 
 
@@ -89,16 +103,58 @@ def tau_b_batch(x_RN: np.ndarray, y_RN: np.ndarray) -> np.ndarray:
         return np.array([kendall_tau_b(a, b) for a, b in zip(x_RN, y_RN, strict=True)])
     i, j = _pairs(n)
     sx_RP, sy_RP = np.sign(x_RN[:, i] - x_RN[:, j]), np.sign(y_RN[:, i] - y_RN[:, j])
-    denominator = np.sqrt((sx_RP**2).sum(-1) * (sy_RP**2).sum(-1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denominator > 0, (sx_RP * sy_RP).sum(-1) / denominator, np.nan)
+    return _tau_b_from_counts((sx_RP * sy_RP).sum(-1), (sx_RP**2).sum(-1), (sy_RP**2).sum(-1))
 
 
-def _tau_statistic(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
-    """τ_b along ``axis`` for scipy's vectorised bootstrap (NaN for constant resamples)."""
-    x2, y2 = np.moveaxis(np.atleast_2d(x), axis, -1), np.moveaxis(np.atleast_2d(y), axis, -1)
-    out = tau_b_batch(x2.reshape(-1, x2.shape[-1]), y2.reshape(-1, y2.shape[-1]))
-    return out.reshape(x2.shape[:-1]) if x.ndim > 1 else out[0]
+# Up to this many SAEs, τ_b of bootstrap resamples comes from the n x n pair-sign matrix of
+# the original SAEs (a few n² arrays in memory); beyond it, scipy per resample.
+_RESAMPLE_MATRIX_MAX_N = 2048
+# Bound on the (resamples x n) counts handled at once.
+_RESAMPLE_CHUNK_ELEMENTS = 4_000_000
+
+
+def _tie_group_sums(values: np.ndarray, counts_RN: np.ndarray) -> np.ndarray:
+    """Σ (draws of the SAEs sharing one value)² per resample: Σ_k C_k² over tie groups k."""
+    _, group = np.unique(values, return_inverse=True)
+    order = np.argsort(group, kind="stable")
+    sorted_groups = group[order]
+    starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
+    group_counts_RK = np.add.reduceat(counts_RN[:, order], starts, axis=1)
+    return (group_counts_RK**2).sum(-1)
+
+
+def tau_b_resamples(x: Sequence[float], y: Sequence[float], idx_RN: np.ndarray) -> np.ndarray:
+    """τ_b of every resample (x[idx_RN[r]], y[idx_RN[r]]); NaN where a resample is constant.
+
+    Equal to ``scipy.stats.kendalltau`` on each resample, in O(R·n²) BLAS work instead of
+    R calls. A resample is its draw counts c_u of the original SAEs u: pairs of two draws of
+    one SAE tie in both x and y, and pairs of SAEs u ≠ v occur c_u·c_v times, so (with
+    S_uv = sign(x_u - x_v)·sign(y_u - y_v)) con - dis = ½ cᵀSc and the pairs untied in x are
+    ½((Σc)² - Σ_k C_k²), C_k the draws of x's k-th tie group. All terms are integers, exact
+    in float64, and combined as scipy combines them."""
+    x_arr, y_arr = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    idx_RN = np.atleast_2d(np.asarray(idx_RN))
+    n, (n_resamples, draws) = len(x_arr), idx_RN.shape
+    if x_arr.shape != y_arr.shape:
+        raise ValueError(f"x and y differ in length: {x_arr.shape} vs {y_arr.shape}")
+    if n > _RESAMPLE_MATRIX_MAX_N:
+        return np.array([kendall_tau_b(x_arr[i], y_arr[i]) for i in idx_RN])
+    signs_NN = np.sign(x_arr[:, None] - x_arr[None, :]) * np.sign(y_arr[:, None] - y_arr[None, :])
+    out = np.empty(n_resamples)
+    chunk = max(1, _RESAMPLE_CHUNK_ELEMENTS // max(n, draws))
+    for lo in range(0, n_resamples, chunk):
+        idx = idx_RN[lo : lo + chunk]
+        rows = len(idx)
+        offsets = (np.arange(rows) * n)[:, None]
+        counts_RN = np.bincount((idx + offsets).ravel(), minlength=rows * n).reshape(rows, n)
+        counts_RN = counts_RN.astype(float)
+        con_minus_dis = ((counts_RN @ signs_NN) * counts_RN).sum(-1) / 2
+        total = draws * (draws - 1) / 2
+        # Untied pairs = all pairs minus tied ones; ½(m² - ΣC_k²) = tot - ½(ΣC_k² - m).
+        untied_x = total - (_tie_group_sums(x_arr, counts_RN) - draws) / 2
+        untied_y = total - (_tie_group_sums(y_arr, counts_RN) - draws) / 2
+        out[lo : lo + chunk] = _tau_b_from_counts(con_minus_dis, untied_x, untied_y)
+    return out
 
 
 def bca_interval(
@@ -114,10 +170,18 @@ def bca_interval(
     x_arr, y_arr = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if len(x_arr) < 3 or math.isnan(kendall_tau_b(x_arr, y_arr)):
         return _NO_INTERVAL
+
+    def tau_of_resampled_indices(idx: np.ndarray, axis: int = -1) -> np.ndarray:
+        taus = tau_b_resamples(x_arr, y_arr, np.moveaxis(np.atleast_2d(idx), axis, -1))
+        return taus if np.ndim(idx) > 1 else taus[0]
+
+    # scipy's paired bootstrap resamples the index array arange(n) and hands the statistic
+    # the resampled (x, y); resampling that index array here draws the same resamples and
+    # jackknife (same generator, same calls), and the statistic sees indices, which is
+    # what tau_b_resamples needs.
     result = stats.bootstrap(
-        (x_arr, y_arr),
-        _tau_statistic,
-        paired=True,
+        (np.arange(len(x_arr)),),
+        tau_of_resampled_indices,
         vectorized=True,
         confidence_level=confidence,
         n_resamples=n_resamples,
@@ -173,7 +237,7 @@ def percentile_interval(
     if len(x_arr) < 3 or math.isnan(kendall_tau_b(x_arr, y_arr)):
         return _NO_INTERVAL
     idx_RN = np.random.default_rng(seed).integers(0, len(x_arr), (n_resamples, len(x_arr)))
-    draws = tau_b_batch(x_arr[idx_RN], y_arr[idx_RN])
+    draws = tau_b_resamples(x_arr, y_arr, idx_RN)
     draws = draws[~np.isnan(draws)]
     if len(draws) < 2:
         return _NO_INTERVAL
@@ -278,11 +342,12 @@ def _psi_draws(
 ) -> dict[str, np.ndarray]:
     """Bootstrap draws of Ψ_A, Ψ_B, Ψ_C and Ψ: SAEs resampled with replacement within each LM.
 
-    Every Ψ group lies inside one LM, so each LM is a block: with the pair-sign products
-    S_uv = sign(x_u - x_v)·sign(y_u - y_v) (and the squares, for τ_b's tie correction) of its
-    SAEs precomputed once, a group's τ_b in a resample is a sum over the resampled pairs,
-    computed for all draws and groups at once. A resample that repeats one SAE pairs it with
-    itself at sign 0, exactly as τ_b treats a tie.
+    Every Ψ group lies inside one LM, so each LM is a block, and a resample of a block is its
+    draw counts c_u of the block's SAEs u (an SAE keeps its group). As in
+    ``tau_b_resamples``, with S_uv = sign(x_u - x_v)·sign(y_u - y_v) restricted to pairs of one
+    group (and |sign| for τ_b's tie correction), group k's con - dis is ½ Σ_{u,v in k}
+    c_u c_v S_uv: one matrix product per block and axis gives every draw and group at once. A
+    resample that repeats one SAE pairs it with itself at sign 0, exactly as τ_b treats a tie.
     """
     codes = {axis: _group_codes(table, axis) for axis in AXES}
     x_all, y_all = table[x].to_numpy(float), table[y].to_numpy(float)
@@ -290,34 +355,24 @@ def _psi_draws(
     for _, block in table.groupby("lm_name", sort=True):
         rows = block.index.to_numpy()
         m = len(rows)
-        sx = np.sign(x_all[rows][:, None] - x_all[rows][None, :])
-        sy = np.sign(y_all[rows][:, None] - y_all[rows][None, :])
-        products = (sx * sy, sx * sx, sy * sy)
+        sx_MM = np.sign(x_all[rows][:, None] - x_all[rows][None, :])
+        sy_MM = np.sign(y_all[rows][:, None] - y_all[rows][None, :])
+        products = (sx_MM * sy_MM, np.abs(sx_MM), np.abs(sy_MM))
         idx_RM = rng.integers(0, m, size=(n_resamples, m))
-        chunk = max(1, 4_000_000 // (m * m))  # bound the (R, m, m) gathers' memory
+        offsets = (np.arange(n_resamples) * m)[:, None]
+        counts_RM = np.bincount((idx_RM + offsets).ravel(), minlength=n_resamples * m)
+        counts_RM = counts_RM.reshape(n_resamples, m).astype(float)
         for axis in AXES:
             local = np.unique(codes[axis][rows], return_inverse=True)[1]
-            n_groups = int(local.max()) + 1
-            out = np.empty((n_resamples, n_groups))
-            for lo in range(0, n_resamples, chunk):
-                idx = idx_RM[lo : lo + chunk]
-                onehot_RKM = np.eye(n_groups)[local[idx]].transpose(0, 2, 1)
-                # Σ_{u,v in group k} P[u,v]: (P @ onehotᵀ) then a row sum per group, as
-                # batched matrix products (a three-operand einsum does not use BLAS).
-                onehot_RMK = onehot_RKM.transpose(0, 2, 1)
-                sums = [
-                    (
-                        onehot_RKM
-                        * np.matmul(p[idx[:, :, None], idx[:, None, :]], onehot_RMK).transpose(
-                            0, 2, 1
-                        )
-                    ).sum(-1)
-                    for p in products
-                ]
-                denominator = np.sqrt(sums[1] * sums[2])
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    out[lo : lo + chunk] = np.where(denominator > 0, sums[0] / denominator, np.nan)
-            taus[axis].append(out)
+            onehot_MK = np.eye(int(local.max()) + 1)[local]
+            same_group_MM = local[:, None] == local[None, :]
+            # Σ_{u,v in group k} c_u c_v P_uv = Σ_{u in k} c_u (C P_k)_u, P_k = P on same-group
+            # pairs; halved to count unordered pairs (exact: every term is an integer).
+            con_minus_dis, untied_x, untied_y = (
+                ((counts_RM @ np.where(same_group_MM, p, 0.0)) * counts_RM) @ onehot_MK / 2
+                for p in products
+            )
+            taus[axis].append(_tau_b_from_counts(con_minus_dis, untied_x, untied_y))
     draws: dict[str, np.ndarray] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a draw with no defined group: NaN

@@ -22,11 +22,11 @@ from analysis.analyze import AnalyzeConfig, analyze
 from analysis.synthetic import SyntheticStudy, write_study
 from project.tracking import configure_tracking, init_schema
 
-# 10 LMs x 5 architectures x 12 sparsities = 600 versions; per version 1 training run,
-# 4 eval runs and 3 steer runs (selections): 4,800 runs, plus the registry's 600 versions.
+# 10 LMs x 5 architectures x 13 sparsities = 650 versions; per version 1 training run,
+# 4 eval runs and 3 steer runs (selections): 5,200 runs, plus the registry's 650 versions.
 STUDY = SyntheticStudy(
     lms=tuple(f"lm-{i}" for i in range(10)),
-    target_l0s=(8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384),
+    target_l0s=(8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512),
     selections=("none", "dtc", "output_score"),
     eval_runs_per_version=4,
 )

@@ -135,3 +135,64 @@ def test_fast_paths_agree_with_scipy_and_pandas() -> None:
     point = psi_point(table, "mu", "g")
     for key, values in draws.items():
         np.testing.assert_allclose(values, point[key])
+
+
+def test_resampled_tau_b_equals_scipy_on_every_resample_with_ties() -> None:
+    from analysis.stats import tau_b_resamples
+
+    rng = np.random.default_rng(11)
+    for n in (4, 9, 70, 150):  # below and above the pair-sign batch limit (64)
+        x = rng.integers(0, 5, size=n).astype(float)  # many ties, some all-tied resamples
+        y = rng.integers(0, 3, size=n).astype(float)
+        for draws in (n, n - 1):  # bootstrap resamples and jackknife (leave-one-out) rows
+            idx_RN = rng.integers(0, n, size=(200, draws))
+            fast = tau_b_resamples(x, y, idx_RN)
+            slow = [kendall_tau_b(x[i], y[i]) for i in idx_RN]
+            np.testing.assert_array_equal(fast, slow)  # bitwise, NaNs in the same places
+            direct = [stats.kendalltau(x[i], y[i], variant="b").statistic for i in idx_RN]
+            np.testing.assert_array_equal(fast, direct)
+    small = rng.integers(0, 3, size=(100, 6)).astype(float)
+    assert np.isnan(tau_b_resamples(small[0], small[1], np.zeros((1, 6), int))).all()
+
+
+def test_bca_interval_with_ties_beyond_the_batch_limit_matches_scipy() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 6, size=90).astype(float)
+    y = x + rng.integers(0, 4, size=90)
+    ours = bca_interval(x, y, n_resamples=300, seed=3)
+    direct = stats.bootstrap(
+        (x, y), lambda a, b: stats.kendalltau(a, b, variant="b").statistic, paired=True,
+        vectorized=False, n_resamples=300, method="BCa", rng=np.random.default_rng(3),
+    )  # fmt: skip
+    assert ours.low == direct.confidence_interval.low
+    assert ours.high == direct.confidence_interval.high
+
+
+def test_psi_draws_equal_psi_of_each_resampled_table() -> None:
+    from analysis.stats import _psi_draws
+
+    rng = np.random.default_rng(4)
+    n_per_lm = 12
+    table = pd.DataFrame(
+        {
+            "lm_name": np.repeat(["a", "b"], n_per_lm),
+            "architecture": np.tile(np.repeat(["relu", "topk", "gated"], 4), 2),
+            "l0": rng.integers(5, 50, size=2 * n_per_lm),
+            "mu": rng.integers(0, 4, size=2 * n_per_lm) / 4,  # ties
+            "g": rng.integers(0, 3, size=2 * n_per_lm) / 3,
+        }
+    )
+    table = add_sparsity_rank(table)
+    draws = _psi_draws(table, "mu", "g", 30, np.random.default_rng(9))
+    # The same draws by hand: SAEs resampled within each LM (same generator calls), then Ψ of
+    # the resampled table, each resampled SAE keeping its groups.
+    replay = np.random.default_rng(9)
+    idx_by_lm = [
+        block.index.to_numpy()[replay.integers(0, len(block), size=(30, len(block)))]
+        for _, block in table.groupby("lm_name", sort=True)
+    ]
+    for r in range(30):
+        resampled = table.iloc[np.concatenate([idx[r] for idx in idx_by_lm])]
+        expected = psi_point(resampled.reset_index(drop=True), "mu", "g")
+        for key, value in expected.items():
+            np.testing.assert_allclose(draws[key][r], value, atol=1e-12, err_msg=f"{key} {r}")
