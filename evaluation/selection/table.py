@@ -5,6 +5,9 @@
 ``eval_config_hash``), so steering and the analysis never recompute it.
 
     python -m evaluation.selection.table --model_uri models:/NAME/VERSION [--alpha 10 --k 1]
+    mlflow run . -e selection_table --env-manager local -P model_uri=models:/NAME/VERSION
+
+Every :class:`SelectionConfig` field is a flag (``--n_tokens 65536``, ``--batch_latents 128``).
 
 Columns: ``latent``, ``max_activation``, ``firing_frequency`` (the steering table's when it
 is importable, else the scan's own, same definition), ``input_score``, ``output_score``,
@@ -202,16 +205,27 @@ def scores_for_version(
 # command line
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also what MLproject's ``selection_table`` entry must fit): the URI,
+    ``--force`` and one ``--FIELD`` per :class:`SelectionConfig` field (None = default)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_uri", required=True)
     parser.add_argument("--force", type=parse_bool, default=False)
+    for f in fields(SelectionConfig):
+        parser.add_argument(f"--{f.name}", default=None)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> SelectionConfig:
+    """The :class:`SelectionConfig` the parsed flags name; ValueError naming a bad value."""
     names = [f.name for f in fields(SelectionConfig)]
-    for name in names:
-        parser.add_argument(f"--{name}", default=None)
-    args = parser.parse_args()
     overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    config = config_from_overrides(SelectionConfig, overrides, EVAL_NAME)
+    return config_from_overrides(SelectionConfig, overrides, EVAL_NAME)
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    config = config_from_args(args)
     tracking_uri = configure_tracking(experiment=DEFAULT_EXPERIMENT)
     versions = resolve_versions(args.model_uri)
     sites = {mv.version: version_site(mv) for mv in versions}

@@ -142,3 +142,40 @@ def test_criteria_plug_into_a_steering_registry(
     with pytest.raises(ValueError, match="unknown criterion 'best'; valid criteria: dtc"):
         criterion("best")
     assert not math.isnan(float(expected["dtc_in_place"].sum()))
+
+
+def test_mlproject_entry_fits_the_command_line() -> None:
+    """``mlflow run . -e selection_table`` builds a command the table's CLI accepts: every
+    declared parameter is a flag of it, the defaults give the default config, and values
+    MLflow passes (declared or not, floats as "3.0") reach the config."""
+    import shlex
+
+    import yaml
+    from mlflow.projects import _project_spec
+
+    from evaluation.selection.table import build_parser, config_from_args
+
+    root = Path(__file__).resolve().parents[2]
+    entry = yaml.safe_load((root / "MLproject").read_text())["entry_points"]["selection_table"]
+    flags = {a.dest for a in build_parser()._actions if a.dest != "help"}
+    assert set(entry["parameters"]) <= flags
+    assert entry["parameters"]["model_uri"] == {"type": "string"}  # required, no default
+
+    command = _project_spec.load_project(str(root)).get_entry_point("selection_table")
+
+    def parse(params: dict[str, str]) -> SelectionConfig:
+        argv = shlex.split(command.compute_command(params, "/unused"))
+        assert argv[:3] == ["python", "-m", "evaluation.selection.table"]
+        args = build_parser().parse_args(argv[3:])
+        assert args.model_uri == params["model_uri"]
+        return config_from_args(args)
+
+    assert parse({"model_uri": "models:/X/1"}) == SelectionConfig()
+    changed = parse(
+        {"model_uri": "models:/X/1", "alpha": "5", "k": "3.0", "dtc_positions": "all"}
+        | {"n_tokens": "4096", "batch_latents": "128.0"}  # undeclared: passed through
+    )
+    assert (changed.alpha, changed.k, changed.dtc_positions) == (5.0, 3, "all")
+    assert (changed.n_tokens, changed.batch_latents) == (4096, 128)
+    with pytest.raises(ValueError, match="unknown dtc_positions 'some'"):
+        parse({"model_uri": "models:/X/1", "dtc_positions": "some"})
