@@ -58,6 +58,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -67,6 +68,7 @@ from typing import Any
 
 import mlflow
 import optuna
+import sqlalchemy
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
@@ -129,6 +131,8 @@ class TuneConfig:
       ``intervention``, ``temperature``, ``seed``: the steering protocol's settings.
     - ``stats_n_tokens``: held-out tokens of the latent table (m_i, live latents) and of the
       selection table's scan, one figure so that both read the same steering stats run.
+    - ``explain_n_tokens``: held-out tokens the autointerp explainer scans for a latent's
+      examples (autointerp's and steer's default, 24,576).
     - ``judge``: ``offline`` (default), ``hf`` or ``openai``.
     """
 
@@ -148,6 +152,7 @@ class TuneConfig:
     temperature: float = 1.0
     seed: int = 0
     stats_n_tokens: int = SelectionConfig().n_tokens
+    explain_n_tokens: int = 24_576
     judge: str = "offline"
     judge_options: dict[str, str] = field(default_factory=dict)
     heartbeat_seconds: int = 10
@@ -191,6 +196,7 @@ class TuneConfig:
                 )
         if self.judge not in JUDGE_NAMES:
             raise ValueError(f"unknown judge {self.judge!r}; valid: {', '.join(JUDGE_NAMES)}")
+        check_int("explain_n_tokens", self.explain_n_tokens, 1)
         check_int("heartbeat_seconds", self.heartbeat_seconds, 1)
         check_int("grace_seconds", self.grace_seconds, self.heartbeat_seconds + 1)
         self.steer_config()  # the protocol's own checks (factors, n_instructions, ...)
@@ -321,13 +327,26 @@ def open_storage(url: str, config: TuneConfig) -> optuna.storages.RDBStorage:
     if url.startswith("sqlite"):
         # Several worker processes share one file: wait for the write lock rather than fail.
         engine_kwargs["connect_args"] = {"timeout": 60}
-    try:
+
+    def connect() -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(
             url,
             engine_kwargs=engine_kwargs,
             heartbeat_interval=config.heartbeat_seconds,
             grace_period=config.grace_seconds,
         )
+
+    try:
+        for attempt in range(3):
+            try:
+                return connect()
+            except sqlalchemy.exc.SQLAlchemyError:
+                # Workers creating the schema of a new storage at once: the losers' CREATE or
+                # INSERT fails, and the schema is there when they look again.
+                if attempt == 2:
+                    raise
+                time.sleep(1.0 + attempt)
+        raise AssertionError("unreachable")
     except Exception as err:  # noqa: BLE001 - driver missing, host unreachable, bad path
         hint = (
             " (PostgreSQL needs a driver: pip install psycopg2-binary)" if "postgres" in url else ""
@@ -447,7 +466,10 @@ class DTCStudy:
 
         stats = self.steer_config.stats
         explain_config = AutointerpConfig(
-            corpus=stats.corpus, text_column=stats.text_column, seed=self.config.seed
+            corpus=stats.corpus,
+            text_column=stats.text_column,
+            n_tokens=self.config.explain_n_tokens,
+            seed=self.config.seed,
         )
         chosen: list[int] = []
         offset = 0
@@ -762,7 +784,9 @@ def _optimize(worker: DTCStudy, study: optuna.Study, config: TuneConfig) -> None
     stop = optuna.study.MaxTrialsCallback(config.n_trials, states=(TrialState.COMPLETE,))
     assert worker.storage is not None
     while not worker.exhausted:
-        optuna.storages.fail_stale_trials(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # a killed worker's trials
         complete, running = trial_counts(
             worker.storage.get_all_trials(study._study_id, deepcopy=False)
         )
@@ -838,7 +862,14 @@ def main() -> None:
     }
     for name in lists:
         parser.add_argument(f"--{name}", default=",".join(map(str, defaults[name].default)))
-    for name in ("n_concepts", "n_instructions", "max_new_tokens", "seed", "stats_n_tokens"):
+    for name in (
+        "n_concepts",
+        "n_instructions",
+        "max_new_tokens",
+        "seed",
+        "stats_n_tokens",
+        "explain_n_tokens",
+    ):
         parser.add_argument(f"--{name}", type=parse_int, default=defaults[name].default)
     parser.add_argument("--temperature", type=float, default=defaults["temperature"].default)
     parser.add_argument("--intervention", default=defaults["intervention"].default)
@@ -857,6 +888,7 @@ def main() -> None:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         stats_n_tokens=args.stats_n_tokens,
+        explain_n_tokens=args.explain_n_tokens,
         temperature=args.temperature,
         intervention=args.intervention,
         judge=args.judge,

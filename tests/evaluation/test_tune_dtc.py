@@ -48,6 +48,7 @@ SMALL = {
     "factors": (1.0, 4.0),
     "max_new_tokens": 3,
     "stats_n_tokens": 512,
+    "explain_n_tokens": 2048,
     "heartbeat_seconds": 1,
     "grace_seconds": 3,
     "poll_seconds": 0.5,
@@ -62,6 +63,7 @@ CLI_SMALL = [
     "--factors=1,4",
     "--max_new_tokens=3",
     "--stats_n_tokens=512",
+    "--explain_n_tokens=2048",
 ]
 
 
