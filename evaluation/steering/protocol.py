@@ -8,7 +8,8 @@ half), saeflow generates:
 - ``sae``: addition ``α·m_i·v_i`` (or clamping latent i to ``α·m_i``) for each factor α;
 - ``diffmean`` (concept mode): the unit DiffMean direction times ``α·s``;
 - ``random`` (concept mode): a seeded random unit direction times ``α·s`` (the floor);
-- ``prompt`` (concept mode): no intervention, the concept stated by saeflow's template;
+- ``prompt`` (concept mode): no intervention, the concept stated in the prompt: written by the
+  judge's LLM where the judge is a chat model (AxBench's frame), else saeflow's template;
 - ``unsteered``: the instruction alone, the model untouched.
 
 ``s``, the scale of the reference directions, is the median ``m_i`` over the SAE's live latents,
@@ -227,8 +228,16 @@ def concept_targets(
 # generations
 
 
-def build_rows(targets: list[Target], config: SteerConfig, mode: str) -> list[Row]:
-    """Every generation of the run, in a fixed order."""
+def build_rows(
+    targets: list[Target],
+    config: SteerConfig,
+    mode: str,
+    steering_prompts: dict[str, str] | None = None,
+) -> list[Row]:
+    """Every generation of the run, in a fixed order. ``steering_prompts`` (concept -> a prompt
+    the judge's LLM wrote) replace saeflow's template for the prompting reference, in AxBench's
+    frame ``{prompt}\n\nQuestion: {instruction}``."""
+    steering_prompts = steering_prompts or {}
     methods = FACTOR_METHODS if mode == "concept" else (SAE,)
     rows = []
     for t_index, target in enumerate(targets):
@@ -236,8 +245,13 @@ def build_rows(targets: list[Target], config: SteerConfig, mode: str) -> list[Ro
             for instruction in instructions:
                 rows.append(Row(UNSTEERED, t_index, instruction, split_name, 0.0, instruction.text))
                 if mode == "concept":
-                    prompt = config.prompt_template.format(
-                        concept=target.concept, instruction=instruction.text
+                    written = steering_prompts.get(target.concept)
+                    prompt = (
+                        f"{written}\n\nQuestion: {instruction.text}"
+                        if written
+                        else config.prompt_template.format(
+                            concept=target.concept, instruction=instruction.text
+                        )
                     )
                     rows.append(Row(PROMPT, t_index, instruction, split_name, 0.0, prompt))
                 for method in methods:
@@ -458,6 +472,17 @@ def generations_table(
     return dict(table)
 
 
+def judge_steering_prompts(targets: list[Target], judge: Judge) -> dict[str, str]:
+    """Concept -> the steering prompt the judge's LLM wrote for it, for the concepts where it
+    wrote one (none for the offline judge, whose prompting reference uses the template)."""
+    written = {}
+    for concept in dict.fromkeys(t.concept for t in targets):
+        prompt = judge.steering_prompt(concept)
+        if prompt:
+            written[concept] = prompt
+    return written
+
+
 def run_protocol(
     targets: list[Target],
     sae: SparseAutoencoder,
@@ -468,7 +493,8 @@ def run_protocol(
     reference_scale: float,
 ) -> SteeringResult:
     """Generate, rate and score every row for ``targets`` (their splits already set)."""
-    rows = build_rows(targets, config, config.mode)
+    steering_prompts = judge_steering_prompts(targets, judge) if config.mode == "concept" else {}
+    rows = build_rows(targets, config, config.mode, steering_prompts)
     started = time.perf_counter()
     texts = run_generations(rows, targets, sae, lm, layer, config, reference_scale)
     generated = time.perf_counter()
@@ -484,6 +510,7 @@ def run_protocol(
             "generation_seconds": generated - started,
             "judge_seconds": rated - generated,
             "reference_scale": reference_scale,
+            "judge_written_prompts": float(len(steering_prompts)),
         }
     )
     logger.info(

@@ -14,7 +14,9 @@ from project.judges.prompts import (
     parse_detection,
     parse_explanation,
     parse_rating,
+    parse_steering_prompt,
     rating_messages,
+    steering_prompt_messages,
 )
 
 logger = logging.getLogger(__name__)
@@ -68,6 +70,12 @@ class Judge(ABC):
         """0/1/2 on ``kind`` ∈ concept / instruct / fluency (``reference`` is the concept or the
         instruction; unused for fluency); None when the answer could not be parsed."""
 
+    def steering_prompt(self, concept: str) -> str | None:
+        """A prompt written to steer a model toward ``concept`` (AxBench's prompting reference),
+        or None where this judge writes none (the offline judge): the caller then states the
+        concept with its own template."""
+        return None
+
     def observe_corpus(self, windows: list[str]) -> None:  # noqa: B027 - optional hook
         """Optional: unmarked random windows of the evaluation corpus. Judges that calibrate on
         random text (the offline judge) use them; LLM judges ignore them."""
@@ -95,6 +103,7 @@ class ChatJudge(Judge):
     max_tokens_explain = 64
     max_tokens_detect = 32
     max_tokens_rate = 128
+    max_tokens_steering_prompt = 160
 
     @abstractmethod
     def _chat(self, messages: list[dict[str, str]], max_tokens: int) -> str | None:
@@ -135,3 +144,13 @@ class ChatJudge(Judge):
         if rating is None:
             self._count_failure(f"rate:{kind}", answer)
         return rating
+
+    def steering_prompt(self, concept: str) -> str | None:
+        messages = steering_prompt_messages(concept)
+        answer = self._ask("steering_prompt", messages, self.max_tokens_steering_prompt)
+        if answer is None:
+            return None
+        prompt = parse_steering_prompt(answer)
+        if prompt is None:
+            self._count_failure("steering_prompt", answer)
+        return prompt

@@ -147,6 +147,29 @@ _RATE_PROMPTS = {
 }
 
 
+_STEERING_PROMPT_REQUEST = (
+    "Write an instruction for a language model that makes it bring up the concept below in "
+    "whatever it answers next, even where the question has nothing to do with it. Write it "
+    "to the model directly, in one to three sentences; you may add a short example. Reply "
+    "with the instruction alone, no preamble and no quotes.\n\n[Concept Start]\n{concept}\n"
+    "[Concept End]"
+)
+
+
+def steering_prompt_messages(concept: str) -> list[dict[str, str]]:
+    """Chat messages asking the judge's LLM to write a steering prompt for ``concept`` (the
+    prompting reference of AxBench, METHODS §3; the wording is saeflow's)."""
+    return [{"role": "user", "content": _STEERING_PROMPT_REQUEST.format(concept=concept)}]
+
+
+def parse_steering_prompt(answer: str) -> str | None:
+    """The written prompt, stripped of quotes and a leading label; None when nothing usable
+    (empty, or too short to state a concept) came back."""
+    text = answer.strip().strip("\"'“”").strip()
+    text = re.sub(r"^(prompt|instruction)\s*:\s*", "", text, flags=re.IGNORECASE).strip()
+    return text if len(text.split()) >= 3 else None
+
+
 def explanation_messages(examples: Sequence[str]) -> list[dict[str, str]]:
     """Chat messages asking for an explanation of marked examples (SAEBench's prompt)."""
     listing = "\n".join(f"{i + 1}. {ex}" for i, ex in enumerate(examples))
