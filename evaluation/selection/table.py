@@ -9,8 +9,8 @@
 
 Every :class:`SelectionConfig` field is a flag (``--n_tokens 65536``, ``--batch_latents 128``).
 
-Columns: ``latent``, ``max_activation``, ``firing_frequency`` (the steering table's when it
-is importable, else the scan's own, same definition), ``input_score``, ``output_score``,
+Columns: ``latent``, ``max_activation``, ``firing_frequency`` (a logged ``latent_stats`` run's
+for the same text when one exists, else the scan's own: same definition, same windows), ``input_score``, ``output_score``,
 ``dtc_in_place``, ``dtc_decoded_alone`` and ``lens_tokens`` (the top five logit-lens tokens).
 Figures ``plots/dtc_distribution.png`` and ``plots/output_score_vs_dtc.png`` go with it.
 """
@@ -35,6 +35,7 @@ from evaluation.evaluate import (
     config_from_overrides,
     config_hash,
     find_existing_run,
+    find_finished_run,
     parent_run,
     resolve_versions,
     run_tags,
@@ -126,12 +127,12 @@ def read_scores(run_id: str) -> dict[str, Tensor]:
 def _steering_stats(
     mv: ModelVersion, sae: SparseAutoencoder, lm: LoadedLM, layer: int, config: SelectionConfig
 ) -> tuple[dict[str, Tensor] | None, str | None]:
-    """The steering engineer's latent table for the same text, when that module exists."""
-    try:
-        from evaluation.steering.config import LatentStatsConfig
-        from evaluation.steering.latent_stats import latent_stats_for_version
-    except ImportError:
-        return None, None
+    """The version's logged ``latent_stats`` table for the same text, when one exists; never
+    measured here: the scan computes the same figures on the same windows, and measuring them
+    twice would double the LM work of a fresh version."""
+    from evaluation.steering.config import LatentStatsConfig
+    from evaluation.steering.latent_stats import STATS_RUN_TYPE, latent_stats_for_version
+
     stats_config = LatentStatsConfig(
         corpus=config.corpus,
         text_column=config.text_column,
@@ -139,6 +140,10 @@ def _steering_stats(
         context_size=config.context_size,
         lm_batch_size=config.lm_batch_size,
     )
+    # latent_stats' own key; should it ever change, the scan's figures are used (same values).
+    digest = config_hash(STATS_RUN_TYPE, asdict(stats_config), None, mv)
+    if find_finished_run(mv, STATS_RUN_TYPE, digest) is None:
+        return None, None
     stats, run_id, _ = latent_stats_for_version(mv, sae, lm, layer, stats_config)
     return stats, run_id
 

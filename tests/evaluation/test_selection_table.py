@@ -99,6 +99,31 @@ def test_scores_table_is_logged_once_and_reused(tracking_uri: str, dir_lm: Loade
     assert not reused and other_run != run_id
 
 
+def test_table_reads_a_logged_latent_stats_run_and_never_measures_one(
+    tracking_uri: str, dir_lm: LoadedLM
+) -> None:
+    """A fresh version's table takes m_i and frequency from its own scan (no second LM pass
+    for a latent_stats run); once steering has logged that run for the same text, the table
+    reads it. Both give the same figures."""
+    from evaluation.steering.config import LatentStatsConfig
+    from evaluation.steering.latent_stats import latent_stats_for_version
+
+    mv, sae = _register(dir_lm)
+    config = SelectionConfig(**FAST)
+    scores, run_id, _ = scores_for_version(mv, sae, dir_lm, LAYER, config)
+    client = MlflowClient()
+    assert client.get_run(run_id).data.params["latent_stats_run_id"] == "scan"
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert client.search_runs(experiments, f"tags.`{RUN_TYPE_TAG}` = 'latent_stats'") == []
+
+    same_text = LatentStatsConfig(n_tokens=FAST["n_tokens"], context_size=FAST["context_size"])
+    stats, stats_run, _ = latent_stats_for_version(mv, sae, dir_lm, LAYER, same_text)
+    assert torch.allclose(scores["max_activation"], stats["max_activation"].double(), rtol=1e-5)
+    assert torch.allclose(scores["firing_frequency"], stats["firing_frequency"].double())
+    _, other_run, _ = scores_for_version(mv, sae, dir_lm, LAYER, SelectionConfig(**FAST, alpha=5.0))
+    assert client.get_run(other_run).data.params["latent_stats_run_id"] == stats_run
+
+
 def test_criteria_plug_into_a_steering_registry(
     tiny_lm: LoadedLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
