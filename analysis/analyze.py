@@ -17,10 +17,13 @@ report. Fewer than three complete SAEs is a clear error before anything is logge
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import tempfile
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -102,10 +105,29 @@ class AnalyzeConfig:
 
 
 @dataclass
+class PhaseTimes:
+    """Wall and process CPU seconds per phase of one analyze call (the bench prints them; CPU
+    beside wall tells what a loaded machine added)."""
+
+    wall: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - wall
+            self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - cpu
+
+
+@dataclass
 class AnalysisResult:
     run_id: str | None
     report: Report
     report_path: str
+    times: PhaseTimes = field(default_factory=PhaseTimes)
 
 
 def _check_enough(data: StudyData, config: AnalyzeConfig) -> None:
@@ -164,14 +186,16 @@ def analyze(config: AnalyzeConfig, client: MlflowClient | None = None) -> Analys
     """Collect, compute, log one analyze run; see the module docstring."""
     config.validate()
     client = client or MlflowClient()
-    data = collect(
-        client,
-        experiments=config.experiment_names(),
-        interp_metric=config.interp_metric,
-        utility_metric=config.utility_metric,
-        steer_mode=config.steer_mode,
-        selection=config.selection,
-    )
+    times = PhaseTimes()
+    with times.phase("collect"):
+        data = collect(
+            client,
+            experiments=config.experiment_names(),
+            interp_metric=config.interp_metric,
+            utility_metric=config.utility_metric,
+            steer_mode=config.steer_mode,
+            selection=config.selection,
+        )
     _check_enough(data, config)
     mark_work_started()
     notes: list[str] = []
@@ -179,13 +203,15 @@ def analyze(config: AnalyzeConfig, client: MlflowClient | None = None) -> Analys
     if config.sparsity == "target_l0" or table["l0"].isna().any():
         table["l0"] = table["l0"].fillna(table["target_l0"])
     table = add_sparsity_rank(table, "l0" if config.sparsity == "l0" else "target_l0")
-    headline, psi, groups = correlation(table, "mu", "g", config, notes)
+    with times.phase("statistics"):
+        headline, psi, groups = correlation(table, "mu", "g", config, notes)
     gain: dict[str, object] = {}
     metrics = _flat(headline, psi)
     if config.selection != NO_SELECTION:
         with_gain = table.dropna(subset=["gain"])
         if len(with_gain) >= MIN_SAES:
-            gain_headline, gain_psi, _ = correlation(with_gain, "mu", "gain", config, notes)
+            with times.phase("statistics"):
+                gain_headline, gain_psi, _ = correlation(with_gain, "mu", "gain", config, notes)
             metrics.update(_flat(gain_headline, gain_psi, prefix="gain_"))
             gain = {
                 "n": len(with_gain),
@@ -220,14 +246,19 @@ def analyze(config: AnalyzeConfig, client: MlflowClient | None = None) -> Analys
         gain=gain,
         settings={k: str(v) for k, v in asdict(config).items()},
     )
-    report.figures.append(plot_mu_vs_g(table, config.interp_metric, config.utility_metric))
-    if groups:
-        report.figures.append(plot_group_taus(groups))
-    bars = plot_steering_by_selection(data.steering_by_selection)
-    if bars is not None:
-        report.figures.append(bars)
+    with times.phase("plots"):
+        report.figures.append(plot_mu_vs_g(table, config.interp_metric, config.utility_metric))
+        if groups:
+            report.figures.append(plot_group_taus(groups))
+        bars = plot_steering_by_selection(data.steering_by_selection)
+        if bars is not None:
+            report.figures.append(bars)
 
-    with mlflow.start_run(run_name="analyze") as run, tempfile.TemporaryDirectory() as tmp:
+    with (
+        times.phase("report and logging"),
+        mlflow.start_run(run_name="analyze") as run,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         mlflow.set_tag(RUN_TYPE_TAG, ANALYZE_RUN_TYPE)
         mlflow.log_params({k: str(v) for k, v in asdict(config).items()})
         mlflow.log_metrics(metrics)
@@ -243,7 +274,9 @@ def analyze(config: AnalyzeConfig, client: MlflowClient | None = None) -> Analys
         (out / "report.html").write_text(render_html(report), encoding="utf-8")
         mlflow.log_artifacts(str(out))
         report_path = f"{run.info.artifact_uri}/report.html"
-    return AnalysisResult(run_id=run.info.run_id, report=report, report_path=report_path)
+    return AnalysisResult(
+        run_id=run.info.run_id, report=report, report_path=report_path, times=times
+    )
 
 
 def main() -> None:

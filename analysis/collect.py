@@ -18,6 +18,8 @@ lacking a metric are returned in ``missing``, never dropped silently.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from typing import Any
 
 import pandas as pd
 from mlflow.entities import Run
+from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
 from mlflow.tracking import MlflowClient
 
 from project.tracking import (
@@ -34,7 +37,8 @@ from project.tracking import (
     lm_of,
 )
 
-PAGE_SIZE = 1000
+# As large as the tracking server allows: each page is one SQL query plus its eager loads.
+PAGE_SIZE = SEARCH_MAX_RESULTS_THRESHOLD
 NO_SELECTION = "none"
 # The registry tag of a random-init control (project/import_sae.py).
 BASELINE_TAG = "baseline"
@@ -48,6 +52,21 @@ class StudyData:
     missing: list[tuple[str, str]] = field(default_factory=list)  # (model URI, what is missing)
     controls: pd.DataFrame = field(default_factory=pd.DataFrame)  # random-init controls
     steering_by_selection: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+@contextlib.contextmanager
+def _without_cyclic_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector while runs are read: materialising ~50k ORM objects
+    (runs, tags, metrics) triggers collections that walk the whole heap, which cost more than
+    the reading itself (measured over 5,200 runs: 1.7 s -> 0.7 s of CPU). Reference counting
+    still frees everything; the collector resumes (and catches up) afterwards."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def iter_runs(client: MlflowClient, experiment_ids: list[str], filter_string: str) -> Iterator[Run]:
@@ -146,6 +165,18 @@ def collect(
     selection: str = NO_SELECTION,
 ) -> StudyData:
     """Join µ (eval runs), g (steer runs) and the registry's facts per model version."""
+    with _without_cyclic_gc():
+        return _collect(client, experiments, interp_metric, utility_metric, steer_mode, selection)
+
+
+def _collect(
+    client: MlflowClient,
+    experiments: list[str] | None,
+    interp_metric: str,
+    utility_metric: str,
+    steer_mode: str,
+    selection: str,
+) -> StudyData:
     ids = experiment_ids(client, experiments)
     eval_runs = iter_runs(client, ids, f"tags.`{RUN_TYPE_TAG}` = 'eval'")
     mu = latest_metric_by_version(eval_runs, interp_metric)

@@ -59,14 +59,16 @@ class Report:
 
 
 def _png(fig: plt.Figure) -> bytes:
+    # The figures lay themselves out (layout="tight"): bbox_inches="tight" would draw every
+    # figure twice, which for ~200 labelled groups cost seconds.
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     return buffer.getvalue()
 
 
 def plot_mu_vs_g(table: pd.DataFrame, mu_label: str, g_label: str) -> Figure:
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = plt.subplots(figsize=(6, 4.2), layout="tight")
     l0 = table["l0"].to_numpy(dtype=float)
     finite = l0[np.isfinite(l0)]
     scale = (
@@ -81,13 +83,19 @@ def plot_mu_vs_g(table: pd.DataFrame, mu_label: str, g_label: str) -> Figure:
     ax.set_xlabel(mu_label)
     ax.set_ylabel(g_label)
     ax.set_title("interpretability µ vs steering utility g (marker size: L0)")
-    ax.legend(fontsize=8)
+    # A fixed corner: loc="best" tests every candidate spot against every point.
+    ax.legend(fontsize=8, loc="upper left")
     return Figure("mu_vs_g.png", _png(fig))
 
 
 def plot_group_taus(groups: Sequence[GroupTau]) -> Figure:
-    fig, ax = plt.subplots(figsize=(6.5, 0.3 * max(len(groups), 4) + 1))
-    labels = [f"Ψ_{g.axis}: {g.group} (n={g.n})" for g in groups]
+    fig, ax = plt.subplots(figsize=(6.5, 0.16 * max(len(groups), 4) + 1), layout="tight")
+    # Group values without their column names ("lm-0 relu", not "lm_name=lm-0, architecture=
+    # relu"): drawing glyphs is most of this plot's time, and the title says what they are.
+    labels = [
+        f"Ψ_{g.axis} {' '.join(part.split('=', 1)[-1] for part in g.group.split(', '))} (n={g.n})"
+        for g in groups
+    ]
     taus = np.array([g.tau_b for g in groups], dtype=float)
     low = np.array([g.ci_low for g in groups], dtype=float)
     high = np.array([g.ci_high for g in groups], dtype=float)
@@ -96,7 +104,11 @@ def plot_group_taus(groups: Sequence[GroupTau]) -> Figure:
     ax.errorbar(taus, y, xerr=np.clip(err, 0, None), fmt="o", capsize=3)
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_yticks(y, labels, fontsize=7)
+    ax.set_ylim(len(groups) - 0.5, -0.5)  # first group on top, no empty margin rows
     ax.set_xlabel("Kendall τ_b within group (95% bootstrap interval)")
+    ax.set_title(
+        "groups: Ψ_A LM architecture · Ψ_B LM sparsity-rank · Ψ_C LM", fontsize=8, loc="left"
+    )
     ax.set_xlim(-1.05, 1.05)
     return Figure("tau_by_group.png", _png(fig))
 
@@ -105,7 +117,7 @@ def plot_steering_by_selection(by_selection: pd.DataFrame) -> Figure | None:
     if by_selection.empty:
         return None
     means = by_selection.groupby(["architecture", "selection"])["steering_score"].mean().unstack()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4), layout="tight")
     means.plot.bar(ax=ax, rot=0)
     ax.set_ylabel("mean steering score")
     ax.set_title("steering score by architecture × selection")

@@ -73,6 +73,10 @@ def test_report_matches_an_independent_recomputation(study_store: MlflowClient) 
         assert metrics[key] == pytest.approx(psi[key])
     assert {"gain_tau_b", "gain_psi"} <= set(metrics)
 
+    phases = {"collect", "statistics", "plots", "report and logging"}
+    assert set(result.times.wall) == set(result.times.cpu) == phases
+    assert all(seconds > 0 for seconds in result.times.wall.values())
+
     artifacts = {a.path for a in study_store.list_artifacts(result.run_id)}
     assert {"report.html", "study_table.csv", "group_taus.csv", "mu_vs_g.png"} <= artifacts
     assert "tau_by_group.png" in artifacts and "steering_by_architecture.png" in artifacts
@@ -137,3 +141,19 @@ def test_unknown_experiment_is_named(tracking_uri: str) -> None:
     configure_tracking(tracking_uri)
     with pytest.raises(ValueError, match="'nope' not found|\\['nope'\\] not found"):
         analyze(AnalyzeConfig(experiments="nope"))
+
+
+def test_small_pages_read_the_same_study(
+    study_store: MlflowClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import analysis.collect
+
+    whole = collect(study_store, selection="dtc")
+    runs_per_version = STUDY.eval_runs_per_version + len(STUDY.selections)
+    # Pages far smaller than the study: every run must be read once, in the same order.
+    monkeypatch.setattr(analysis.collect, "PAGE_SIZE", 7)
+    paged = collect(study_store, selection="dtc")
+    assert len(whole.table) * runs_per_version > 7 * 5
+    assert paged.table.equals(whole.table)
+    assert paged.missing == whole.missing
+    assert paged.steering_by_selection.equals(whole.steering_by_selection)
