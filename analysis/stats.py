@@ -137,9 +137,15 @@ def tau_b_resamples(x: Sequence[float], y: Sequence[float], idx_RN: np.ndarray) 
     n, (n_resamples, draws) = len(x_arr), idx_RN.shape
     if x_arr.shape != y_arr.shape:
         raise ValueError(f"x and y differ in length: {x_arr.shape} vs {y_arr.shape}")
+    if idx_RN.size and (idx_RN.min() < 0 or idx_RN.max() >= n):
+        # A bad index would silently count as a draw of another resample's SAE.
+        raise ValueError(
+            f"resample indices must lie in [0, {n}), got {idx_RN.min()} to {idx_RN.max()}"
+        )
     if n > _RESAMPLE_MATRIX_MAX_N:
         return np.array([kendall_tau_b(x_arr[i], y_arr[i]) for i in idx_RN])
     signs_NN = np.sign(x_arr[:, None] - x_arr[None, :]) * np.sign(y_arr[:, None] - y_arr[None, :])
+    total = draws * (draws - 1) / 2
     out = np.empty(n_resamples)
     chunk = max(1, _RESAMPLE_CHUNK_ELEMENTS // max(n, draws))
     for lo in range(0, n_resamples, chunk):
@@ -149,7 +155,6 @@ def tau_b_resamples(x: Sequence[float], y: Sequence[float], idx_RN: np.ndarray) 
         counts_RN = np.bincount((idx + offsets).ravel(), minlength=rows * n).reshape(rows, n)
         counts_RN = counts_RN.astype(float)
         con_minus_dis = ((counts_RN @ signs_NN) * counts_RN).sum(-1) / 2
-        total = draws * (draws - 1) / 2
         # Untied pairs = all pairs minus tied ones; ½(m² - ΣC_k²) = tot - ½(ΣC_k² - m).
         untied_x = total - (_tie_group_sums(x_arr, counts_RN) - draws) / 2
         untied_y = total - (_tie_group_sums(y_arr, counts_RN) - draws) / 2

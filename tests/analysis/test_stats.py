@@ -153,6 +153,8 @@ def test_resampled_tau_b_equals_scipy_on_every_resample_with_ties() -> None:
             np.testing.assert_array_equal(fast, direct)
     small = rng.integers(0, 3, size=(100, 6)).astype(float)
     assert np.isnan(tau_b_resamples(small[0], small[1], np.zeros((1, 6), int))).all()
+    with pytest.raises(ValueError, match=r"\[0, 6\), got 0 to 6"):
+        tau_b_resamples(small[0], small[1], np.array([[0, 1, 2, 3, 4, 6]]))
 
 
 def test_bca_interval_with_ties_beyond_the_batch_limit_matches_scipy() -> None:
