@@ -387,6 +387,24 @@ def _without_launcher_env() -> Iterator[str | None]:
             os.environ["MLFLOW_RUN_ID"] = launcher
 
 
+@contextmanager
+def _in_experiment_of(run_id: str) -> Iterator[None]:
+    """Make the run's experiment the active one (start_run refuses to resume a run of another
+    experiment, and nested runs go where their parent is); the caller's is restored after."""
+    experiment_id = MlflowClient().get_run(run_id).info.experiment_id
+    saved_active = mlflow.tracking.fluent._active_experiment_id
+    saved_env = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    mlflow.set_experiment(experiment_id=experiment_id)
+    try:
+        yield
+    finally:
+        mlflow.tracking.fluent._active_experiment_id = saved_active
+        if saved_env is None:
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+        else:
+            os.environ["MLFLOW_EXPERIMENT_ID"] = saved_env
+
+
 @dataclass
 class TuneResult:
     """What one worker leaves: the study, its parent run and the comparison on test."""
@@ -754,7 +772,7 @@ def tune(
             client = MlflowClient()
             client.set_tag(launcher, RUN_TYPE_TAG, WORKER_RUN_TYPE)
             client.set_tag(launcher, f"{TUNE_RUN_TYPE}.parent_run_id", parent_id)
-        with mlflow.start_run(run_id=parent_id):
+        with _in_experiment_of(parent_id), mlflow.start_run(run_id=parent_id):
             mlflow.set_tags(
                 {**tags, "optuna_storage": _shown(url), "n_trials": str(config.n_trials)}
             )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -107,6 +108,18 @@ def assert_distinct_complete(study: optuna.Study, n: int) -> list:
     param_sets = [json.dumps(t.params, sort_keys=True) for t in complete]
     assert len(set(param_sets)) == n, param_sets
     return complete
+
+
+def complete_trials_in(path: str) -> int:
+    """COMPLETE trials in an Optuna SQLite file, read with sqlite3 alone (opening it through
+    Optuna while a worker creates its schema would race that worker)."""
+    if not Path(path).exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10) as db:
+            return db.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+    except sqlite3.OperationalError:  # no schema yet
+        return 0
 
 
 def worker_command(uri: str, storage: str, n_trials: int) -> list[str]:
@@ -308,8 +321,7 @@ def test_resume_after_interruption_adds_only_missing_trials(
         assert worker.poll() is None, worker.communicate()[0][-3000:]
         assert time.monotonic() < deadline, "the worker did not complete two trials in time"
         time.sleep(0.2)
-        if Path(storage).exists() and optuna.get_all_study_summaries(url):
-            done_before = len(the_study(url).get_trials(states=(TrialState.COMPLETE,)))
+        done_before = complete_trials_in(storage)
     worker.send_signal(signal.SIGINT)
     worker.communicate(timeout=60)
     assert worker.returncode != 0
@@ -318,7 +330,10 @@ def test_resume_after_interruption_adds_only_missing_trials(
 
     time.sleep(SMALL["grace_seconds"] + 1)  # a trial left RUNNING goes stale
     tune(uri, TuneConfig(**{**SMALL, "n_trials": n}), storage)
-    after = assert_distinct_complete(the_study(url), n)
+    study = the_study(url)
+    after = assert_distinct_complete(study, n)
+    # The trial Ctrl-C stopped FAILED (or went stale and was failed by the heartbeat).
+    assert not study.get_trials(states=(TrialState.RUNNING,))
     assert {t.number: t.params for t in after if t.number in before} == before
     # Only the missing trials ran: n - len(before) new trial runs beside the old ones.
     trial_runs = runs_of(TRIAL_RUN_TYPE)
