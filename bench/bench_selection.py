@@ -8,8 +8,9 @@ SAE on the embedded SmolLM2 (a registered version, or a seeded random TopK SAE o
 layer 4). Direct: per latent and score, one clean and one intervened full forward, the SAE
 encoding the live hidden state in a hook, no batching. Batched: the prefix's hook activation
 once, latents along the batch dimension, only the blocks after the hook. Reports both wall
-times, the ratio and the largest absolute difference; ``--all`` also times every latent of the
-SAE on the batched path (the 2-minute target for d_sae 2304).
+times, the ratio and the largest absolute difference; ``--all`` also times every score of every
+latent of the SAE (the 2-minute target for d_sae 2304), phase by phase, in wall and CPU seconds
+(``--latents 0`` skips the comparison).
 """
 
 from __future__ import annotations
@@ -18,15 +19,25 @@ import argparse
 import logging
 import os
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+from torch import Tensor
 
 from evaluation.hook_cache import HookCache
 from evaluation.selection.config import SelectionConfig
-from evaluation.selection.scores import direct_scores, intervened_scores
-from project.lm import DEFAULT_LM, load_lm
+from evaluation.selection.scores import (
+    direct_scores,
+    input_scores,
+    intervened_scores,
+    scan_latents,
+)
+from project.lm import DEFAULT_LM, LoadedLM, load_lm
 from project.logit_lens import decoder_lens_tokens
-from project.saes import SAEConfig, build_sae
+from project.saes import SAEConfig, SparseAutoencoder, build_sae
+
+T = TypeVar("T")
 
 
 def main() -> None:
@@ -57,12 +68,29 @@ def main() -> None:
     latents = torch.randperm(sae.cfg.d_sae, generator=gen)[: args.latents]
     load = os.getloadavg()[0]
 
+    if args.latents > 0:
+        compare(sae, lm, args.layer, config, latents, max_F, lens_FL, load)
+    if args.all:
+        time_all_latents(sae, lm, args.layer, config, max_F)
+
+
+def compare(
+    sae: SparseAutoencoder,
+    lm: LoadedLM,
+    layer: int,
+    config: SelectionConfig,
+    latents: Tensor,
+    max_F: Tensor,
+    lens_FL: Tensor,
+    load: float,
+) -> None:
+    """Batched against direct on ``latents``: times, ratio and the largest difference."""
     cache = HookCache()
     started = time.perf_counter()
     batched = intervened_scores(
         sae,
         lm,
-        args.layer,
+        layer,
         config,
         latents=latents,
         max_activation_F=max_F,
@@ -72,9 +100,7 @@ def main() -> None:
     )
     t_batched = time.perf_counter() - started
     started = time.perf_counter()
-    direct = direct_scores(
-        sae, lm, args.layer, config, latents, max_activation_F=max_F, lens_FL=lens_FL
-    )
+    direct = direct_scores(sae, lm, layer, config, latents, max_activation_F=max_F, lens_FL=lens_FL)
     t_direct = time.perf_counter() - started
     diff = max(float((batched[k] - direct[k]).abs().max()) for k in batched)
     print(
@@ -84,22 +110,55 @@ def main() -> None:
     )
     for name in batched:
         print(f"  {name}: max |diff| {float((batched[name] - direct[name]).abs().max()):.2e}")
-    if args.all:
-        started = time.perf_counter()
-        intervened_scores(
-            sae,
-            lm,
-            args.layer,
-            config,
-            max_activation_F=max_F,
-            lens_FL=lens_FL,
-            hook_cache=cache,
-        )
-        t_all = time.perf_counter() - started
-        print(
-            f"all {sae.cfg.d_sae} latents, batched: {t_all:.1f}s "
-            f"(load average {os.getloadavg()[0]:.1f})"
-        )
+
+
+def _timed(phases: dict[str, tuple[float, float]], name: str, fn: Callable[[], T]) -> T:
+    """Run ``fn``, recording (wall, process CPU) seconds: on a shared machine the CPU time is
+    the load-independent figure (with one thread it is the unloaded wall time)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    phases[name] = (time.perf_counter() - wall, time.process_time() - cpu)
+    return out
+
+
+def time_all_latents(
+    sae: SparseAutoencoder, lm: LoadedLM, layer: int, config: SelectionConfig, max_F: Tensor
+) -> None:
+    """Every score of every latent, phase by phase, as the selection table computes them: the
+    logit lens, the held-out scan (max activation, frequency, top examples), the input score
+    and the batched intervened passes (output score, DTC both ways)."""
+    phases: dict[str, tuple[float, float]] = {}
+    load = os.getloadavg()[0]
+    lens_FL = _timed(
+        phases, "logit lens", lambda: decoder_lens_tokens(lm, sae.W_dec, config.lens_tokens)
+    )
+    scan = _timed(phases, "scan", lambda: scan_latents(sae, lm, layer, config))
+    _timed(
+        phases,
+        "input score",
+        lambda: input_scores(
+            scan["example_max_EF"],
+            scan["example_token_EF"],
+            lens_FL,
+            config.input_examples,
+            config.input_min_examples,
+        ),
+    )
+    _timed(
+        phases,
+        "intervened passes",
+        lambda: intervened_scores(
+            sae, lm, layer, config, max_activation_F=max_F, lens_FL=lens_FL, progress=False
+        ),
+    )
+    wall = sum(w for w, _ in phases.values())
+    cpu = sum(c for _, c in phases.values())
+    print(
+        f"all {sae.cfg.d_sae} latents, every score: {wall:.1f}s wall, {cpu:.1f}s CPU "
+        f"(load average {load:.1f} -> {os.getloadavg()[0]:.1f}, {torch.get_num_threads()} threads)"
+    )
+    for name, (w, c) in phases.items():
+        print(f"  {name}: {w:.1f}s wall, {c:.1f}s CPU")
 
 
 if __name__ == "__main__":
