@@ -8,11 +8,16 @@ from itertools import combinations
 
 import numpy as np
 import pytest
+from sklearn.linear_model import LogisticRegression
 
 from evaluation.probing.config import PAPER_TRAIN_SIZES, ProbeConfig
 from evaluation.probing.datasets import ProbeDataset, encode_labels
 from evaluation.probing.methods import (
+    C_GRID,
     MethodResult,
+    _logreg,
+    _path_scores,
+    logreg,
     rank_latents,
     run_baseline,
     sae_probe,
@@ -276,3 +281,41 @@ def test_sae_probe_finds_the_informative_latent() -> None:
     assert [r.method for r in results] == ["sae_l1_k1", "sae_l1_k16"]
     assert results[0].params["latents"] == [37] and results[0].test_auc == 1.0
     assert all(r.is_sae for r in results)
+
+
+def test_warm_started_path_scores_like_cold_fits_where_lbfgs_converges() -> None:
+    # A well-conditioned, noisy task: every cold L2 fit converges, so the warm-started path
+    # must reach the same optimum at every C and choose the same C.
+    X, y = _separable(300, d=6, seed=4)
+    X[:, 0] = X[:, 0] / 3 + np.random.default_rng(5).normal(size=300)  # overlap the classes
+    splits = validation_splits(y, seed=42)
+    warm, _ = _path_scores(X, y, splits, "l2", seed=42)
+    cold = [
+        validation_auc(
+            lambda a, b, c=c: LogisticRegression(C=c, max_iter=1000).fit(a, b).decision_function,
+            X,
+            y,
+            splits,
+        )
+        for c in C_GRID
+    ]
+    np.testing.assert_allclose(warm, cold, atol=1e-3)
+    X_test, y_test = _separable(200, d=6, seed=6)
+    result = logreg(X, y, X_test, y_test)
+    assert result.params["C"] == C_GRID[int(np.argmax(cold))]
+
+
+def test_l1_probe_path_is_sparse_at_small_c_and_dense_at_large_c() -> None:
+    rng = np.random.default_rng(1)
+    y = np.array([0, 1] * 100)
+    Z = np.maximum(rng.normal(size=(200, 16)), 0)
+    Z[:, 3] += y  # the one informative latent
+    model = _logreg(None, "l1", seed=42, warm_start=True)
+    nonzero = []
+    for c in sorted(C_GRID):
+        model.set_params(C=c).fit(Z, y)
+        nonzero.append(int(np.count_nonzero(model.coef_)))
+    assert nonzero[0] == 0 and nonzero[-1] > 8  # C = 1e-5 keeps nothing, C = 1e5 nearly all
+    first = next(i for i, n in enumerate(nonzero) if n > 0)
+    model = _logreg(sorted(C_GRID)[first], "l1", seed=42).fit(Z, y)
+    assert np.flatnonzero(model.coef_[0]).tolist() == [3]  # the first latent in is the signal
