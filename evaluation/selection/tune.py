@@ -47,7 +47,9 @@ Both checks count every other trial whatever its number, so when two trials race
 sees the other: the outcome may be that both are pruned, never that both run. A set whose rule
 selects nothing (K above the live latents) or no explainable latent is PRUNED as *infeasible*
 and never proposed again. RUNNING trials of a killed worker are failed by Optuna's heartbeat
-after ``grace_seconds``; a FAILED trial's set may be tried again.
+after ``grace_seconds``; a FAILED trial's set may be tried again. Each worker's TPE sampler is
+seeded by ``seed`` and its process id, so that workers propose different sets: the order in which
+a study visits the space is not reproducible, each trial's score is (steering is seeded).
 """
 
 from __future__ import annotations
@@ -160,10 +162,7 @@ class TuneConfig:
     poll_seconds: float = 2.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.n_trials, bool) or not isinstance(self.n_trials, int):
-            raise ValueError(f"n_trials={self.n_trials!r} must be an integer >= 1")
-        if self.n_trials < 1:
-            raise ValueError(f"n_trials={self.n_trials} must be >= 1 (the study's total)")
+        check_int("n_trials", self.n_trials, 1)
         _nonempty("directions", self.directions)
         for direction in self.directions:
             check_direction(direction)
@@ -347,7 +346,7 @@ def open_storage(url: str, config: TuneConfig) -> optuna.storages.RDBStorage:
                     raise
                 time.sleep(1.0 + attempt)
         raise AssertionError("unreachable")
-    except Exception as err:  # noqa: BLE001 - driver missing, host unreachable, bad path
+    except Exception as err:  # driver missing, host unreachable, bad path
         hint = (
             " (PostgreSQL needs a driver: pip install psycopg2-binary)" if "postgres" in url else ""
         )
@@ -777,8 +776,9 @@ def tune(
                 {**tags, "optuna_storage": _shown(url), "n_trials": str(config.n_trials)}
             )
             if created:
+                # Prefixed: an `mlflow run` launcher run already holds the raw -P values.
                 params = {
-                    k: ",".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
+                    f"tune.{k}": ",".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
                     for k, v in config.identity().items()
                 }
                 mlflow.log_params(params)
@@ -790,7 +790,15 @@ def tune(
             complete, _ = trial_counts(trials)
             mlflow.log_metric("n_complete_trials", complete)
             best = study.best_trial
-            metrics = worker.evaluate_best(best)
+            parent = MlflowClient().get_run(parent_id)
+            if (
+                parent.data.tags.get("best_trial_number") == str(best.number)
+                and "test_score_difference" in parent.data.metrics
+            ):
+                log.info("trial %d was already evaluated on test by another worker", best.number)
+                metrics = dict(parent.data.metrics)
+            else:
+                metrics = worker.evaluate_best(best)
     return TuneResult(
         name, _shown(url), parent_id, complete, dict(best.params), float(best.value or 0), metrics
     )
@@ -818,6 +826,12 @@ def _optimize(worker: DTCStudy, study: optuna.Study, config: TuneConfig) -> None
     complete, _ = trial_counts(worker.storage.get_all_trials(study._study_id, deepcopy=False))
     if complete == 0:
         raise RuntimeError("no parameter set of the search space was feasible")
+    if complete < config.n_trials:
+        log.warning(
+            "the search space ran out of feasible parameter sets after %d of %d trials",
+            complete,
+            config.n_trials,
+        )
 
 
 def _parse_list(text: str, cast: type, name: str) -> tuple[Any, ...]:

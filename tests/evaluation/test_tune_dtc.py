@@ -152,7 +152,7 @@ def worker_env() -> dict[str, str]:
         ({"directions": ("up", "sideways")}, "unknown direction 'sideways'"),
         ({"quantiles": (0.9, 1.0)}, r"quantile q=1.0 must lie strictly inside \(0, 1\)"),
         ({"quantiles": (0.0,)}, r"quantile q=0.0 must lie strictly inside \(0, 1\)"),
-        ({"n_trials": 0}, "n_trials=0 must be >= 1"),
+        ({"n_trials": 0}, "n_trials=0 must be an integer >= 1"),
         ({"rules": ("threshold",)}, "unknown rule 'threshold'; the tuned rules are"),
         ({"variants": ("alone",)}, "unknown DTC variant 'alone'"),
         ({"alphas": (-1.0,)}, "alpha=-1.0 must be >= 0"),
