@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on a server
@@ -29,6 +31,12 @@ SERIES = (
 )
 
 
+def _title(ax: plt.Axes, title: str) -> None:
+    """A title wrapped to its figure's width (a model URI and tie rule overflow narrow plots)."""
+    chars_per_line = int(ax.figure.get_figwidth() * 11)  # ~11 characters per inch at size 9
+    ax.set_title(textwrap.fill(title, chars_per_line, break_on_hyphens=False), fontsize=9)
+
+
 def regime_curve(quiver: pd.DataFrame, regime: str, title: str) -> Figure:
     """Mean test AUC over datasets against the regime's axis."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -39,7 +47,7 @@ def regime_curve(quiver: pd.DataFrame, regime: str, title: str) -> Figure:
         ax.set_xscale("log", base=2)
     ax.set_xlabel(AXIS_LABELS.get(regime, "value"))
     ax.set_ylabel(f"test ROC-AUC (mean of {quiver['dataset'].nunique()} datasets)")
-    ax.set_title(title, fontsize=9)
+    _title(ax, title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -57,7 +65,7 @@ def shift_bars(quiver: pd.DataFrame, title: str) -> Figure:
     ax.set_ylabel("test ROC-AUC on the shifted set")
     ax.set_ylim(0, 1)
     ax.axhline(0.5, color="gray", lw=0.8, ls="--")
-    ax.set_title(title, fontsize=9)
+    _title(ax, title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -85,7 +93,7 @@ def with_vs_without(quiver: pd.DataFrame, title: str) -> Figure:
     ax.plot([low, 1], [low, 1], color="gray", lw=0.8)
     ax.set_xlabel("test AUC without SAE probes")
     ax.set_ylabel("test AUC with SAE probes")
-    ax.set_title(title, fontsize=9)
+    _title(ax, title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
