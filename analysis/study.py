@@ -1,0 +1,775 @@
+"""Entry point ``main`` (``mlflow run .``): the whole study, one process, one parent run.
+
+    mlflow run . --env-manager local                       # the CPU default (see MLproject)
+    mlflow run . --env-manager local -P lms=smollm2-135m-instruct,gemma-3-270m \\
+        -P target_l0s=50,80,160,320,520,820 -P n_concepts=100 ...   # the paper's grid
+
+Steps, in order, each timed (metric ``seconds_<step>`` of the study run):
+
+1. ``harvest``: the residual stream of each LM at its layer (``project.activation_cache``;
+   a complete cache on disk is reused);
+2. ``train``: every (LM, architecture, target L0) SAE, a nested run and a registered version
+   each (``training.run.train_and_register``). A version already registered from a FINISHED
+   run of the same training config is reused, not trained again;
+3. ``evaluate``: the ``evals`` on every study version (``evaluation.evaluate``);
+4. ``steer``: latent-mode steering of every version under each selection (``none``,
+   ``output_score``, ``dtc``; ``evaluation.steering.steer``, which logs each selection's
+   steering gain over ``none``);
+5. ``tune``: a small Optuna study over DTC's choices on one version
+   (``evaluation.selection.tune``);
+6. ``analyze``: τ_b, Ψ's and the report (``analysis.analyze``), once with no selection (the
+   headline) and once per ``analyze_selections`` entry (the steering gain, the paper's Table 3).
+
+Evaluation and steering runs are reused by config hash (their own rule), the tune study when a
+FINISHED tune run of the same config exists, so a study interrupted and started again redoes
+only what did not finish. Every LM is loaded once and shared by all steps.
+
+Runs the study starts while its run is active are nested under it (MLflow's
+``mlflow.parentRunId``); the tune and analyze runs, which their entry points start on their
+own, get that tag afterwards. Every new run is tagged ``saeflow.study_run_id``; the study run
+logs ``study_runs.json``, every run it used (new or reused) by step and version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.tracking import MlflowClient
+
+from analysis.analyze import AnalyzeConfig, analyze
+from project.cli import (
+    BadInputError,
+    PartialFailureError,
+    add_dataclass_arguments,
+    mark_work_started,
+    parse_int,
+    run_entry_point,
+)
+from project.corpus import DEFAULT_CORPUS, resolve_corpus
+from project.lm import DEFAULT_LM, GEMMA_LM, LoadedLM, check_layer, load_lm
+from project.registry import default_registered_model_name
+from project.tracking import (
+    DEFAULT_EXPERIMENT,
+    RUN_TYPE_TAG,
+    configure_tracking,
+    ui_hint,
+)
+from training.config import TrainConfig
+from training.run import TRAIN_CONFIG_ARTIFACT, harvest_for, train_and_register
+
+log = logging.getLogger(__name__)
+
+STUDY_RUN_TYPE = "study"
+STUDY_RUN_TAG = "saeflow.study_run_id"
+STEPS = ("harvest", "train", "evaluate", "steer", "tune", "analyze")
+# Each embedded LM's hook layer: SmolLM2's is the project's default (4 of 30 blocks); Gemma-3's
+# 6 (of 18) is where the issue measured it training. Other LMs default to their middle block.
+DEFAULT_LAYERS = {DEFAULT_LM: 4, GEMMA_LM: 6}
+# TrainConfig fields that say where things go or how often to log, not what is trained: two
+# versions that differ only in these are the same SAE.
+_NOT_IDENTITY = frozenset({"registered_model", "cache_dir", "checkpoint_dir", "log_every_n_steps"})
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _numbers(name: str, text: str, cast: type) -> list[Any]:
+    try:
+        return [parse_int(p) if cast is int else cast(p) for p in _split(text)]
+    except (ValueError, argparse.ArgumentTypeError):
+        raise ValueError(f"{name}={text!r} must be comma-separated {cast.__name__}s") from None
+
+
+@dataclass
+class StudyConfig:
+    """Everything the study does; the defaults finish in about half an hour on a 2-core CPU.
+
+    - ``lms``: comma-separated LMs (embedded names, hub ids, local dirs or ``.gguf`` files);
+      ``layers``: one hook layer per LM, or ``auto`` (:data:`DEFAULT_LAYERS`, else the middle
+      block).
+    - ``architectures`` × ``target_l0s``: the SAE grid per LM; ``n_tokens`` harvested per LM,
+      ``training_tokens`` seen per SAE, ``expansion`` = d_sae / d_model.
+    - ``evals`` (comma-separated, ``autointerp`` at least: it is µ) with ``autointerp_latents``
+      latents scored; other eval fields through ``eval_options`` (``--autointerp.n_tokens``...).
+    - ``selections``: steering's latent selections (``none`` first: the gain's baseline);
+      ``n_concepts`` latents steered per SAE, ``factors``, ``n_instructions`` (half dev, half
+      test), ``max_new_tokens``; ``stats_n_tokens`` held-out tokens of the latent table (m_i),
+      shared by steering and tuning.
+    - ``tune_n_trials`` (0: no tuning) on ``tune_sae`` (``auto``: TopK at the lowest target L0
+      of the first LM, else the first SAE; or ``ARCH:L0``), steering ``tune_n_concepts``.
+    - ``n_resamples``: bootstrap/permutation draws of the analysis; ``analyze_selections``:
+      the selections whose steering gain is analysed beside the headline (``none``);
+      ``interp_metric`` (µ, an eval metric) and ``utility_metric`` (g, a steer metric).
+    """
+
+    lms: str = DEFAULT_LM
+    layers: str = "auto"
+    dataset: str = DEFAULT_CORPUS
+    architectures: str = "relu,topk,batchtopk,jumprelu,gated"
+    target_l0s: str = "16,64"
+    n_tokens: int = 100_000
+    context_size: int = 128
+    training_tokens: int = 150_000
+    expansion: int = 4
+    batch_size: int = 2048
+    evals: str = "autointerp"
+    autointerp_latents: int = 20
+    judge: str = "offline"
+    selections: str = "none,output_score,dtc"
+    n_concepts: int = 4
+    factors: str = "1,4"
+    n_instructions: int = 2
+    max_new_tokens: int = 24
+    stats_n_tokens: int = 16_384
+    tune_n_trials: int = 3
+    tune_sae: str = "auto"
+    tune_n_concepts: int = 2
+    tune_storage: str = "auto"
+    n_resamples: int = 1000
+    analyze_selections: str = "dtc"
+    interp_metric: str = "autointerp_score"
+    utility_metric: str = "steering_score"
+    seed: int = 0
+    # --<eval>.<field> VALUE on the command line; never a flag of its own.
+    eval_options: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    # -- parsing, all before any work --------------------------------------------------------
+
+    def lm_names(self) -> list[str]:
+        names = _split(self.lms)
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"lms={self.lms!r} must name at least one LM, each once")
+        return names
+
+    def layer_for(self) -> dict[str, int | None]:
+        """LM → layer; None where ``auto`` and the LM is not embedded (its middle, once
+        loaded)."""
+        names = self.lm_names()
+        if self.layers.strip() in ("", "auto"):
+            return {name: DEFAULT_LAYERS.get(name) for name in names}
+        layers = _numbers("layers", self.layers, int)
+        if len(layers) != len(names):
+            raise ValueError(
+                f"layers={self.layers!r} gives {len(layers)} layer(s) for {len(names)} LM(s) "
+                f"({self.lms!r}); give one per LM, in order, or 'auto'"
+            )
+        return dict(zip(names, layers, strict=True))
+
+    def grid(self) -> list[tuple[str, int]]:
+        architectures = _split(self.architectures)
+        targets = _numbers("target_l0s", self.target_l0s, int)
+        if not architectures or not targets:
+            raise ValueError(
+                f"architectures={self.architectures!r} and target_l0s={self.target_l0s!r} must "
+                "each name at least one value"
+            )
+        return [(a, t) for a in architectures for t in targets]
+
+    def train_config(self, lm: str, layer: int, architecture: str, target_l0: int) -> TrainConfig:
+        config = TrainConfig(
+            model=lm,
+            layer=layer,
+            dataset=self.dataset,
+            n_tokens=self.n_tokens,
+            context_size=self.context_size,
+            architecture=architecture,
+            target_l0=target_l0,
+            expansion=self.expansion,
+            batch_size=self.batch_size,
+            training_tokens=self.training_tokens,
+            seed=self.seed,
+        )
+        config.validate()
+        return config
+
+    def eval_names(self) -> list[str]:
+        from evaluation.evaluate import parse_evals
+
+        names = parse_evals(self.evals)
+        if "autointerp" not in names:
+            raise ValueError(
+                f"evals={self.evals!r} must include autointerp: its score is the study's "
+                "interpretability µ"
+            )
+        return names
+
+    def eval_configs(self) -> dict[str, Any]:
+        from evaluation.evaluate import EVALS, config_from_overrides
+
+        names = self.eval_names()
+        unknown = sorted(set(self.eval_options) - set(names))
+        if unknown:
+            raise ValueError(f"eval options given for evals not in evals={self.evals!r}: {unknown}")
+        configs = {}
+        for name in names:
+            options = dict(self.eval_options.get(name, {}))
+            if name == "autointerp":
+                options.setdefault("n_latents", str(self.autointerp_latents))
+            configs[name] = config_from_overrides(EVALS[name].load()[0], options, name)
+        return configs
+
+    def selection_names(self) -> list[str]:
+        from evaluation.steering.selection import check_selection
+
+        names = _split(self.selections)
+        if not names or names[0] != "none" or len(set(names)) != len(names):
+            raise ValueError(
+                f"selections={self.selections!r} must start with none (the steering gain's "
+                "baseline) and name each selection once"
+            )
+        for name in names:
+            check_selection(name)
+        for name in _split(self.analyze_selections):
+            if name not in names:
+                raise ValueError(
+                    f"analyze_selections names {name!r}, which selections={self.selections!r} "
+                    "does not steer"
+                )
+        return names
+
+    def steer_config(self, selection: str) -> Any:
+        from evaluation.steering.config import LatentStatsConfig, SteerConfig, parse_factors
+
+        return SteerConfig(
+            mode="latent",
+            selection=selection,
+            n_concepts=self.n_concepts,
+            factors=parse_factors(self.factors),
+            n_instructions=self.n_instructions,
+            max_new_tokens=self.max_new_tokens,
+            seed=self.seed,
+            stats=LatentStatsConfig(n_tokens=self.stats_n_tokens),
+        )
+
+    def tune_config(self) -> Any:
+        from evaluation.selection.tune import TuneConfig
+        from evaluation.steering.config import parse_factors
+
+        # One (α, k): the paper's defaults, so one selection table per tuned version; the
+        # directions, rules, K and q of METHODS §4 stay the search space.
+        return TuneConfig(
+            n_trials=self.tune_n_trials,
+            alphas=(10.0,),
+            dtc_ks=(1,),
+            n_concepts=self.tune_n_concepts,
+            n_instructions=self.n_instructions,
+            factors=parse_factors(self.factors),
+            max_new_tokens=self.max_new_tokens,
+            seed=self.seed,
+            stats_n_tokens=self.stats_n_tokens,
+            judge=self.judge,
+        )
+
+    def tune_target(self) -> tuple[str, int] | None:
+        """(architecture, target L0) of the tuned SAE on the first LM; None: no tuning."""
+        if self.tune_n_trials == 0:
+            return None
+        grid = self.grid()
+        if self.tune_sae.strip() == "auto":
+            topk = sorted(t for a, t in grid if a == "topk")
+            return ("topk", topk[0]) if topk else grid[0]
+        architecture, _, target = self.tune_sae.partition(":")
+        try:
+            choice = (architecture.strip(), int(target))
+        except ValueError:
+            choice = None
+        if choice not in grid:
+            raise ValueError(
+                f"tune_sae={self.tune_sae!r} must be 'auto' or ARCH:L0 of the grid, e.g. "
+                f"{grid[0][0]}:{grid[0][1]}"
+            )
+        return choice
+
+    def validate(self) -> None:
+        """Every check that needs nothing loaded; ValueError naming the value otherwise."""
+        self.layer_for()
+        grid = self.grid()
+        for lm in self.lm_names():
+            for architecture, target in grid:
+                self.train_config(lm, 0, architecture, target)
+        n_saes = len(self.lm_names()) * len(grid)
+        if n_saes < 3:
+            raise ValueError(
+                f"the study has {n_saes} SAE(s) ({self.lms!r} x {self.architectures!r} x "
+                f"{self.target_l0s!r}); Kendall τ needs at least 3"
+            )
+        for name, low in (("autointerp_latents", 1), ("tune_n_trials", 0), ("n_resamples", 100)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= {low}")
+        self.eval_configs()
+        for selection in self.selection_names():
+            self.steer_config(selection)
+        if self.tune_target() is not None:
+            if "dtc" not in self.selection_names():
+                log.info(
+                    "tuning DTC although selections=%r does not steer with dtc", self.selections
+                )
+            self.tune_config()
+        from project.judges import JUDGE_NAMES
+
+        if self.judge not in JUDGE_NAMES:
+            raise ValueError(f"unknown judge {self.judge!r}; valid: {', '.join(JUDGE_NAMES)}")
+        AnalyzeConfig(
+            interp_metric=self.interp_metric,
+            utility_metric=self.utility_metric,
+            n_resamples=self.n_resamples,
+            seed=self.seed,
+        ).validate()
+        resolve_corpus(self.dataset)
+
+
+# ---------------------------------------------------------------------------------------------
+# bookkeeping
+
+
+@dataclass
+class StepRun:
+    """One run a step used: new (started by this study) or reused (found by its config)."""
+
+    step: str
+    run_id: str
+    model_uri: str = ""
+    detail: str = ""
+    reused: bool = False
+
+
+@dataclass
+class StudyResult:
+    run_id: str
+    versions: list[str]
+    seconds: dict[str, float]
+    runs: list[StepRun]
+    report_paths: dict[str, str]
+    headline: dict[str, float]
+    psi: dict[str, dict[str, float]]
+    failures: list[str] = field(default_factory=list)
+
+    def new_runs(self, step: str) -> list[StepRun]:
+        return [r for r in self.runs if r.step == step and not r.reused]
+
+
+class _Study:
+    """The state one study run carries from step to step."""
+
+    def __init__(self, config: StudyConfig, run_id: str) -> None:
+        self.config = config
+        self.run_id = run_id
+        self.client = MlflowClient()
+        self.seconds: dict[str, float] = dict.fromkeys(STEPS, 0.0)
+        self.runs: list[StepRun] = []
+        self.failures: list[str] = []
+        self.lms: dict[str, LoadedLM] = {}  # by canonical name (the versions' lm_name tag)
+        self.layers: dict[str, int] = {}  # LM as given → layer
+        self.versions: dict[tuple[str, str, int], ModelVersion] = {}  # (LM, arch, L0)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """Time a step into ``seconds_<step>`` (accumulated; logged as it ends)."""
+        started = time.perf_counter()
+        log.info("study step %s", name)
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - started
+            self.client.log_metric(self.run_id, f"seconds_{name}", self.seconds[name])
+
+    def record(self, run: StepRun) -> None:
+        """Keep ``run``; a run this study started gets the study's id as a tag."""
+        self.runs.append(run)
+        if not run.reused and run.run_id:
+            self.client.set_tag(run.run_id, STUDY_RUN_TAG, self.run_id)
+
+    def adopt(self, run_id: str) -> None:
+        """Nest a run its entry point started on its own (tune, analyze) under the study."""
+        self.client.set_tag(run_id, "mlflow.parentRunId", self.run_id)
+
+    def fail(self, what: str, err: BaseException) -> None:
+        log.exception("%s failed; the study goes on", what)
+        self.failures.append(f"{what}: {type(err).__name__}: {err}"[:500])
+
+
+# ---------------------------------------------------------------------------------------------
+# training, with registered versions reused
+
+
+def _identity(values: dict[str, Any]) -> dict[str, str]:
+    return {k: str(v) for k, v in values.items() if k not in _NOT_IDENTITY}
+
+
+def find_trained_version(config: TrainConfig, lm_name: str) -> ModelVersion | None:
+    """The newest version registered from a FINISHED training run with this exact training
+    config (up to where outputs go), in the registered model the config trains into."""
+    client = MlflowClient()
+    name = default_registered_model_name(lm_name, config.layer)
+    escaped = name.replace("'", "\\'")
+    try:
+        versions = client.search_model_versions(f"name = '{escaped}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    wanted = _identity(config.as_params())
+    for mv in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        tags = mv.tags or {}
+        if (
+            tags.get("architecture") != config.architecture
+            or tags.get("target_l0") != str(config.target_l0)
+            or tags.get("source") != "saeflow-train"
+            or not tags.get("training_run_id")
+        ):
+            continue
+        try:
+            run = client.get_run(tags["training_run_id"])
+            if run.info.status != "FINISHED":
+                continue
+            logged = mlflow.artifacts.load_dict(
+                f"runs:/{tags['training_run_id']}/{TRAIN_CONFIG_ARTIFACT}"
+            )
+        except mlflow.exceptions.MlflowException:
+            continue  # its run or config is gone: not a version we can vouch for
+        if _identity(logged) == wanted:
+            return mv
+    return None
+
+
+def _train(study: _Study, lm_given: str, lm: LoadedLM) -> None:
+    config = study.config
+    layer = study.layers[lm_given]
+    todo: list[TrainConfig] = []
+    for architecture, target in config.grid():
+        train_config = config.train_config(lm_given, layer, architecture, target)
+        existing = find_trained_version(train_config, lm.name)
+        if existing is None:
+            todo.append(train_config)
+            continue
+        uri = f"models:/{existing.name}/{existing.version}"
+        log.info("%s %s L0 %d: reusing %s", lm.name, architecture, target, uri)
+        study.versions[(lm_given, architecture, target)] = existing
+        study.record(StepRun("train", existing.tags["training_run_id"], uri, "", reused=True))
+    if not todo:
+        return
+    with study.step("harvest"):
+        harvested = harvest_for(todo[0], lm)
+        acts_ND = harvested.cache.load_all()
+    study.record(
+        StepRun("harvest", harvested.harvest_run_id or "", "", lm.name, reused=harvested.reused)
+    )
+    with study.step("train"):
+        for train_config in todo:
+            name = f"{train_config.architecture}-l0{train_config.target_l0}"
+            try:
+                with mlflow.start_run(run_name=name, nested=True) as run:
+                    result = train_and_register(train_config, harvested, acts_ND)
+            except Exception as err:  # noqa: BLE001 - one SAE's failure must not stop the rest
+                study.fail(f"training {lm.name} {name}", err)
+                continue
+            mv = result.model_version
+            key = (lm_given, train_config.architecture, train_config.target_l0)
+            study.versions[key] = mv
+            study.record(StepRun("train", run.info.run_id, f"models:/{mv.name}/{mv.version}"))
+    del acts_ND
+
+
+# ---------------------------------------------------------------------------------------------
+# the steps after training
+
+
+def _evaluate(study: _Study, uri: str) -> None:
+    from evaluation.evaluate import EvaluationFailed, evaluate
+
+    config = study.config
+    try:
+        results = evaluate(
+            uri, config.eval_names(), config.judge, configs=config.eval_configs(), lms=study.lms
+        )
+    except EvaluationFailed as failed:
+        results = failed.results
+        study.fail(f"evaluating {uri}", failed)
+    for r in results:
+        if r.run_id:
+            study.record(StepRun("evaluate", r.run_id, uri, r.eval_name, r.reused))
+
+
+def _steer(study: _Study, uri: str, selection: str) -> None:
+    from evaluation.steering.steer import steer
+
+    config = study.config
+    try:
+        (result,) = steer(uri, config.steer_config(selection), config.judge, lms=study.lms)
+    except Exception as err:  # noqa: BLE001 - this version's run is FAILED; the others go on
+        study.fail(f"steering {uri} (selection {selection})", err)
+        return
+    study.record(StepRun("steer", result.run_id, uri, selection, result.reused))
+
+
+def find_finished_tune(uri: str, tune_config: Any) -> str | None:
+    """A FINISHED tune run of this version whose study had this config and at least its
+    trials, past its test-split comparison (``subset_size`` is logged there, always; the
+    scores may be NaN and unlogged); None if there is none."""
+    from evaluation.selection.tune import TUNE_RUN_TYPE
+
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        experiments,
+        filter_string=(
+            f"tags.`{RUN_TYPE_TAG}` = '{TUNE_RUN_TYPE}' AND tags.model_uri = '{uri}' "
+            "AND attributes.status = 'FINISHED'"
+        ),
+        order_by=["attributes.start_time DESC"],
+    )
+    wanted = {
+        k: ",".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
+        for k, v in tune_config.identity().items()
+    }
+    for run in runs:
+        params, tags = run.data.params, run.data.tags
+        # The tune entry point logs its config as params, with or without a "tune." prefix.
+        same = all(params.get(k, params.get(f"tune.{k}")) == v for k, v in wanted.items())
+        enough = parse_int(tags.get("n_trials", "0")) >= tune_config.n_trials
+        if same and enough and "subset_size" in run.data.metrics:
+            return run.info.run_id
+    return None
+
+
+def _tune(study: _Study, uri: str) -> None:
+    from evaluation.selection.tune import tune
+
+    tune_config = study.config.tune_config()
+    existing = find_finished_tune(uri, tune_config)
+    if existing is not None:
+        log.info("tune_dtc on %s: reusing FINISHED run %s", uri, existing)
+        study.record(StepRun("tune", existing, uri, "", reused=True))
+        return
+    try:
+        result = tune(uri, tune_config, study.config.tune_storage, lms=study.lms)
+    except Exception as err:  # noqa: BLE001 - the analysis does not need the tuned choice
+        study.fail(f"tuning DTC on {uri}", err)
+        return
+    study.adopt(result.parent_run_id)
+    study.record(StepRun("tune", result.parent_run_id, uri, result.study_name))
+
+
+def _experiment_names(study: _Study) -> str:
+    """The experiments holding the runs this study used (reused ones may live elsewhere)."""
+    ids = {study.client.get_run(study.run_id).info.experiment_id}
+    for run in study.runs:
+        if run.step in ("evaluate", "steer") and run.run_id:
+            ids.add(study.client.get_run(run.run_id).info.experiment_id)
+    return ",".join(sorted(study.client.get_experiment(i).name for i in ids))
+
+
+def _analyze(study: _Study) -> tuple[dict[str, str], dict[str, float], dict[str, dict]]:
+    config = study.config
+    experiments = _experiment_names(study)
+    paths: dict[str, str] = {}
+    headline: dict[str, float] = {}
+    psi: dict[str, dict[str, float]] = {}
+    for selection in ["none", *_split(config.analyze_selections)]:
+        analysis = AnalyzeConfig(
+            experiments=experiments,
+            interp_metric=config.interp_metric,
+            utility_metric=config.utility_metric,
+            steer_mode="latent",
+            selection=selection,
+            n_resamples=config.n_resamples,
+            seed=config.seed,
+        )
+        try:
+            result = analyze(analysis)
+        except Exception as err:  # noqa: BLE001 - the other analyses may still report
+            study.fail(f"analysis (selection {selection})", err)
+            continue
+        assert result.run_id is not None
+        study.adopt(result.run_id)
+        study.record(StepRun("analyze", result.run_id, "", selection))
+        paths[selection] = result.report_path
+        if selection == "none":
+            headline, psi = result.report.headline, result.report.psi
+    return paths, headline, psi
+
+
+# ---------------------------------------------------------------------------------------------
+# the study
+
+
+@contextmanager
+def _study_run(config: StudyConfig) -> Iterator[str]:
+    """The study's parent run: the ``mlflow run`` launcher run if there is one, else a new
+    run. ``$MLFLOW_RUN_ID`` is taken out meanwhile: while set, every start_run without a run
+    id resumes it."""
+    launcher = os.environ.pop("MLFLOW_RUN_ID", None)
+    client = MlflowClient()
+    try:
+        if launcher:
+            run_id = launcher
+        else:
+            experiment_id = mlflow.tracking.fluent._get_experiment_id()
+            run_id = client.create_run(experiment_id, run_name="study").info.run_id
+        # Nested runs go to the active experiment: make it the study run's.
+        experiment_id = client.get_run(run_id).info.experiment_id
+        mlflow.set_experiment(experiment_id=experiment_id)
+        client.set_tag(run_id, RUN_TYPE_TAG, STUDY_RUN_TYPE)
+        logged = client.get_run(run_id).data.params
+        params = {f"study_{k}": str(v) for k, v in asdict(config).items() if k != "eval_options"}
+        params["study_eval_options"] = json.dumps(config.eval_options, sort_keys=True)
+        for key, value in params.items():
+            if key not in logged:
+                client.log_param(run_id, key, value[:6000])
+        yield run_id
+    finally:
+        if launcher is not None:
+            os.environ["MLFLOW_RUN_ID"] = launcher
+
+
+def _active(run_id: str) -> Any:
+    return mlflow.start_run(run_id=run_id)
+
+
+def run_study(config: StudyConfig) -> StudyResult:
+    """Harvest, train, evaluate, steer, tune and analyze (see the module docstring).
+
+    Raises:
+        ValueError: bad input, before any LM is loaded or run started.
+        PartialFailureError: after every step ran, if some SAE, eval, steer, tune or analysis
+            failed (each listed; what finished is logged and reused next time).
+    """
+    config.validate()
+    layers = config.layer_for()
+    lms: dict[str, LoadedLM] = {}
+    for name in config.lm_names():
+        lm = load_lm(name)
+        layer = layers[name] if layers[name] is not None else lm.n_layers // 2
+        check_layer(lm, layer)
+        for architecture, target in config.grid():
+            config.train_config(name, layer, architecture, target).validate_for_width(lm.d_model)
+        lms[name], layers[name] = lm, layer
+    mark_work_started()
+    started = time.perf_counter()
+    with _study_run(config) as run_id:
+        study = _Study(config, run_id)
+        study.layers = {name: int(layer) for name, layer in layers.items() if layer is not None}
+        study.lms = {lm.name: lm for lm in lms.values()}
+        with _active(run_id):
+            for name, lm in lms.items():
+                _train(study, name, lm)
+            uris = [f"models:/{mv.name}/{mv.version}" for mv in study.versions.values()]
+            with study.step("evaluate"):
+                for uri in uris:
+                    _evaluate(study, uri)
+            with study.step("steer"):
+                for selection in config.selection_names():
+                    for uri in uris:
+                        _steer(study, uri, selection)
+        # tune and analyze start their runs as top-level runs: the study's must not be active.
+        target = config.tune_target()
+        first_lm = config.lm_names()[0]
+        tuned = study.versions.get((first_lm, *target)) if target else None
+        if tuned is not None:
+            with study.step("tune"):
+                _tune(study, f"models:/{tuned.name}/{tuned.version}")
+        with study.step("analyze"):
+            paths, headline, psi = _analyze(study)
+        total = time.perf_counter() - started
+        study.client.log_metric(run_id, "seconds_total", total)
+        study.client.log_metric(run_id, "n_saes", float(len(study.versions)))
+        for key in ("tau_b", "tau_b_ci_low", "tau_b_ci_high"):
+            if key in headline and not math.isnan(headline[key]):
+                study.client.log_metric(run_id, key, headline[key])
+        for key, value in psi.items():
+            if not math.isnan(value["value"]):
+                study.client.log_metric(run_id, key, value["value"])
+        for selection, path in paths.items():
+            study.client.set_tag(run_id, f"report.{selection}", path)
+        study.client.log_dict(run_id, {"runs": [asdict(r) for r in study.runs]}, "study_runs.json")
+        study.client.set_tag(run_id, "saeflow.failures", "; ".join(study.failures)[:5000])
+        result = StudyResult(
+            run_id=run_id,
+            versions=uris,
+            seconds=dict(study.seconds, total=total),
+            runs=study.runs,
+            report_paths=paths,
+            headline=headline,
+            psi=psi,
+            failures=study.failures,
+        )
+        if study.failures:
+            study.client.set_terminated(run_id, "FAILED")
+            raise PartialFailureError(
+                f"{len(study.failures)} part(s) of the study failed: " + "; ".join(study.failures),
+                study.failures,
+            )
+        study.client.set_terminated(run_id, "FINISHED")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def _eval_options(extra: list[str]) -> dict[str, dict[str, str]]:
+    """``--<eval>.<field> VALUE`` / ``--<eval>.<field>=VALUE`` pairs, by eval."""
+    out: dict[str, dict[str, str]] = {}
+    rest = list(extra)
+    while rest:
+        arg = rest.pop(0)
+        key, eq, value = arg[2:].partition("=")
+        if not arg.startswith("--") or "." not in key:
+            raise BadInputError(
+                f"unexpected argument {arg!r}; eval options look like --autointerp.n_tokens 8192"
+            )
+        if not eq:
+            if not rest:
+                raise BadInputError(f"{arg} needs a value")
+            value = rest.pop(0)
+        eval_name, _, field_name = key.partition(".")
+        out.setdefault(eval_name, {})[field_name] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_dataclass_arguments(parser, StudyConfig, exclude=frozenset({"eval_options"}))
+    return parser
+
+
+def config_from_argv(argv: list[str] | None = None) -> StudyConfig:
+    args, extra = build_parser().parse_known_args(argv)
+    names = {f.name for f in fields(StudyConfig)} - {"eval_options"}
+    config = StudyConfig(**{k: v for k, v in vars(args).items() if k in names})
+    return replace(config, eval_options=_eval_options(extra))
+
+
+def main() -> None:
+    config = config_from_argv()
+    config.validate()
+    tracking_uri = configure_tracking(experiment=DEFAULT_EXPERIMENT)
+    try:
+        result = run_study(config)
+    except PartialFailureError:
+        print(f"browse: {ui_hint(tracking_uri)}")
+        raise
+    h = result.headline
+    print(
+        f"study run {result.run_id}: {len(result.versions)} SAEs; τ_b = {h['tau_b']:.3f} "
+        f"(95% CI {h['tau_b_ci_low']:.3f} – {h['tau_b_ci_high']:.3f}); "
+        + ", ".join(f"{k} = {v['value']:.3f}" for k, v in result.psi.items())
+    )
+    print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items()))
+    for selection, path in result.report_paths.items():
+        print(f"report ({'headline' if selection == 'none' else 'gain of ' + selection}): {path}")
+    print(f"browse: {ui_hint(tracking_uri)}")
+
+
+if __name__ == "__main__":
+    run_entry_point(main)
