@@ -368,6 +368,7 @@ class _Study:
         self.run_id = run_id
         self.client = MlflowClient()
         self.seconds: dict[str, float] = dict.fromkeys(STEPS, 0.0)
+        self.cpu_seconds: dict[str, float] = dict.fromkeys(STEPS, 0.0)
         self.runs: list[StepRun] = []
         self.failures: list[str] = []
         self.lms: dict[str, LoadedLM] = {}  # by canonical name (the versions' lm_name tag)
@@ -376,14 +377,18 @@ class _Study:
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
-        """Time a step into ``seconds_<step>`` (accumulated; logged as it ends)."""
-        started = time.perf_counter()
+        """Time a step into ``seconds_<step>`` and its process CPU time into
+        ``cpu_seconds_<step>`` (accumulated; logged as it ends): on a shared machine the CPU
+        time tells what the step costs, the wall time what the load made of it."""
+        started, cpu = time.perf_counter(), time.process_time()
         log.info("study step %s", name)
         try:
             yield
         finally:
             self.seconds[name] += time.perf_counter() - started
+            self.cpu_seconds[name] += time.process_time() - cpu
             self.client.log_metric(self.run_id, f"seconds_{name}", self.seconds[name])
+            self.client.log_metric(self.run_id, f"cpu_seconds_{name}", self.cpu_seconds[name])
 
     def record(self, run: StepRun) -> None:
         """Keep ``run``; a run this study started gets the study's id as a tag."""
@@ -655,7 +660,7 @@ def run_study(config: StudyConfig) -> StudyResult:
             config.train_config(name, layer, architecture, target).validate_for_width(lm.d_model)
         lms[name], layers[name] = lm, layer
     mark_work_started()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     with _study_run(config) as run_id:
         study = _Study(config, run_id)
         study.layers = {name: int(layer) for name, layer in layers.items() if layer is not None}
@@ -682,6 +687,7 @@ def run_study(config: StudyConfig) -> StudyResult:
             paths, headline, psi = _analyze(study)
         total = time.perf_counter() - started
         study.client.log_metric(run_id, "seconds_total", total)
+        study.client.log_metric(run_id, "cpu_seconds_total", time.process_time() - cpu_started)
         study.client.log_metric(run_id, "n_saes", float(len(study.versions)))
         for key in ("tau_b", "tau_b_ci_low", "tau_b_ci_high"):
             if key in headline and not math.isnan(headline[key]):
