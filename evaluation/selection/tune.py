@@ -28,8 +28,8 @@ does) beside output-score selection (``up``) at the same subset size; the parent
 the tags of :mod:`project.tracking`; the version gets ``tune_dtc.run_id``); each trial that
 steers is a nested run (``tune_dtc_trial``: params = the trial's choices, metric ``dev_score``).
 
-**Storage and workers**: ``storage`` is ``auto`` (SQLite ``optuna.db`` next to a SQLite tracking
-store, else in the working directory), a file path (SQLite) or an SQLAlchemy URL (``sqlite``,
+**Storage and workers**: ``storage`` is ``auto`` (SQLite ``mlflow.optuna.db`` beside a tracking
+store ``mlflow.db``, else ``optuna.db`` in the working directory), a file path (SQLite) or an SQLAlchemy URL (``sqlite``,
 ``postgresql``, ``mysql``; PostgreSQL for many workers). The study name derives from the version
 and the config (not ``n_trials``), so a second run resumes the study and a second worker
 started with the same parameters joins it.
@@ -287,18 +287,18 @@ def suggest(trial: optuna.Trial, config: TuneConfig) -> dict[str, Any]:
 
 
 def resolve_storage(storage: str, tracking_uri: str) -> str:
-    """The SQLAlchemy URL of ``storage``: ``auto`` → ``optuna.db`` beside a SQLite tracking
-    store (else in the working directory); a path → SQLite at that path; a URL is kept.
+    """The SQLAlchemy URL of ``storage``: ``auto`` → ``<store>.optuna.db`` beside a SQLite
+    tracking store ``<store>.db`` (else ``optuna.db`` in the working directory); a path → SQLite at that path; a URL is kept.
 
     Raises:
         ValueError: a URL whose scheme is not one of :data:`STORAGE_SCHEMES`.
     """
     if storage in ("", "auto"):
         if tracking_uri.startswith("sqlite:///"):
-            folder = Path(tracking_uri[len("sqlite:///") :]).expanduser().resolve().parent
-        else:
-            folder = Path.cwd()
-        return f"sqlite:///{folder / OPTUNA_DB}"
+            # Named after the store, so two stores in one folder never share (or delete) it.
+            store = Path(tracking_uri[len("sqlite:///") :]).expanduser().resolve()
+            return f"sqlite:///{store.with_name(store.stem + '.' + OPTUNA_DB)}"
+        return f"sqlite:///{Path.cwd() / OPTUNA_DB}"
     if "://" in storage:
         scheme = storage.split("://", 1)[0]
         if scheme.split("+", 1)[0] not in STORAGE_SCHEMES:

@@ -166,7 +166,9 @@ def test_bad_config(changes: dict, message: str) -> None:
 
 def test_storage_urls(tmp_path: Path) -> None:
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    assert resolve_storage("auto", tracking) == f"sqlite:///{tmp_path}/optuna.db"
+    assert resolve_storage("auto", tracking) == f"sqlite:///{tmp_path}/mlflow.optuna.db"
+    other = f"sqlite:///{tmp_path}/other.db"  # a second store in the same folder: its own file
+    assert resolve_storage("auto", other) == f"sqlite:///{tmp_path}/other.optuna.db"
     assert resolve_storage(str(tmp_path / "s.db"), tracking) == f"sqlite:///{tmp_path}/s.db"
     url = "postgresql+psycopg2://u:p@db/optuna"
     assert resolve_storage(url, tracking) == url
