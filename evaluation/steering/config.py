@@ -15,7 +15,7 @@ AXBENCH_ADD_FACTORS = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.
 AXBENCH_CLAMP_FACTORS = (0.4, 0.8, 1.2, 1.6, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 20.0, 40.0, 60.0, 100.0)
 # The CPU default: four points spanning AxBench's addition range and beyond it (a 135M model at
 # an early layer needs the upper end before the concept shows).
-CPU_FACTORS = (0.5, 1.0, 2.0, 4.0)
+CPU_FACTORS = (1.0, 2.0, 4.0, 8.0)
 # saeflow's own steering prompt for the prompting reference; AxBench's frame around it.
 DEFAULT_PROMPT_TEMPLATE = (
     "Whatever the question, make your answer clearly about {concept}.\n\nQuestion: {instruction}"
