@@ -128,10 +128,10 @@ class StudyConfig:
     autointerp_latents: int = 20
     judge: str = "offline"
     selections: str = "none,output_score,dtc"
-    n_concepts: int = 4
+    n_concepts: int = 3
     factors: str = "1,4"
     n_instructions: int = 2
-    max_new_tokens: int = 24
+    max_new_tokens: int = 16
     stats_n_tokens: int = 16_384
     tune_n_trials: int = 3
     tune_sae: str = "auto"
