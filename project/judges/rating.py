@@ -4,7 +4,9 @@ What each rating is computed from (issue 13):
 
 - **concept** (is the concept clearly present): the largest cosine similarity between the
   concept description and any single content word of the text, each embedded alone with the
-  packaged all-MiniLM-L6-v2. A concept is there when one of its words (or a close one: "melody"
+  packaged all-MiniLM-L6-v2. For a token-list explanation (the offline explainer's
+  ``" then", " next" (context: ...)``) a word of the text equal to one of its tokens scores 1,
+  stop words included. A concept is there when one of its words (or a close one: "melody"
   for music, "planet" for space) is; a text that is merely on a neighbouring topic has no such
   word, so it does not earn credit the way a whole-text similarity would.
 - **instruct** (is the text on the instruction's topic): cosine similarity of the whole text and
@@ -50,12 +52,13 @@ from project.lm import LoadedLM
 logger = logging.getLogger(__name__)
 
 # Bumped whenever a formula below changes: part of the judge's identity.
-RATING_RULE_VERSION = "3"
+RATING_RULE_VERSION = "4"
 CALIBRATION_FILE = "calibration.json"
 _PUNCT = " .,;:!?\"'()[]{}*_`“”‘’-–—…#<>|/\\~"
 _ALPHA_RE = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*")
 _NUMBER_RE = re.compile(r"[\d.,%/:$+=x-]*\d[\d.,%/:$+=x-]*")
 _CONTENT_RE = re.compile(r"[A-Za-z]{3,}")
+_QUOTED_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
 _SUFFIXES = ("s", "es", "ed", "d", "ing", "ly", "er", "ers", "est", "ies", "ied")
 # Ordinary prose compresses to ~0.6-0.75 of its bytes with zlib; a loop to far less.
 _PROSE_COMPRESSION = 0.55
@@ -148,6 +151,24 @@ def content_words(text: str) -> list[str]:
     return list(seen)
 
 
+def quoted_words(concept: str) -> frozenset[str]:
+    """The lower-cased words of a token-list explanation (the offline explainer's form,
+    ``" then", " next" (context: ...)``); empty for a concept in prose. A latent explained by
+    its tokens is present where one of those tokens is, stop word or not: ``content_words``
+    would drop " then" and never find it."""
+    head = concept.split(" (context:")[0].strip()
+    if not head.startswith('"'):
+        return frozenset()
+    words = set()
+    for match in _QUOTED_RE.findall(head):
+        try:
+            token = json.loads(match)
+        except ValueError:
+            continue
+        words.update(w.lower() for w in _ALPHA_RE.findall(token))
+    return frozenset(words)
+
+
 @dataclass(frozen=True)
 class LabelledText:
     """One calibration example: a completion with its hand ratings."""
@@ -226,6 +247,9 @@ class OfflineRater:
 
     # ------------------------------------------------------------------ scores
     def concept_score(self, text: str, concept: str) -> float:
+        tokens = quoted_words(concept)
+        if tokens and tokens & {w.lower() for w in _ALPHA_RE.findall(text)}:
+            return 1.0  # the explanation's own token is in the text: cosine 1 with itself
         words = content_words(text)
         if not words:
             return 0.0

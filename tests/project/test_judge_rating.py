@@ -23,6 +23,7 @@ from project.judges.rating import (
     calibration_examples,
     fit_three_levels,
     load_lexicon,
+    quoted_words,
     text_stats,
 )
 from project.lm import LoadedLM
@@ -80,6 +81,18 @@ def test_on_topic_answer_without_the_concept_gets_concept_zero(offline: OfflineJ
     assert offline.rate("concept", _STEERED, "the ocean and sea life") == 2
     assert offline.rate("concept", _FLUENT, "space and astronomy") == 0
     assert offline.rate("instruct", _STEERED, "Describe how to make a paper airplane.") >= 1
+
+
+def test_token_list_explanation_is_present_where_its_token_is(offline: OfflineJudge) -> None:
+    # Latent-first steering rates toward the offline explainer's own explanations; a latent
+    # explained by " then" is present where "then" is, though content words drop stop words.
+    explanation = '" then", " next" (context: task, end, line)'
+    assert quoted_words(explanation) == {"then", "next"}
+    assert offline.rate("concept", "First boil the water, then add the pasta.", explanation) == 2
+    assert offline.rate("concept", _FLUENT, explanation) == 0
+    # The context words are not the explanation's tokens; prose concepts are unchanged.
+    assert offline.rate("concept", "The task is at the end of the line.", explanation) < 2
+    assert quoted_words("the ocean and sea life") == frozenset()
 
 
 def test_text_stats_count_what_they_say() -> None:
