@@ -129,7 +129,9 @@ class StudyConfig:
     judge: str = "offline"
     selections: str = "none,output_score,dtc"
     n_concepts: int = 3
-    factors: str = "1,4"
+    # SmolLM2 at layer 4 shows a concept only from about 4 x m_i (steering's CPU factors);
+    # at 1 and 4 every concept score of the default study was 0, and so was every g.
+    factors: str = "4,8"
     n_instructions: int = 2
     max_new_tokens: int = 16
     stats_n_tokens: int = 16_384
