@@ -65,6 +65,7 @@ from project.tracking import (
     TRAINING_RUN_TAG,
     configure_tracking,
     lm_of,
+    set_version_tag,
     ui_hint,
     version_run_tags,
 )
@@ -460,9 +461,7 @@ def _log_eval_run(
             mlflow.log_table(table, f"tables/{table_name}.json")
         seconds = time.perf_counter() - started
         mlflow.set_tag("eval_seconds", f"{seconds:.1f}")
-    MlflowClient().set_model_version_tag(
-        mv.name, mv.version, VERSION_LINK_TAG.format(name=name), run.info.run_id
-    )
+    set_version_tag(mv.name, mv.version, VERSION_LINK_TAG.format(name=name), run.info.run_id)
     log.info("%s on %s finished in %.1fs (run %s)", name, uri, seconds, run.info.run_id)
     return EvalRunResult(uri, name, "FINISHED", run.info.run_id, metrics, seconds=seconds)
 
@@ -581,9 +580,7 @@ def _evaluate_version(
         if existing is not None:
             run_id = existing.info.run_id
             log.info("%s on %s: reusing FINISHED run %s (force=true recomputes)", name, uri, run_id)
-            MlflowClient().set_model_version_tag(
-                mv.name, mv.version, VERSION_LINK_TAG.format(name=name), run_id
-            )
+            set_version_tag(mv.name, mv.version, VERSION_LINK_TAG.format(name=name), run_id)
             results.append(
                 EvalRunResult(uri, name, "FINISHED", run_id, dict(existing.data.metrics), True)
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -92,3 +93,22 @@ def ui_hint(tracking_uri: str) -> str:
     if tracking_uri.startswith("http"):
         return f"open {tracking_uri}"
     return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+def set_version_tag(name: str, version: str | int, key: str, value: str, attempts: int = 5) -> None:
+    """Set a model-version tag, safe against another process setting the same tag at once.
+
+    MLflow's SQL store writes a version tag as select-then-insert, so two workers linking the
+    same version (two ``tune_dtc`` workers measuring latent stats, say) can both insert and one
+    fails on the unique key; by then the row exists, and setting it again updates it.
+    """
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            MlflowClient().set_model_version_tag(name, str(version), key, value)
+            return
+        except MlflowException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))

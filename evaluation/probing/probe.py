@@ -37,7 +37,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.tracking import MlflowClient
 from tqdm.auto import tqdm
 
 from evaluation.autointerp import bootstrap_interval
@@ -63,6 +62,7 @@ from project.tracking import (
     DEFAULT_EXPERIMENT,
     RUN_TYPE_TAG,
     configure_tracking,
+    set_version_tag,
     ui_hint,
 )
 
@@ -235,9 +235,7 @@ def _log_run(
         for name, fig in figs.items():
             mlflow.log_figure(fig, name)
         plots.close(figs)
-    MlflowClient().set_model_version_tag(
-        mv.name, mv.version, VERSION_LINK_TAG.format(regime=regime), run.info.run_id
-    )
+    set_version_tag(mv.name, mv.version, VERSION_LINK_TAG.format(regime=regime), run.info.run_id)
     log.info(
         "%s on %s: ΔAUC %.4f [%.4f, %.4f], SAE chosen in %.0f%% of %d cells (run %s)",
         regime,
@@ -300,7 +298,7 @@ def probe(
                 None if force else find_finished_run(mv, PROBE_RUN_TYPE, digest, regime=regime)
             )
             if existing is not None:
-                MlflowClient().set_model_version_tag(
+                set_version_tag(
                     mv.name,
                     mv.version,
                     VERSION_LINK_TAG.format(regime=regime),

@@ -50,7 +50,7 @@ from project.cli import parse_bool, run_entry_point
 from project.lm import LoadedLM, check_layer, load_lm
 from project.registry import load_version
 from project.saes import SparseAutoencoder
-from project.tracking import DEFAULT_EXPERIMENT, configure_tracking, ui_hint
+from project.tracking import DEFAULT_EXPERIMENT, configure_tracking, set_version_tag, ui_hint
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def scores_for_version(
     if existing is not None:
         run_id = existing.info.run_id
         logger.info("selection scores of %s/%s: reusing run %s", mv.name, mv.version, run_id)
-        MlflowClient().set_model_version_tag(mv.name, mv.version, link, run_id)
+        set_version_tag(mv.name, mv.version, link, run_id)
         return read_scores(run_id), run_id, True
     stats, stats_run = _steering_stats(mv, sae, lm, layer, config)
     with mlflow.start_run(
@@ -200,7 +200,7 @@ def scores_for_version(
         for path, figure in figures.items():
             mlflow.log_figure(figure, path)
             plots.plt.close(figure)
-    MlflowClient().set_model_version_tag(mv.name, mv.version, link, run.info.run_id)
+    set_version_tag(mv.name, mv.version, link, run.info.run_id)
     # Read back what was stored (JSON keeps ~10 significant digits), so a caller sees the
     # same values whether the table was just computed or reused.
     return read_scores(run.info.run_id), run.info.run_id, False

@@ -99,6 +99,7 @@ from project.tracking import (
     DEFAULT_EXPERIMENT,
     RUN_TYPE_TAG,
     configure_tracking,
+    set_version_tag,
     ui_hint,
 )
 
@@ -782,7 +783,7 @@ def tune(
                     for k, v in config.identity().items()
                 }
                 mlflow.log_params(params)
-            MlflowClient().set_model_version_tag(mv.name, mv.version, VERSION_LINK_TAG, parent_id)
+            set_version_tag(mv.name, mv.version, VERSION_LINK_TAG, parent_id)
             worker = DTCStudy(mv, load_version(mv), lm, layer, judge, config, pool)
             worker.storage, worker.study = rdb, study
             _optimize(worker, study, config)

@@ -31,7 +31,7 @@ from project.corpus import (
 )
 from project.lm import LoadedLM, residual_activations
 from project.saes import SparseAutoencoder
-from project.tracking import RUN_TYPE_TAG
+from project.tracking import RUN_TYPE_TAG, set_version_tag
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def latent_stats_for_version(
                 "stats_seconds": time.perf_counter() - started,
             }
         )
-    MlflowClient().set_model_version_tag(mv.name, mv.version, VERSION_LINK_TAG, run.info.run_id)
+    set_version_tag(mv.name, mv.version, VERSION_LINK_TAG, run.info.run_id)
     logger.info(
         "latent stats of %s/%s measured on %d tokens in %.1fs (run %s)",
         mv.name,

@@ -73,6 +73,7 @@ from project.tracking import (
     DEFAULT_EXPERIMENT,
     RUN_TYPE_TAG,
     configure_tracking,
+    set_version_tag,
     ui_hint,
 )
 
@@ -268,7 +269,7 @@ def _steer_one(
             uri,
             run_id,
         )
-        MlflowClient().set_model_version_tag(mv.name, mv.version, link, run_id)
+        set_version_tag(mv.name, mv.version, link, run_id)
         metrics = dict(existing.data.metrics)
         result = SteerRunResult(uri, run_id, metrics, True)
         if baseline is not None:
@@ -335,7 +336,7 @@ def _steer_one(
             gain = _log_gain(run.info.run_id, metrics, baseline)
         seconds = time.perf_counter() - started
         mlflow.log_metric("steer_seconds", seconds)
-    MlflowClient().set_model_version_tag(mv.name, mv.version, link, run.info.run_id)
+    set_version_tag(mv.name, mv.version, link, run.info.run_id)
     log.info(
         "steer %s (selection %s) on %s finished in %.1fs (run %s)",
         config.mode,
