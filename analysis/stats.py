@@ -194,7 +194,21 @@ def bca_interval(
         rng=np.random.default_rng(seed),
     )
     low, high = result.confidence_interval
-    return Interval(float(low), float(high), method)
+    if not (math.isnan(low) or math.isnan(high)):
+        return Interval(float(low), float(high), method)
+    # Resamples whose y (or x) came out constant have no τ_b (many SAEs with steering score
+    # 0 do that), and one NaN draw makes scipy's BCa NaN. Fall back to the percentile interval
+    # of the draws that have a τ_b, and say so in the method.
+    draws = np.asarray(result.bootstrap_distribution, dtype=float)
+    finite = draws[np.isfinite(draws)]
+    if len(finite) < 0.5 * len(draws):
+        return _NO_INTERVAL
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    undefined = len(draws) - len(finite)
+    return Interval(
+        float(low), float(high), f"percentile ({undefined} of {len(draws)} draws had no τ_b)"
+    )
 
 
 def permutation_p_value(

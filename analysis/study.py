@@ -128,12 +128,12 @@ class StudyConfig:
     autointerp_latents: int = 20
     judge: str = "offline"
     selections: str = "none,output_score,dtc"
-    n_concepts: int = 3
+    n_concepts: int = 4
     # Latent-first steering toward token-list explanations scored best at α 2 on SmolLM2's
     # TopK SAE (0.20-0.25 per factor; fluency collapses from 4): the study keeps 1 and 2.
     factors: str = "1,2"
-    n_instructions: int = 2
-    max_new_tokens: int = 16
+    n_instructions: int = 4
+    max_new_tokens: int = 24
     stats_n_tokens: int = 16_384
     tune_n_trials: int = 3
     tune_sae: str = "auto"

@@ -198,3 +198,15 @@ def test_psi_draws_equal_psi_of_each_resampled_table() -> None:
         expected = psi_point(resampled.reset_index(drop=True), "mu", "g")
         for key, value in expected.items():
             np.testing.assert_allclose(draws[key][r], value, atol=1e-12, err_msg=f"{key} {r}")
+
+
+def test_interval_falls_back_to_percentile_when_some_draws_have_no_tau() -> None:
+    # Half the SAEs steer at 0: some resamples draw only zeros, where τ_b is undefined, which
+    # makes scipy's BCa NaN. The interval is then the percentile one over the defined draws.
+    mu = [0.671, 0.514, 0.761, 0.557, 0.725, 0.55, 0.596, 0.482, 0.671, 0.479]
+    g = [0.5, 0.25, 0, 0, 0.188, 0, 0.375, 0, 0, 0]
+    interval = bca_interval(mu, g, n_resamples=2000, seed=0)
+    assert interval.method.startswith("percentile (") and "had no τ_b" in interval.method
+    assert interval.low < kendall_tau_b(mu, g) < interval.high
+    # Where every draw has a τ_b, the BCa interval stays.
+    assert bca_interval(mu, [0.1 * i for i in range(10)], n_resamples=500).method == "BCa"
