@@ -1,5 +1,6 @@
 """Shared test fixtures: an isolated saeflow cache, per-test MLflow stores, a tiny random LM,
-and a local S3 server."""
+and a local S3 server; and :func:`register_as_trained`, which registers an SAE the way a
+training run does (test modules import it from here)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,42 @@ from pathlib import Path
 import boto3
 import mlflow
 import pytest
+from mlflow.entities.model_registry import ModelVersion
 
-from project.lm import LoadedLM, build_tiny_random_lm
+from project.lm import LoadedLM, build_tiny_random_lm, hook_name
+from project.registry import register_sae
+from project.saes import SparseAutoencoder
+from project.tracking import LM_TAG, RUN_TYPE_TAG
+
+
+def register_as_trained(
+    sae: SparseAutoencoder,
+    *,
+    registered_model: str,
+    lm_name: str,
+    layer: int,
+    target_l0: int,
+    n_tokens: int = 1000,
+) -> ModelVersion:
+    """Register ``sae`` under a run tagged as a training run, with the version tags training
+    writes (architecture, sizes, LM, hook, layer, tokens, training run)."""
+    with mlflow.start_run() as run:
+        mlflow.set_tag(RUN_TYPE_TAG, "train")
+        return register_sae(
+            sae,
+            registered_model=registered_model,
+            tags={
+                "architecture": sae.cfg.architecture,
+                "target_l0": target_l0,
+                "d_in": sae.cfg.d_in,
+                "d_sae": sae.cfg.d_sae,
+                LM_TAG: lm_name,
+                "hook_name": hook_name(layer),
+                "layer": layer,
+                "n_tokens": n_tokens,
+                "training_run_id": run.info.run_id,
+            },
+        )
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from conftest import register_as_trained
 from mlflow.tracking import MlflowClient
 
 from evaluation import evaluate as evaluate_module
@@ -17,8 +18,7 @@ from evaluation import sparse_probing
 from evaluation.core import CoreConfig
 from evaluation.evaluate import EvaluationFailed, evaluate, main, summary_table
 from evaluation.sparse_probing import SparseProbingConfig
-from project.lm import hook_name, lm_fingerprint, load_lm
-from project.registry import register_sae
+from project.lm import lm_fingerprint, load_lm
 from project.saes import SAEConfig, build_sae
 from project.tracking import RUN_TYPE_TAG
 
@@ -52,23 +52,9 @@ def register_versions(tiny_lm_dir: str, ks: tuple[int, ...] = (4, 8)) -> list[st
     for k in ks:
         torch.manual_seed(k)
         sae = build_sae(SAEConfig(architecture="topk", d_in=64, d_sae=128, k=k))
-        with mlflow.start_run() as run:
-            mlflow.set_tag(RUN_TYPE_TAG, "train")
-            version = register_sae(
-                sae,
-                registered_model=NAME,
-                tags={
-                    "architecture": "topk",
-                    "target_l0": k,
-                    "d_in": 64,
-                    "d_sae": 128,
-                    "lm_name": tiny_lm_dir,
-                    "hook_name": hook_name(LAYER),
-                    "layer": LAYER,
-                    "n_tokens": 1000,
-                    "training_run_id": run.info.run_id,
-                },
-            )
+        version = register_as_trained(
+            sae, registered_model=NAME, lm_name=tiny_lm_dir, layer=LAYER, target_l0=k
+        )
         uris.append(f"models:/{NAME}/{version.version}")
     return uris
 

@@ -9,13 +9,12 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from conftest import register_as_trained
 from mlflow.tracking import MlflowClient
 
 from evaluation.probing import activations
 from evaluation.probing.probe import main
 from project.cli import EXIT_BAD_INPUT, run_entry_point
-from project.lm import hook_name
-from project.registry import register_sae
 from project.saes import SAEConfig, build_sae
 from project.tracking import LM_TAG, MODEL_URI_TAG, RUN_TYPE_TAG
 
@@ -47,23 +46,9 @@ def labels_csv(tmp_path_factory: pytest.TempPathFactory) -> str:
 def register(tiny_lm_dir: str) -> str:
     torch.manual_seed(0)
     sae = build_sae(SAEConfig(architecture="topk", d_in=64, d_sae=128, k=8))
-    with mlflow.start_run() as run:
-        mlflow.set_tag(RUN_TYPE_TAG, "train")
-        version = register_sae(
-            sae,
-            registered_model=NAME,
-            tags={
-                "architecture": "topk",
-                "target_l0": 8,
-                "d_in": 64,
-                "d_sae": 128,
-                LM_TAG: tiny_lm_dir,
-                "hook_name": hook_name(LAYER),
-                "layer": LAYER,
-                "n_tokens": 1000,
-                "training_run_id": run.info.run_id,
-            },
-        )
+    version = register_as_trained(
+        sae, registered_model=NAME, lm_name=tiny_lm_dir, layer=LAYER, target_l0=8
+    )
     return f"models:/{NAME}/{version.version}"
 
 

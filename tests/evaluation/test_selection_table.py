@@ -10,6 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from conftest import register_as_trained
 from mlflow.tracking import MlflowClient
 
 from evaluation.selection import steering as steering_module
@@ -23,8 +24,7 @@ from evaluation.selection.steering import (
     supervised_over_concepts,
 )
 from evaluation.selection.table import SCORE_COLUMNS, scores_for_version
-from project.lm import LoadedLM, hook_name, load_lm
-from project.registry import register_sae
+from project.lm import LoadedLM, load_lm
 from project.saes import SAEConfig, build_sae
 from project.tracking import RUN_TYPE_TAG
 
@@ -41,23 +41,9 @@ def dir_lm(tiny_lm_dir: str) -> LoadedLM:
 def _register(dir_lm: LoadedLM):  # noqa: ANN202 - (version, sae)
     torch.manual_seed(0)
     sae = build_sae(SAEConfig(architecture="topk", d_in=64, d_sae=48, k=8)).eval()
-    with mlflow.start_run() as run:
-        mlflow.set_tag(RUN_TYPE_TAG, "train")
-        mv = register_sae(
-            sae,
-            registered_model=NAME,
-            tags={
-                "architecture": "topk",
-                "target_l0": 8,
-                "d_in": 64,
-                "d_sae": 48,
-                "lm_name": dir_lm.name,
-                "hook_name": hook_name(LAYER),
-                "layer": LAYER,
-                "n_tokens": 1000,
-                "training_run_id": run.info.run_id,
-            },
-        )
+    mv = register_as_trained(
+        sae, registered_model=NAME, lm_name=dir_lm.name, layer=LAYER, target_l0=8
+    )
     return MlflowClient().get_model_version(NAME, mv.version), sae
 
 

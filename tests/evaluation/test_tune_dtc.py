@@ -17,6 +17,7 @@ import mlflow
 import optuna
 import pytest
 import torch
+from conftest import register_as_trained
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -30,8 +31,6 @@ from evaluation.selection.tune import (
     resolve_storage,
     tune,
 )
-from project.lm import hook_name
-from project.registry import register_sae
 from project.saes import SAEConfig, build_sae
 from project.tracking import RUN_TYPE_TAG
 
@@ -71,23 +70,9 @@ CLI_SMALL = [
 def register_tiny_sae(tiny_lm_dir: str) -> str:
     torch.manual_seed(0)
     sae = build_sae(SAEConfig(architecture="topk", d_in=64, d_sae=48, k=8))
-    with mlflow.start_run() as run:
-        mlflow.set_tag(RUN_TYPE_TAG, "train")
-        version = register_sae(
-            sae,
-            registered_model=NAME,
-            tags={
-                "architecture": "topk",
-                "target_l0": 8,
-                "d_in": 64,
-                "d_sae": 48,
-                "lm_name": tiny_lm_dir,
-                "hook_name": hook_name(LAYER),
-                "layer": LAYER,
-                "n_tokens": 1000,
-                "training_run_id": run.info.run_id,
-            },
-        )
+    version = register_as_trained(
+        sae, registered_model=NAME, lm_name=tiny_lm_dir, layer=LAYER, target_l0=8
+    )
     return f"models:/{NAME}/{version.version}"
 
 
