@@ -404,8 +404,10 @@ def summarize(
     methods = list(dict.fromkeys(row.method for row in rows))
     metrics: dict[str, float] = {}
     per_concept: dict[str, list[Any]] = defaultdict(list)
+    chosen_by_method: dict[str, list[dict[str, float]]] = {}
     for method in methods:
         per_target: list[dict[str, float]] = []
+        chosen_by_method[method] = per_target
         for t_index, target in enumerate(targets):
             factors = sorted({f for (m, t, f, _s) in cells if m == method and t == t_index})
             dev = {
@@ -435,21 +437,65 @@ def summarize(
         low, high = bootstrap_interval(scores, seed)
         metrics[f"{prefix}steering_score_ci_low"] = low
         metrics[f"{prefix}steering_score_ci_high"] = high
-    per_factor: dict[str, list[Any]] = defaultdict(list)
-    by_factor: dict[tuple[str, float], list[dict[str, float]]] = defaultdict(list)
+    metrics.update(paired_differences(chosen_by_method, seed))
+    return SteeringResult(
+        metrics,
+        {
+            "per_concept": dict(per_concept),
+            "per_factor": per_factor_table(rows, ratings, methods, seed),
+        },
+    )
+
+
+def paired_differences(
+    chosen_by_method: dict[str, list[dict[str, float]]], seed: int
+) -> dict[str, float]:
+    """Each method against the random-direction floor, paired by target: the mean over targets
+    of (method − random) in steering score and in concept rating at each one's own α*, with a
+    bootstrap interval. Paired, because targets differ far more from each other than methods
+    do on one target: two overlapping marginal intervals can hide a consistent lead.
+    Names: ``<method>_minus_random_<steering|concept>`` (+ ``_ci_low`` / ``_ci_high``)."""
+    floor = chosen_by_method.get(RANDOM)
+    out: dict[str, float] = {}
+    if floor is None:
+        return out
+    for method, per_target in chosen_by_method.items():
+        if method == RANDOM:
+            continue
+        for kind, key in (("steering", "score"), ("concept", "concept")):
+            diffs = [a[key] - b[key] for a, b in zip(per_target, floor, strict=True)]
+            name = f"{method}_minus_random_{kind}"
+            out[name] = _mean(diffs)
+            out[f"{name}_ci_low"], out[f"{name}_ci_high"] = bootstrap_interval(diffs, seed)
+    return out
+
+
+def per_factor_table(
+    rows: list[Row], ratings: list[dict[str, float]], methods: list[str], seed: int
+) -> dict[str, list[Any]]:
+    """Per (method, factor): the mean of each rating over every generation (both halves), with
+    a bootstrap interval of the concept and fluency ratings over targets (each target's mean
+    first, so that one target's instructions do not count as independent draws)."""
+    by_factor: dict[tuple[str, float], list[tuple[int, dict[str, float]]]] = defaultdict(list)
     for row, r in zip(rows, ratings, strict=True):
-        by_factor[(row.method, row.factor)].append(r)
-    for (method, factor), rs in sorted(
+        by_factor[(row.method, row.factor)].append((row.target, r))
+    table: dict[str, list[Any]] = defaultdict(list)
+    for (method, factor), cell in sorted(
         by_factor.items(), key=lambda kv: (methods.index(kv[0][0]), kv[0][1])
     ):
-        per_factor["method"].append(method)
-        per_factor["factor"].append(factor)
-        per_factor["n"].append(len(rs))
+        table["method"].append(method)
+        table["factor"].append(factor)
+        table["n"].append(len(cell))
         for k in (*RATING_KINDS, "score"):
-            per_factor[k].append(_mean([r[k] for r in rs]))
-    return SteeringResult(
-        metrics, {"per_concept": dict(per_concept), "per_factor": dict(per_factor)}
-    )
+            table[k].append(_mean([r[k] for _t, r in cell]))
+        for k in ("concept", "fluency"):
+            per_target: dict[int, list[float]] = defaultdict(list)
+            for t, r in cell:
+                per_target[t].append(r[k])
+            low, high = bootstrap_interval([_mean(v) for v in per_target.values()], seed)
+            table[f"{k}_ci_low"].append(low)
+            table[f"{k}_ci_high"].append(high)
+    return dict(table)
 
 
 def generations_table(

@@ -12,7 +12,9 @@ version). Each (version, mode, selection, judge, config) gets one run tagged
 
 Logged: metrics ``steering_score``, ``concept_score``, ``instruct_score``, ``fluency_score``
 (and ``steering_score_ci_low/high``, a bootstrap interval over concepts); the unsteered floor as
-``unsteered_*``; in concept mode the references as ``diffmean_*``, ``random_*``, ``prompt_*``.
+``unsteered_*``; in concept mode the references as ``diffmean_*``, ``random_*``, ``prompt_*``,
+and each method paired with the random-direction floor by concept: ``<method>_minus_random_
+steering`` / ``_concept`` with ``_ci_low`` / ``_ci_high`` (``sae_`` for the SAE's latent).
 Tables ``tables/per_concept.json``, ``tables/per_factor.json`` and ``tables/generations.json``
 (every generation with its three ratings, for re-judging); ``steer_config.json`` and
 ``judge.json`` (the judge's identity, description and unparsable answers).

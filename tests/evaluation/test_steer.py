@@ -34,6 +34,7 @@ from evaluation.steering.protocol import (
     harmonic_mean,
     rate_rows,
     rating_value,
+    summarize,
 )
 from evaluation.steering.steer import STEER_RUN_TYPE, steer
 from project.judges import ChatJudge, parse_rating
@@ -122,6 +123,46 @@ def test_harmonic_mean_with_zeros() -> None:
 def test_best_factor_is_the_dev_argmax_ties_to_the_smaller() -> None:
     assert best_factor({0.5: 0.2, 1.0: 0.7, 2.0: 0.4}) == 1.0
     assert best_factor({4.0: 0.5, 1.0: 0.5, 2.0: 0.1}) == 1.0
+
+
+def test_methods_are_compared_with_the_random_floor_paired_by_target() -> None:
+    """summarize() logs (method - random) per target at each one's alpha*, with an interval, and
+    the per-factor table carries intervals over targets."""
+    instruction = Instruction("Say something.", "text")
+    targets = [Target(f"c{t}", f"c{t}", None, latent=t, max_activation=1.0) for t in range(4)]
+    rows, ratings = [], []
+    # Per target t: the SAE rates concept 2 at factor 2 on both halves; random rates t/4 there.
+    for t in range(4):
+        for split in ("dev", "test"):
+            for method, concept in (("sae", 2.0), ("random", t / 4)):
+                for factor in (1.0, 2.0):
+                    rows.append(Row(method, t, instruction, split, factor, instruction.text))
+                    c = concept if factor == 2.0 else 0.0
+                    ratings.append(
+                        {
+                            "concept": c,
+                            "instruct": 2.0,
+                            "fluency": 2.0,
+                            "score": harmonic_mean(c, 2, 2),
+                        }
+                    )
+    result = summarize(rows, ratings, targets, seed=0)
+    m = result.metrics
+    expected = sum(2.0 - t / 4 for t in range(4)) / 4
+    assert m["sae_minus_random_concept"] == pytest.approx(expected)
+    assert m["sae_minus_random_concept_ci_low"] <= expected <= m["sae_minus_random_concept_ci_high"]
+    assert m["sae_minus_random_concept_ci_low"] > 0  # a consistent lead on every target
+    scores = [2.0 - harmonic_mean(t / 4, 2, 2) for t in range(4)]
+    assert m["sae_minus_random_steering"] == pytest.approx(sum(scores) / 4)
+    assert "random_minus_random_concept" not in m
+    table = result.tables["per_factor"]
+    at = {
+        (mth, f): i for i, (mth, f) in enumerate(zip(table["method"], table["factor"], strict=True))
+    }
+    i = at[("random", 2.0)]
+    assert table["concept"][i] == pytest.approx(sum(t / 4 for t in range(4)) / 4)
+    assert table["concept_ci_low"][i] <= table["concept"][i] <= table["concept_ci_high"][i]
+    assert table["fluency_ci_low"][i] == table["fluency_ci_high"][i] == 2.0
 
 
 def test_seeded_disjoint_dev_test_split() -> None:
