@@ -71,6 +71,51 @@ def parse_int(text: str) -> int:
     return int(value)
 
 
+def parse_list(text: str, cast: Callable[[str], Any], name: str, kind: str) -> tuple[Any, ...]:
+    """Comma-separated values (empty parts skipped), each through ``cast``.
+
+    Raises:
+        ValueError: a part ``cast`` rejects, naming it, the list and what was expected
+            (``kind``: "number", "integer", ...).
+    """
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            values.append(cast(part))
+        except (ValueError, argparse.ArgumentTypeError):
+            article = "an" if kind[:1] in "aeiou" else "a"
+            raise ValueError(f"{name}: {part!r} in {text!r} is not {article} {kind}") from None
+    return tuple(values)
+
+
+def parse_prefixed_options(extra: list[str], prefix: str = "judge") -> dict[str, str]:
+    """``--<prefix>.<option> VALUE`` / ``--<prefix>.<option>=VALUE`` pairs left over by argparse
+    (``-P judge.model=NAME`` through ``mlflow run``).
+
+    Raises:
+        ValueError: an argument without the prefix, or an option without a value.
+    """
+    flag = f"--{prefix}."
+    out: dict[str, str] = {}
+    rest = list(extra)
+    while rest:
+        arg = rest.pop(0)
+        if not arg.startswith(flag):
+            raise ValueError(
+                f"unexpected argument {arg!r}; {prefix} options look like {flag}model NAME"
+            )
+        key, eq, value = arg[len(flag) :].partition("=")
+        if not eq:
+            if not rest:
+                raise ValueError(f"{arg} needs a value")
+            value = rest.pop(0)
+        out[key] = value
+    return out
+
+
 def add_dataclass_arguments(
     parser: argparse.ArgumentParser, config_cls: type, exclude: frozenset[str] = frozenset()
 ) -> None:

@@ -90,7 +90,13 @@ from evaluation.steering.data import (
 from evaluation.steering.latent_stats import latent_stats_for_version
 from evaluation.steering.protocol import SAE, Target, run_protocol
 from project.checks import check_int
-from project.cli import mark_work_started, parse_int, run_entry_point
+from project.cli import (
+    mark_work_started,
+    parse_int,
+    parse_list,
+    parse_prefixed_options,
+    run_entry_point,
+)
 from project.judges import JUDGE_NAMES, Judge, build_judge
 from project.lm import LoadedLM
 from project.registry import load_version
@@ -835,38 +841,6 @@ def _optimize(worker: DTCStudy, study: optuna.Study, config: TuneConfig) -> None
         )
 
 
-def _parse_list(text: str, cast: type, name: str) -> tuple[Any, ...]:
-    values = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            values.append(parse_int(part) if cast is int else cast(part))
-        except (ValueError, argparse.ArgumentTypeError):
-            raise ValueError(f"{name}: {part!r} in {text!r} is not a {cast.__name__}") from None
-    return tuple(values)
-
-
-def _judge_options(extra: list[str]) -> dict[str, str]:
-    """``--judge.<option> VALUE`` / ``--judge.<option>=VALUE`` pairs (as steer takes them)."""
-    out: dict[str, str] = {}
-    rest = list(extra)
-    while rest:
-        arg = rest.pop(0)
-        if not arg.startswith("--judge."):
-            raise ValueError(
-                f"unexpected argument {arg!r}; judge options look like --judge.model NAME"
-            )
-        key, eq, value = arg[len("--judge.") :].partition("=")
-        if not eq:
-            if not rest:
-                raise ValueError(f"{arg} needs a value")
-            value = rest.pop(0)
-        out[key] = value
-    return out
-
-
 def _configure_tracking() -> str:
     """configure_tracking, retried once: two workers starting together may both try to create
     the default experiment, and the second one's create fails."""
@@ -911,7 +885,12 @@ def main() -> None:
     values = {
         name: parse_factors(getattr(args, name))
         if name == "factors"
-        else _parse_list(getattr(args, name), cast, name)
+        else parse_list(
+            getattr(args, name),
+            parse_int if cast is int else cast,
+            name,
+            "integer" if cast is int else cast.__name__,
+        )
         for name, cast in lists.items()
     }
     config = TuneConfig(
@@ -925,7 +904,7 @@ def main() -> None:
         temperature=args.temperature,
         intervention=args.intervention,
         judge=args.judge,
-        judge_options=_judge_options(extra),
+        judge_options=parse_prefixed_options(extra),
         **values,
     )
     tracking_uri = _configure_tracking()

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from project.checks import check_int
+from project.cli import parse_list
 from project.corpus import DEFAULT_CORPUS
 
 MODES = ("latent", "concept")
@@ -127,16 +128,6 @@ def parse_factors(text: str) -> tuple[float, ...]:
     named = {"axbench": AXBENCH_ADD_FACTORS, "axbench_clamp": AXBENCH_CLAMP_FACTORS}
     if text.strip() in named:
         return named[text.strip()]
-    values = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            values.append(float(part))
-        except ValueError:
-            raise ValueError(
-                f"factor {part!r} in {text!r} is not a number; give comma-separated numbers "
-                f"or one of {', '.join(named)}"
-            ) from None
-    return tuple(values)
+    return parse_list(
+        text, float, "factors", f"number (or give one of {', '.join(named)} for the whole list)"
+    )

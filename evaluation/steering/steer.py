@@ -65,7 +65,7 @@ from evaluation.steering.data import (
 from evaluation.steering.latent_stats import latent_stats_for_version
 from evaluation.steering.protocol import Target, concept_targets, run_protocol
 from evaluation.steering.selection import SelectionContext, select
-from project.cli import parse_bool, parse_int, run_entry_point
+from project.cli import parse_bool, parse_int, parse_prefixed_options, run_entry_point
 from project.judges import JUDGE_NAMES, Judge, build_judge
 from project.judges.agreement import measured_agreement
 from project.lm import LoadedLM
@@ -413,27 +413,6 @@ def steer(
 # command line
 
 
-def _judge_options(extra: list[str]) -> dict[str, str]:
-    """``--judge.<option> VALUE`` / ``--judge.<option>=VALUE`` pairs."""
-    out: dict[str, str] = {}
-    i = 0
-    while i < len(extra):
-        arg = extra[i]
-        if not arg.startswith("--judge."):
-            raise ValueError(
-                f"unexpected argument {arg!r}; judge options look like --judge.model NAME"
-            )
-        key, eq, value = arg[len("--judge.") :].partition("=")
-        if not eq:
-            if i + 1 >= len(extra):
-                raise ValueError(f"{arg} needs a value")
-            value = extra[i + 1]
-            i += 1
-        out[key] = value
-        i += 1
-    return out
-
-
 def main() -> None:
     defaults = SteerConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -471,7 +450,7 @@ def main() -> None:
         n_examples=args.n_examples,
         stats=replace(LatentStatsConfig(), n_tokens=args.stats_n_tokens),
     )
-    judge_options = _judge_options(extra)
+    judge_options = parse_prefixed_options(extra)
     tracking_uri = configure_tracking(experiment=DEFAULT_EXPERIMENT)
     started = time.perf_counter()
     results = steer(

@@ -283,7 +283,7 @@ def test_bad_config(changes: dict, message: str) -> None:
 def test_factor_list_with_a_non_number() -> None:
     assert parse_factors("0.5, 1,2") == (0.5, 1.0, 2.0)
     assert len(parse_factors("axbench")) == 14
-    with pytest.raises(ValueError, match="factor 'two' in '1,two' is not a number"):
+    with pytest.raises(ValueError, match="factors: 'two' in '1,two' is not a number"):
         parse_factors("1,two")
 
 
