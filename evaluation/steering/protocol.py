@@ -475,10 +475,20 @@ def per_factor_table(
 ) -> dict[str, list[Any]]:
     """Per (method, factor): the mean of each rating over every generation (both halves), with
     a bootstrap interval of the concept and fluency ratings over targets (each target's mean
-    first, so that one target's instructions do not count as independent draws)."""
+    first, so that one target's instructions do not count as independent draws); and, where a
+    random direction ran at the same factor, the concept lead over it paired by target
+    (``concept_minus_random``): at one factor both vectors have the same norm, so this is the
+    direction's own effect on the concept, apart from how hard the push is."""
     by_factor: dict[tuple[str, float], list[tuple[int, dict[str, float]]]] = defaultdict(list)
     for row, r in zip(rows, ratings, strict=True):
         by_factor[(row.method, row.factor)].append((row.target, r))
+
+    def target_means(cell: list[tuple[int, dict[str, float]]], kind: str) -> dict[int, float]:
+        per_target: dict[int, list[float]] = defaultdict(list)
+        for t, r in cell:
+            per_target[t].append(r[kind])
+        return {t: _mean(v) for t, v in per_target.items()}
+
     table: dict[str, list[Any]] = defaultdict(list)
     for (method, factor), cell in sorted(
         by_factor.items(), key=lambda kv: (methods.index(kv[0][0]), kv[0][1])
@@ -489,12 +499,19 @@ def per_factor_table(
         for k in (*RATING_KINDS, "score"):
             table[k].append(_mean([r[k] for _t, r in cell]))
         for k in ("concept", "fluency"):
-            per_target: dict[int, list[float]] = defaultdict(list)
-            for t, r in cell:
-                per_target[t].append(r[k])
-            low, high = bootstrap_interval([_mean(v) for v in per_target.values()], seed)
+            low, high = bootstrap_interval(list(target_means(cell, k).values()), seed)
             table[f"{k}_ci_low"].append(low)
             table[f"{k}_ci_high"].append(high)
+        floor = by_factor.get((RANDOM, factor))
+        lead = low = high = math.nan
+        if floor is not None and method in FACTOR_METHODS and method != RANDOM and factor != 0:
+            mine, theirs = target_means(cell, "concept"), target_means(floor, "concept")
+            diffs = [mine[t] - theirs[t] for t in mine if t in theirs]
+            lead = _mean(diffs)
+            low, high = bootstrap_interval(diffs, seed)
+        table["concept_minus_random"].append(lead)
+        table["concept_minus_random_ci_low"].append(low)
+        table["concept_minus_random_ci_high"].append(high)
     return dict(table)
 
 

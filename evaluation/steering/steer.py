@@ -463,6 +463,13 @@ def main() -> None:
         for ref in ("diffmean", "random", "prompt", "unsteered"):
             if f"{ref}_steering_score" in m:
                 line += f", {ref} {m[f'{ref}_steering_score']:.3f}"
+        for method in ("sae", "diffmean", "prompt"):
+            lead = f"{method}_minus_random_concept"
+            if lead in m:
+                line += (
+                    f"; {method} − random concept {m[lead]:+.3f} "
+                    f"[{m[f'{lead}_ci_low']:+.3f}, {m[f'{lead}_ci_high']:+.3f}]"
+                )
         if r.none_run_id is not None:
             gain = "undefined (tag steering_gain_status)" if r.gain is None else f"{r.gain:+.1f}%"
             line += f", gain over none {gain} (run {r.none_run_id})"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -163,6 +164,12 @@ def test_methods_are_compared_with_the_random_floor_paired_by_target() -> None:
     assert table["concept"][i] == pytest.approx(sum(t / 4 for t in range(4)) / 4)
     assert table["concept_ci_low"][i] <= table["concept"][i] <= table["concept_ci_high"][i]
     assert table["fluency_ci_low"][i] == table["fluency_ci_high"][i] == 2.0
+    # At one factor (same norm): the SAE's concept lead over random, paired by target.
+    j = at[("sae", 2.0)]
+    assert table["concept_minus_random"][j] == pytest.approx(expected)
+    assert table["concept_minus_random_ci_low"][j] > 0
+    assert table["concept_minus_random"][at[("sae", 1.0)]] == 0.0
+    assert math.isnan(table["concept_minus_random"][i])  # random against itself: not defined
 
 
 def test_seeded_disjoint_dev_test_split() -> None:
