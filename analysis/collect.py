@@ -8,7 +8,8 @@ analysis works the same on the embedded SQLite store and on a shared server:
 - utility g: ``steering_score`` (or another metric) of the latest FINISHED steer run of each
   version with the chosen ``steer_mode`` and ``selection``;
 - the steering gain of a selection: the percentage lift of its steering score over the same
-  version's ``selection=none`` run (METHODS §3);
+  version's ``selection=none`` run (METHODS §3): the none run with the selection run's own
+  config where steer logged it (``none_steering_score``), else the newest none run;
 - what each version is (LM, architecture, target and measured L0, random-init control or not):
   its registry tags.
 
@@ -181,8 +182,11 @@ def _collect(
     eval_runs = iter_runs(client, ids, f"tags.`{RUN_TYPE_TAG}` = 'eval'")
     mu = latest_metric_by_version(eval_runs, interp_metric)
 
-    # One pass over the steer runs of this mode: the newest utility per (version, selection).
+    # One pass over the steer runs of this mode: the newest utility per (version, selection),
+    # and for the selection's run the score of the none run its gain was measured against (the
+    # same config but the selection; steer logs it as none_steering_score).
     utility: dict[str, dict[tuple[str, str], float]] = {}
+    matched_none: dict[tuple[str, str], float] = {}
     for run in iter_runs(
         client, ids, f"tags.`{RUN_TYPE_TAG}` = 'steer' AND tags.steer_mode = '{steer_mode}'"
     ):
@@ -190,7 +194,14 @@ def _collect(
         chosen = run.data.tags.get("selection", NO_SELECTION)
         if key is None or utility_metric not in run.data.metrics:
             continue
-        utility.setdefault(chosen, {}).setdefault(key, float(run.data.metrics[utility_metric]))
+        by_version = utility.setdefault(chosen, {})
+        if key in by_version:
+            continue
+        by_version[key] = float(run.data.metrics[utility_metric])
+        if chosen == selection and utility_metric == "steering_score":
+            none_score = run.data.metrics.get("none_steering_score")
+            if none_score is not None:
+                matched_none[key] = float(none_score)
 
     keys = set(mu) | {k for by_version in utility.values() for k in by_version}
     facts = version_rows(client, {name for name, _ in keys})
@@ -202,7 +213,7 @@ def _collect(
             missing.append((f"models:/{key[0]}/{key[1]}", "no registered version (deleted?)"))
             continue
         row = dict(fact, mu=mu.get(key, math.nan), g=g.get(key, math.nan))
-        base = g_none.get(key, math.nan)
+        base = matched_none.get(key, g_none.get(key, math.nan))
         row["g_none"] = base
         row["gain"] = (row["g"] - base) / base * 100 if base and not math.isnan(base) else math.nan
         lacks = [

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from analysis.analyze import AnalyzeConfig, analyze
-from analysis.collect import collect
+from analysis.collect import StudyData, collect
 from analysis.stats import add_sparsity_rank, psi_point
 from analysis.synthetic import SyntheticStudy, write_study
 from project.cli import BadInputError
@@ -106,6 +106,50 @@ def test_missing_metrics_are_listed_and_controls_left_out(study_store: MlflowCli
     assert (f"models:/{name}/{lonely.version}", "no steering_score (none)") in data.missing
     result = analyze(AnalyzeConfig(n_resamples=200))
     assert f"models:/{name}/{lonely.version}" in [uri for uri, _ in result.report.missing]
+
+
+def test_gain_is_over_the_none_run_the_selection_was_measured_against(
+    study_store: MlflowClient,
+) -> None:
+    """steer logs none_steering_score on a selection run (its own config's none run); a newer
+    none run with another config must not become that run's baseline."""
+    before = {
+        (r["registered_model"], r["version"]): r
+        for r in _rows(collect(study_store, selection="dtc"))
+    }
+    (key, row), (other_key, other) = list(before.items())[:2]
+    experiment = study_store.get_experiment_by_name("study").experiment_id
+    dtc_run = study_store.search_runs(
+        [experiment],
+        f"tags.registered_model = '{key[0]}' AND tags.model_version = '{key[1]}' "
+        "AND tags.selection = 'dtc'",
+    )[0]
+    study_store.log_metric(dtc_run.info.run_id, "none_steering_score", 0.5)
+    for version_key in (key, other_key):  # a newer none run of another config, both versions
+        run = study_store.create_run(
+            experiment,
+            tags={
+                RUN_TYPE_TAG: "steer",
+                "steer_mode": "latent",
+                "selection": "none",
+                "registered_model": version_key[0],
+                "model_version": str(version_key[1]),
+            },
+        )
+        study_store.log_metric(run.info.run_id, "steering_score", 0.9)
+        study_store.set_terminated(run.info.run_id)
+    after = {
+        (r["registered_model"], r["version"]): r
+        for r in _rows(collect(study_store, selection="dtc"))
+    }
+    assert after[key]["g_none"] == 0.5
+    assert after[key]["gain"] == pytest.approx((row["g"] - 0.5) / 0.5 * 100)
+    # Without a logged baseline the newest none run is used.
+    assert after[other_key]["g_none"] == 0.9 != other["g_none"]
+
+
+def _rows(data: StudyData) -> list[dict]:
+    return data.table.to_dict("records")
 
 
 def test_too_few_saes_is_a_clear_error(tracking_uri: str) -> None:
