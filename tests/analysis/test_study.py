@@ -205,7 +205,7 @@ def test_bad_input_is_named_before_any_work(changes: dict, message: str, tmp_pat
 
 def test_embedded_lms_get_their_own_layers() -> None:
     config = StudyConfig(lms="smollm2-135m-instruct,gemma-3-270m")
-    assert config.layer_for() == {"smollm2-135m-instruct": 4, "gemma-3-270m": 6}
+    assert config.layer_for() == {"smollm2-135m-instruct": 10, "gemma-3-270m": 6}
     assert config.tune_target() == ("topk", 16)
 
 
