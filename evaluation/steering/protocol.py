@@ -478,7 +478,8 @@ def per_factor_table(
     first, so that one target's instructions do not count as independent draws); and, where a
     random direction ran at the same factor, the concept lead over it paired by target
     (``concept_minus_random``): at one factor both vectors have the same norm, so this is the
-    direction's own effect on the concept, apart from how hard the push is."""
+    direction's own effect on the concept, apart from how hard the push is; and the concept's
+    rise over the method's smallest factor, paired by target (``concept_rise``)."""
     by_factor: dict[tuple[str, float], list[tuple[int, dict[str, float]]]] = defaultdict(list)
     for row, r in zip(rows, ratings, strict=True):
         by_factor[(row.method, row.factor)].append((row.target, r))
@@ -512,6 +513,19 @@ def per_factor_table(
         table["concept_minus_random"].append(lead)
         table["concept_minus_random_ci_low"].append(low)
         table["concept_minus_random_ci_high"].append(high)
+        # Does pushing harder raise the concept? This factor against the method's smallest
+        # non-zero one, paired by target.
+        first = min((f for m, f in by_factor if m == method and f != 0), default=None)
+        rise = low = high = math.nan
+        if method in FACTOR_METHODS and first is not None and factor not in (0, first):
+            mine = target_means(cell, "concept")
+            base = target_means(by_factor[(method, first)], "concept")
+            diffs = [mine[t] - base[t] for t in mine if t in base]
+            rise = _mean(diffs)
+            low, high = bootstrap_interval(diffs, seed)
+        table["concept_rise"].append(rise)
+        table["concept_rise_ci_low"].append(low)
+        table["concept_rise_ci_high"].append(high)
     return dict(table)
 
 

@@ -170,6 +170,11 @@ def test_methods_are_compared_with_the_random_floor_paired_by_target() -> None:
     assert table["concept_minus_random_ci_low"][j] > 0
     assert table["concept_minus_random"][at[("sae", 1.0)]] == 0.0
     assert math.isnan(table["concept_minus_random"][i])  # random against itself: not defined
+    # The rise over the smallest factor: the SAE goes from 0 (alpha 1) to 2 (alpha 2) everywhere.
+    assert table["concept_rise"][j] == pytest.approx(2.0)
+    assert table["concept_rise_ci_low"][j] == table["concept_rise_ci_high"][j] == 2.0
+    assert table["concept_rise"][i] == pytest.approx(sum(t / 4 for t in range(4)) / 4)
+    assert math.isnan(table["concept_rise"][at[("sae", 1.0)]])
 
 
 def test_seeded_disjoint_dev_test_split() -> None:
