@@ -447,6 +447,12 @@ def summarize(
     )
 
 
+def _mean_and_interval(values: list[float], seed: int) -> tuple[float, float, float]:
+    """(mean, bootstrap interval low, high) of ``values``."""
+    low, high = bootstrap_interval(values, seed)
+    return _mean(values), low, high
+
+
 def paired_differences(
     chosen_by_method: dict[str, list[dict[str, float]]], seed: int
 ) -> dict[str, float]:
@@ -465,8 +471,9 @@ def paired_differences(
         for kind, key in (("steering", "score"), ("concept", "concept")):
             diffs = [a[key] - b[key] for a, b in zip(per_target, floor, strict=True)]
             name = f"{method}_minus_random_{kind}"
-            out[name] = _mean(diffs)
-            out[f"{name}_ci_low"], out[f"{name}_ci_high"] = bootstrap_interval(diffs, seed)
+            out[name], out[f"{name}_ci_low"], out[f"{name}_ci_high"] = _mean_and_interval(
+                diffs, seed
+            )
     return out
 
 
@@ -490,6 +497,20 @@ def per_factor_table(
             per_target[t].append(r[kind])
         return {t: _mean(v) for t, v in per_target.items()}
 
+    def concept_lead(
+        cell: list[tuple[int, dict[str, float]]], other: list[tuple[int, dict[str, float]]]
+    ) -> tuple[float, float, float]:
+        """Mean and interval over targets of (cell's concept mean − other's)."""
+        mine, theirs = target_means(cell, "concept"), target_means(other, "concept")
+        return _mean_and_interval([mine[t] - theirs[t] for t in mine if t in theirs], seed)
+
+    undefined = (math.nan, math.nan, math.nan)
+    # Each steered method's smallest non-zero factor: the base of its concept rise.
+    first_factor: dict[str, float] = {}
+    for m, f in by_factor:
+        if m in FACTOR_METHODS and f != 0:
+            first_factor[m] = min(f, first_factor.get(m, f))
+
     table: dict[str, list[Any]] = defaultdict(list)
     for (method, factor), cell in sorted(
         by_factor.items(), key=lambda kv: (methods.index(kv[0][0]), kv[0][1])
@@ -503,29 +524,24 @@ def per_factor_table(
             low, high = bootstrap_interval(list(target_means(cell, k).values()), seed)
             table[f"{k}_ci_low"].append(low)
             table[f"{k}_ci_high"].append(high)
+        steered = method in FACTOR_METHODS and factor != 0
         floor = by_factor.get((RANDOM, factor))
-        lead = low = high = math.nan
-        if floor is not None and method in FACTOR_METHODS and method != RANDOM and factor != 0:
-            mine, theirs = target_means(cell, "concept"), target_means(floor, "concept")
-            diffs = [mine[t] - theirs[t] for t in mine if t in theirs]
-            lead = _mean(diffs)
-            low, high = bootstrap_interval(diffs, seed)
-        table["concept_minus_random"].append(lead)
-        table["concept_minus_random_ci_low"].append(low)
-        table["concept_minus_random_ci_high"].append(high)
-        # Does pushing harder raise the concept? This factor against the method's smallest
-        # non-zero one, paired by target.
-        first = min((f for m, f in by_factor if m == method and f != 0), default=None)
-        rise = low = high = math.nan
-        if method in FACTOR_METHODS and first is not None and factor not in (0, first):
-            mine = target_means(cell, "concept")
-            base = target_means(by_factor[(method, first)], "concept")
-            diffs = [mine[t] - base[t] for t in mine if t in base]
-            rise = _mean(diffs)
-            low, high = bootstrap_interval(diffs, seed)
-        table["concept_rise"].append(rise)
-        table["concept_rise_ci_low"].append(low)
-        table["concept_rise_ci_high"].append(high)
+        lead = (
+            concept_lead(cell, floor)
+            if steered and method != RANDOM and floor is not None
+            else undefined
+        )
+        # Does pushing harder raise the concept? Against the method's smallest factor.
+        first = first_factor.get(method)
+        rise = (
+            concept_lead(cell, by_factor[(method, first)])
+            if steered and first is not None and factor != first
+            else undefined
+        )
+        for name, (value, low, high) in (("concept_minus_random", lead), ("concept_rise", rise)):
+            table[name].append(value)
+            table[f"{name}_ci_low"].append(low)
+            table[f"{name}_ci_high"].append(high)
     return dict(table)
 
 
