@@ -58,6 +58,10 @@ class SteerConfig:
       and the rest test (AxBench: 10).
     - ``concepts``: ``stdlib`` (the shipped set) or a jsonl file (``concept``, ``positives``,
       ``negatives``, optional ``genre``); ``instructions``: ``builtin`` or a .json/.jsonl/.txt file.
+    - ``explain_pool`` (latent mode): candidates explained per SAE, from which the steered
+      ``n_concepts`` are sampled with a seeded RNG (the interpretability-vs-utility paper
+      explains 1,000 latents and samples 100); 0 means ``4 · n_concepts``. Explanations whose
+      tokens ordinary text already holds are skipped (:mod:`evaluation.steering.latent_targets`).
     - ``n_examples``: positive (and negative) texts per concept, cut to ``example_tokens``.
     """
 
@@ -73,6 +77,7 @@ class SteerConfig:
     batch_size: int = 48
     concepts: str = "stdlib"
     instructions: str = "builtin"
+    explain_pool: int = 0
     n_examples: int = 16
     example_tokens: int = 64
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
@@ -96,6 +101,7 @@ class SteerConfig:
             ("batch_size", 1),
             ("n_examples", 2),
             ("example_tokens", 4),
+            ("explain_pool", 0),
         ):
             check_int(name, getattr(self, name), low)
         if not self.factors:

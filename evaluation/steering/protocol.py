@@ -382,6 +382,28 @@ def rate_rows(
     return out, unparsable
 
 
+def add_concept_lift(rows: list[Row], ratings: list[dict[str, float]]) -> None:
+    """Add to each rating ``unsteered_concept`` (the same target's concept rating of the
+    unsteered answer to the same instruction), ``concept_lift`` = ``max(0, concept −
+    unsteered_concept)`` and ``score_lift``, the harmonic mean with the lift in place of the
+    concept rating (METHODS §3, concept lift). AxBench's concept rating asks whether the concept
+    is present, not whether steering put it there: a latent explained by ordinary words scores
+    on the unsteered answer too, and only the lift is evidence of steering."""
+    unsteered: dict[tuple[int, str, str], float] = {}
+    for row, r in zip(rows, ratings, strict=True):
+        if row.method == UNSTEERED:
+            unsteered[(row.target, row.split, row.instruction.text)] = r["concept"]
+    for row, r in zip(rows, ratings, strict=True):
+        base = unsteered.get((row.target, row.split, row.instruction.text), math.nan)
+        r["unsteered_concept"] = base
+        # Without an unsteered answer to compare with, nothing is known about the lift.
+        lift = math.nan if math.isnan(base) else max(0.0, r["concept"] - base)
+        r["concept_lift"] = lift
+        r["score_lift"] = (
+            math.nan if math.isnan(lift) else harmonic_mean(lift, r["instruct"], r["fluency"])
+        )
+
+
 def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
@@ -397,7 +419,14 @@ def summarize(
     targets: list[Target],
     seed: int,
 ) -> SteeringResult:
-    """Metrics and tables of a run from its rated rows."""
+    """Metrics and tables of a run from its rated rows.
+
+    Per method, two scores side by side: the paper's (``steering_score``, α* by the dev mean of
+    the harmonic mean) and the score by concept lift (``steering_score_lift``, the same with the
+    lift over the unsteered answer in place of the concept rating, its own α*). And per run the
+    share of targets whose concept the unsteered answers already carry (``free_concept_share``):
+    where it is high, the paper's score credits text that no steering wrote."""
+    add_concept_lift(rows, ratings)
     cells: dict[tuple[str, int, float, str], list[dict[str, float]]] = defaultdict(list)
     for row, r in zip(rows, ratings, strict=True):
         cells[(row.method, row.target, row.factor, row.split)].append(r)
@@ -405,6 +434,12 @@ def summarize(
     metrics: dict[str, float] = {}
     per_concept: dict[str, list[Any]] = defaultdict(list)
     chosen_by_method: dict[str, list[dict[str, float]]] = {}
+    # Each target's mean concept rating on its unsteered answers (both halves).
+    unsteered_concepts: dict[int, list[float]] = defaultdict(list)
+    for row, r in zip(rows, ratings, strict=True):
+        if row.method == UNSTEERED:
+            unsteered_concepts[row.target].append(r["concept"])
+    unsteered_by_target = [_mean(unsteered_concepts[i]) for i in range(len(targets))]
     for method in methods:
         per_target: list[dict[str, float]] = []
         chosen_by_method[method] = per_target
@@ -413,9 +448,17 @@ def summarize(
             dev = {
                 f: _mean([r["score"] for r in cells[(method, t_index, f, "dev")]]) for f in factors
             }
+            dev_lift = {
+                f: _mean([r["score_lift"] for r in cells[(method, t_index, f, "dev")]])
+                for f in factors
+            }
             alpha = best_factor(dev)
+            alpha_lift = best_factor(dev_lift)
             test = cells[(method, t_index, alpha, "test")]
             chosen = {k: _mean([r[k] for r in test]) for k in (*RATING_KINDS, "score")}
+            test_lift = cells[(method, t_index, alpha_lift, "test")]
+            chosen["score_lift"] = _mean([r["score_lift"] for r in test_lift])
+            chosen["concept_lift"] = _mean([r["concept_lift"] for r in test_lift])
             per_target.append(chosen)
             per_concept["concept"].append(target.concept)
             per_concept["method"].append(method)
@@ -429,14 +472,23 @@ def summarize(
             per_concept["test_score"].append(chosen["score"])
             for kind in RATING_KINDS:
                 per_concept[f"test_{kind}"].append(chosen[kind])
+            per_concept["unsteered_concept"].append(unsteered_by_target[t_index])
+            per_concept["alpha_star_lift"].append(alpha_lift)
+            per_concept["dev_score_lift"].append(dev_lift[alpha_lift])
+            per_concept["test_score_lift"].append(chosen["score_lift"])
+            per_concept["test_concept_lift"].append(chosen["concept_lift"])
         prefix = "" if method == SAE else f"{method}_"
-        scores = [p["score"] for p in per_target]
-        metrics[f"{prefix}steering_score"] = _mean(scores)
-        for kind in RATING_KINDS:
+        for name, key in (("steering_score", "score"), ("steering_score_lift", "score_lift")):
+            scores = [p[key] for p in per_target]
+            metrics[f"{prefix}{name}"] = _mean(scores)
+            low, high = bootstrap_interval(scores, seed)
+            metrics[f"{prefix}{name}_ci_low"] = low
+            metrics[f"{prefix}{name}_ci_high"] = high
+        for kind in (*RATING_KINDS, "concept_lift"):
             metrics[f"{prefix}{kind}_score"] = _mean([p[kind] for p in per_target])
-        low, high = bootstrap_interval(scores, seed)
-        metrics[f"{prefix}steering_score_ci_low"] = low
-        metrics[f"{prefix}steering_score_ci_high"] = high
+    defined = [c for c in unsteered_by_target if not math.isnan(c)]
+    if defined:
+        metrics["free_concept_share"] = float(np.mean([c > 0 for c in defined]))
     metrics.update(paired_differences(chosen_by_method, seed))
     return SteeringResult(
         metrics,
@@ -458,9 +510,10 @@ def paired_differences(
 ) -> dict[str, float]:
     """Each method against the random-direction floor, paired by target: the mean over targets
     of (method − random) in steering score and in concept rating at each one's own α*, with a
-    bootstrap interval. Paired, because targets differ far more from each other than methods
-    do on one target: two overlapping marginal intervals can hide a consistent lead.
-    Names: ``<method>_minus_random_<steering|concept>`` (+ ``_ci_low`` / ``_ci_high``)."""
+    bootstrap interval; and in the steering score by concept lift, each at its own lift α*.
+    Paired, because targets differ far more from each other than methods do on one target: two
+    overlapping marginal intervals can hide a consistent lead. Names:
+    ``<method>_minus_random_<steering|concept|steering_lift>`` (+ ``_ci_low`` / ``_ci_high``)."""
     floor = chosen_by_method.get(RANDOM)
     out: dict[str, float] = {}
     if floor is None:
@@ -468,7 +521,11 @@ def paired_differences(
     for method, per_target in chosen_by_method.items():
         if method == RANDOM:
             continue
-        for kind, key in (("steering", "score"), ("concept", "concept")):
+        for kind, key in (
+            ("steering", "score"),
+            ("concept", "concept"),
+            ("steering_lift", "score_lift"),
+        ):
             diffs = [a[key] - b[key] for a, b in zip(per_target, floor, strict=True)]
             name = f"{method}_minus_random_{kind}"
             out[name], out[f"{name}_ci_low"], out[f"{name}_ci_high"] = _mean_and_interval(
@@ -484,9 +541,11 @@ def per_factor_table(
     a bootstrap interval of the concept and fluency ratings over targets (each target's mean
     first, so that one target's instructions do not count as independent draws); and, where a
     random direction ran at the same factor, the concept lead over it paired by target
-    (``concept_minus_random``): at one factor both vectors have the same norm, so this is the
-    direction's own effect on the concept, apart from how hard the push is; and the concept's
-    rise over the method's smallest factor, paired by target (``concept_rise``)."""
+    (``concept_minus_random``): at one factor DiffMean's and the random vector have the same
+    norm (α·s), so this is the direction's own effect on the concept, apart from how hard the
+    push is. The SAE's vector has norm α·m_i, not α·s: its lead over the random direction is
+    ``concept_minus_random_unequal_norm``, and its ``concept_minus_random`` is NaN. And the
+    concept's rise over the method's smallest factor, paired by target (``concept_rise``)."""
     by_factor: dict[tuple[str, float], list[tuple[int, dict[str, float]]]] = defaultdict(list)
     for row, r in zip(rows, ratings, strict=True):
         by_factor[(row.method, row.factor)].append((row.target, r))
@@ -531,6 +590,9 @@ def per_factor_table(
             if steered and method != RANDOM and floor is not None
             else undefined
         )
+        # Only DiffMean shares the random direction's norm (α·s) at one factor; the SAE's
+        # vector is α·m_i, so its lead is logged under a name that claims no equal norm.
+        equal_norm, unequal_norm = (undefined, lead) if method == SAE else (lead, undefined)
         # Does pushing harder raise the concept? Against the method's smallest factor.
         first = first_factor.get(method)
         rise = (
@@ -538,7 +600,11 @@ def per_factor_table(
             if steered and first is not None and factor != first
             else undefined
         )
-        for name, (value, low, high) in (("concept_minus_random", lead), ("concept_rise", rise)):
+        for name, (value, low, high) in (
+            ("concept_minus_random", equal_norm),
+            ("concept_minus_random_unequal_norm", unequal_norm),
+            ("concept_rise", rise),
+        ):
             table[name].append(value)
             table[f"{name}_ci_low"].append(low)
             table[f"{name}_ci_high"].append(high)

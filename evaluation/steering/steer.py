@@ -63,6 +63,12 @@ from evaluation.steering.data import (
     sample_instructions,
 )
 from evaluation.steering.latent_stats import latent_stats_for_version
+from evaluation.steering.latent_targets import (
+    ExplainedPool,
+    explained_pool,
+    pool_size,
+    sample_latents,
+)
 from evaluation.steering.protocol import Target, concept_targets, run_protocol
 from evaluation.steering.selection import SelectionContext, select
 from project.cli import parse_bool, parse_int, parse_prefixed_options, run_entry_point
@@ -116,39 +122,42 @@ def _latent_targets(
     max_activation_F: torch.Tensor,
     judge: Judge,
     config: SteerConfig,
-) -> list[Target]:
-    """The first ``n_concepts`` candidates that the autointerp explainer can explain, each with
-    its explanation as the concept."""
+    sae_key: str,
+) -> tuple[list[Target], ExplainedPool]:
+    """``n_concepts`` latents sampled from an explained pool of the candidates
+    (:mod:`evaluation.steering.latent_targets`), each with its explanation as the concept."""
     from evaluation.autointerp import AutointerpConfig, explain_latents
 
     explain_config = AutointerpConfig(
         corpus=config.stats.corpus, text_column=config.stats.text_column, seed=config.seed
     )
-    targets: list[Target] = []
-    offset = 0
-    while len(targets) < config.n_concepts and offset < len(candidates):
-        ask = candidates[offset : offset + 2 * (config.n_concepts - len(targets))]
-        offset += len(ask)
-        explanations = explain_latents(sae, lm, layer, ask, judge, explain_config)
-        for latent in ask:
-            text = explanations.get(latent, "").strip()
-            if text and len(targets) < config.n_concepts:
-                targets.append(
-                    Target(
-                        key=f"latent {latent}",
-                        concept=text,
-                        genre=None,
-                        latent=latent,
-                        max_activation=float(max_activation_F[latent]),
-                    )
-                )
-    if not targets:
-        raise RuntimeError("no candidate latent could be explained")
-    if len(targets) < config.n_concepts:
-        log.warning(
-            "only %d latents could be explained (%d asked)", len(targets), config.n_concepts
+    pool = explained_pool(
+        candidates,
+        pool_size(config.explain_pool, config.n_concepts),
+        lambda ask: explain_latents(sae, lm, layer, ask, judge, explain_config),
+        judge,
+    )
+    latents = sample_latents(pool, config.n_concepts, config.seed, sae_key)
+    if not latents:
+        raise RuntimeError(
+            f"no candidate latent could be explained informatively ({pool.n_explained} asked, "
+            f"{pool.n_unexplained} unexplained, {pool.n_uninformative} only common tokens)"
         )
-    return targets
+    if len(latents) < config.n_concepts:
+        log.warning(
+            "only %d latents could be explained (%d asked)", len(latents), config.n_concepts
+        )
+    targets = [
+        Target(
+            key=f"latent {latent}",
+            concept=pool.explanations[latent],
+            genre=None,
+            latent=latent,
+            max_activation=float(max_activation_F[latent]),
+        )
+        for latent in latents
+    ]
+    return targets, pool
 
 
 def steer_version(
@@ -173,16 +182,28 @@ def steer_version(
     reference_scale = float(max_F[live].median())
     context = SelectionContext(sae, lm, layer, max_F, freq_F, config.seed)
     candidates = select(config.selection, context)
+    explained: ExplainedPool | None = None
     if config.mode == "concept":
         targets = concept_targets(sae, lm, layer, concepts, candidates, max_F, config)
     else:
-        targets = _latent_targets(sae, lm, layer, candidates, max_F, judge, config)
+        sae_key = mv.run_id or f"{mv.name}/{mv.version}"
+        targets, explained = _latent_targets(
+            sae, lm, layer, candidates, max_F, judge, config, sae_key
+        )
     for target in targets:
         target.split = sample_instructions(
             target.key, pool, config.n_instructions, target.genre, config.seed
         )
     result = run_protocol(targets, sae, lm, layer, judge, config, reference_scale)
     extra = {"latent_stats_run_id": stats_run, "n_candidates": len(candidates)}
+    if explained is not None:
+        result.metrics.update(explained.metrics())
+        # Per steered latent: how common its explanation's tokens are in ordinary text.
+        table = result.tables["per_concept"]
+        table["explanation_token_rates"] = [
+            json.dumps(explained.token_rates.get(latent, {})) if latent >= 0 else ""
+            for latent in table["latent"]
+        ]
     return result.metrics, result.tables, extra
 
 
@@ -431,6 +452,7 @@ def main() -> None:
     parser.add_argument("--concepts", default=defaults.concepts)
     parser.add_argument("--instructions", default=defaults.instructions)
     parser.add_argument("--n_examples", type=parse_int, default=defaults.n_examples)
+    parser.add_argument("--explain_pool", type=parse_int, default=defaults.explain_pool)
     parser.add_argument("--stats_n_tokens", type=parse_int, default=defaults.stats.n_tokens)
     parser.add_argument("--force", type=parse_bool, default=False)
     args, extra = parser.parse_known_args()
@@ -448,6 +470,7 @@ def main() -> None:
         concepts=args.concepts,
         instructions=args.instructions,
         n_examples=args.n_examples,
+        explain_pool=args.explain_pool,
         stats=replace(LatentStatsConfig(), n_tokens=args.stats_n_tokens),
     )
     judge_options = parse_prefixed_options(extra)
@@ -459,7 +482,12 @@ def main() -> None:
     for r in results:
         state = "reused" if r.reused else f"finished in {r.seconds:.0f}s"
         m = r.metrics
-        line = f"steer {config.mode} {r.model_uri}: {state}, run {r.run_id}, steering_score {m.get('steering_score', math.nan):.3f}"
+        line = (
+            f"steer {config.mode} {r.model_uri}: {state}, run {r.run_id}, steering_score "
+            f"{m.get('steering_score', math.nan):.3f} (by concept lift "
+            f"{m.get('steering_score_lift', math.nan):.3f}; concept free unsteered on "
+            f"{m.get('free_concept_share', math.nan):.0%} of targets)"
+        )
         for ref in ("diffmean", "random", "prompt", "unsteered"):
             if f"{ref}_steering_score" in m:
                 line += f", {ref} {m[f'{ref}_steering_score']:.3f}"

@@ -164,17 +164,52 @@ def test_methods_are_compared_with_the_random_floor_paired_by_target() -> None:
     assert table["concept"][i] == pytest.approx(sum(t / 4 for t in range(4)) / 4)
     assert table["concept_ci_low"][i] <= table["concept"][i] <= table["concept_ci_high"][i]
     assert table["fluency_ci_low"][i] == table["fluency_ci_high"][i] == 2.0
-    # At one factor (same norm): the SAE's concept lead over random, paired by target.
+    # At one factor: the SAE's concept lead over random, paired by target. Its vector's norm is
+    # α·m_i, not the random direction's α·s, so the lead is not called an equal-norm one.
     j = at[("sae", 2.0)]
-    assert table["concept_minus_random"][j] == pytest.approx(expected)
-    assert table["concept_minus_random_ci_low"][j] > 0
-    assert table["concept_minus_random"][at[("sae", 1.0)]] == 0.0
+    assert math.isnan(table["concept_minus_random"][j])
+    assert table["concept_minus_random_unequal_norm"][j] == pytest.approx(expected)
+    assert table["concept_minus_random_unequal_norm_ci_low"][j] > 0
+    assert table["concept_minus_random_unequal_norm"][at[("sae", 1.0)]] == 0.0
     assert math.isnan(table["concept_minus_random"][i])  # random against itself: not defined
     # The rise over the smallest factor: the SAE goes from 0 (alpha 1) to 2 (alpha 2) everywhere.
     assert table["concept_rise"][j] == pytest.approx(2.0)
     assert table["concept_rise_ci_low"][j] == table["concept_rise_ci_high"][j] == 2.0
     assert table["concept_rise"][i] == pytest.approx(sum(t / 4 for t in range(4)) / 4)
     assert math.isnan(table["concept_rise"][at[("sae", 1.0)]])
+
+
+def test_concept_lift_credits_only_what_steering_added() -> None:
+    """A target whose concept the unsteered answer already carries gets the paper's score but
+    no lift; a target whose concept appears only when steered gets both."""
+    instruction = Instruction("Say something.", "text")
+    targets = [Target(f"c{t}", f"c{t}", None, latent=t, max_activation=1.0) for t in range(2)]
+    rows, ratings = [], []
+    # Target 0: concept 2 unsteered and steered (free). Target 1: 0 unsteered, 2 at factor 2.
+    for t, unsteered in ((0, 2.0), (1, 0.0)):
+        for split in ("dev", "test"):
+            rows.append(Row("unsteered", t, instruction, split, 0.0, instruction.text))
+            ratings.append({"concept": unsteered, "instruct": 2.0, "fluency": 2.0})
+            for factor in (1.0, 2.0):
+                rows.append(Row("sae", t, instruction, split, factor, instruction.text))
+                c = 2.0 if (t == 0 or factor == 2.0) else 0.0
+                ratings.append({"concept": c, "instruct": 2.0, "fluency": 2.0})
+    for r in ratings:
+        r["score"] = harmonic_mean(r["concept"], r["instruct"], r["fluency"])
+    result = summarize(rows, ratings, targets, seed=0)
+    m = result.metrics
+    assert m["steering_score"] == pytest.approx(2.0)  # both targets look perfectly steered
+    assert m["steering_score_lift"] == pytest.approx(1.0)  # only target 1 was
+    assert m["concept_lift_score"] == pytest.approx(1.0)
+    assert m["free_concept_share"] == pytest.approx(0.5)
+    assert m["unsteered_steering_score_lift"] == 0.0  # the unsteered answer lifts nothing
+    table = result.tables["per_concept"]
+    sae = [i for i, mth in enumerate(table["method"]) if mth == "sae"]
+    assert [table["unsteered_concept"][i] for i in sae] == [2.0, 0.0]
+    assert [table["test_score_lift"][i] for i in sae] == [0.0, 2.0]
+    assert [table["alpha_star_lift"][i] for i in sae] == [1.0, 2.0]
+    steered = [r for row, r in zip(rows, ratings, strict=True) if row.method == "sae"]
+    assert all(r["concept_lift"] == max(0.0, r["concept"] - r["unsteered_concept"]) for r in steered)
 
 
 def test_seeded_disjoint_dev_test_split() -> None:
