@@ -9,10 +9,12 @@
 tail ``quantile`` q. Every choice is categorical, so the space is finite and enumerable.
 
 **Objective**: the dev-split steering score of the trial's candidate set in latent mode
-(METHODS §3): the first ``n_concepts`` candidates the autointerp explainer can explain are each
-steered toward their own explanation, exactly as ``steer -P mode=latent`` does
+(METHODS §3): ``n_concepts`` latents sampled from the set's informatively explained ones are
+each steered toward their own explanation, exactly as ``steer -P mode=latent`` does
 (:func:`~evaluation.steering.protocol.run_protocol`), and the score is the mean over them of
-the dev mean at each latent's best factor α*. Only the dev halves are generated during the
+the dev mean at each latent's best factor α* — by default (``objective=lift``) the steering
+score by concept lift over the unsteered answer, since the paper's score also credits
+concepts that the unsteered answer already carries (``objective=score``). Only the dev halves are generated during the
 study. A latent's protocol result depends on that latent alone (its instructions are seeded by
 its key, its samples by the prompt), so each latent is steered and rated once per process and
 its result reused by every trial whose set contains it; per-latent DTC scores come from the
@@ -20,9 +22,11 @@ version's selection table (``evaluation/selection/table.py``), computed once per
 reused by config hash across trials, workers and runs (both variants are columns of it).
 
 **Best choice**: the best trial's set is steered on the test split (α* from dev, as the protocol
-does) beside output-score selection (``up``) at the same subset size; the parent run logs
-``test_steering_score_dtc``, ``test_steering_score_output_score`` and their
-``test_score_difference`` (DTC − output score), with ``best_*`` tags.
+does) beside output-score selection (``up``) and no selection (seeded random live latents) at
+the same subset size; the parent run logs ``test_steering_score_<dtc|output_score|none>`` and
+``test_steering_score_lift_<...>`` (by concept lift), ``test_score[_lift]_difference`` (DTC −
+output score), ``test_score[_lift]_difference_none`` (DTC − none), ``free_concept_share_<...>``,
+with ``best_*`` tags.
 
 **Tracking**: one parent run per study (``saeflow.run_type=tune_dtc``, linked to the version with
 the tags of :mod:`project.tracking`; the version gets ``tune_dtc.run_id``); each trial that
@@ -71,6 +75,7 @@ from typing import Any
 import mlflow
 import optuna
 import sqlalchemy
+import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
@@ -88,6 +93,7 @@ from evaluation.steering.data import (
     sample_instructions,
 )
 from evaluation.steering.latent_stats import latent_stats_for_version
+from evaluation.steering.latent_targets import explained_pool, pool_size, sample_latents
 from evaluation.steering.protocol import SAE, Target, run_protocol
 from project.checks import check_int
 from project.cli import (
@@ -118,6 +124,11 @@ VERSION_LINK_TAG = "tune_dtc.run_id"
 STUDY_TAG = "optuna_study"
 PARENT_ATTR = "mlflow_parent_run_id"
 TUNED_RULES = ("top_k", "quantile")
+# A trial's objective -> the per-latent dev result it averages.
+OBJECTIVE_KEYS = {"lift": "dev_score_lift", "score": "dev_score"}
+OBJECTIVES = tuple(OBJECTIVE_KEYS)
+# The selections compared on the test split at the best set's size.
+COMPARED_SELECTIONS = ("dtc", "output_score", "none")
 STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
 VARIANT_COLUMNS = {"in_place": "dtc_in_place", "decoded_alone": "dtc_decoded_alone"}
 OPTUNA_DB = "optuna.db"
@@ -143,6 +154,10 @@ class TuneConfig:
     - ``explain_n_tokens``: held-out tokens the autointerp explainer scans for a latent's
       examples (autointerp's and steer's default, 24,576).
     - ``judge``: ``offline`` (default), ``hf`` or ``openai``.
+    - ``objective``: what a trial maximises on the dev split: ``lift`` (default; the steering
+      score with the concept rating replaced by its lift over the unsteered answer, METHODS §3)
+      or ``score`` (the paper's steering score, which credits concepts the unsteered answer
+      already carries).
     """
 
     n_trials: int = 12
@@ -164,6 +179,7 @@ class TuneConfig:
     explain_n_tokens: int = 24_576
     judge: str = "offline"
     judge_options: dict[str, str] = field(default_factory=dict)
+    objective: str = "lift"
     heartbeat_seconds: int = 10
     grace_seconds: int = 60
     poll_seconds: float = 2.0
@@ -202,6 +218,10 @@ class TuneConfig:
                 )
         if self.judge not in JUDGE_NAMES:
             raise ValueError(f"unknown judge {self.judge!r}; valid: {', '.join(JUDGE_NAMES)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(
+                f"unknown objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}"
+            )
         check_int("explain_n_tokens", self.explain_n_tokens, 1)
         check_int("heartbeat_seconds", self.heartbeat_seconds, 1)
         check_int("grace_seconds", self.grace_seconds, self.heartbeat_seconds + 1)
@@ -362,9 +382,13 @@ def open_storage(url: str, config: TuneConfig) -> optuna.storages.RDBStorage:
         ) from err
 
 
-def study_name(mv: ModelVersion, config: TuneConfig, judge: Judge) -> str:
-    """``tune_dtc-<model>-v<version>-<hash of the config, judge and exact version>``."""
-    digest = config_hash(TUNE_RUN_TYPE, config.identity(), judge, mv, code_version="")
+def study_name(
+    mv: ModelVersion, config: TuneConfig, judge: Judge, code_version: str | None = None
+) -> str:
+    """``tune_dtc-<model>-v<version>-<hash of the config, judge, exact version and code>``:
+    the code version (default saeflow's, as eval and steer hashes use) is in it, so trials
+    scored by other code are never joined, and a tune run is reused only by the same code."""
+    digest = config_hash(TUNE_RUN_TYPE, config.identity(), judge, mv, code_version=code_version)
     return f"{TUNE_RUN_TYPE}-{mv.name}-v{mv.version}-{digest[:12]}"
 
 
@@ -475,6 +499,12 @@ class DTCStudy:
             return top_k(scores_F, int(params["top_k"]), params["direction"], self.live_F)
         return quantile(scores_F, float(params["quantile"]), params["direction"], self.live_F)
 
+    def none_set(self, size: int) -> list[int]:
+        """No selection at the same size: ``size`` live latents in a seeded random order."""
+        live = torch.nonzero(self.live_F)[:, 0]
+        order = torch.randperm(len(live), generator=torch.Generator().manual_seed(self.config.seed))
+        return live[order][:size].tolist()
+
     def output_score_set(self, params: dict[str, Any], size: int) -> list[int]:
         """Output-score selection (``up``) of ``size`` latents, read from the same table."""
         scores_F = self.scores(params["alpha"], params["dtc_k"])["output_score"]
@@ -484,8 +514,9 @@ class DTCStudy:
     # -- steering -------------------------------------------------------------------------
 
     def explained(self, candidates: list[int]) -> list[int]:
-        """The first ``n_concepts`` candidates that the explainer can explain (as steer's latent
-        mode picks them); explanations are asked once per latent and process."""
+        """The latents a candidate set steers, picked as steer's latent mode picks them
+        (:mod:`evaluation.steering.latent_targets`): ``n_concepts`` sampled from an explained
+        pool, uninformative explanations skipped; each latent is explained once per process."""
         from evaluation.autointerp import AutointerpConfig, explain_latents
 
         stats = self.steer_config.stats
@@ -495,12 +526,8 @@ class DTCStudy:
             n_tokens=self.config.explain_n_tokens,
             seed=self.config.seed,
         )
-        chosen: list[int] = []
-        offset = 0
-        want = self.config.n_concepts
-        while len(chosen) < want and offset < len(candidates):
-            ask = candidates[offset : offset + 2 * (want - len(chosen))]
-            offset += len(ask)
+
+        def explain(ask: list[int]) -> dict[int, str]:
             missing = [i for i in ask if i not in self._explanations]
             if missing:
                 found = explain_latents(
@@ -508,8 +535,12 @@ class DTCStudy:
                 )
                 for latent in missing:
                     self._explanations[latent] = found.get(latent, "").strip()
-            chosen += [i for i in ask if self._explanations[i]][: want - len(chosen)]
-        return chosen
+            return {i: self._explanations[i] for i in ask}
+
+        want = self.config.n_concepts
+        pool = explained_pool(candidates, pool_size(0, want), explain, self.judge)
+        sae_key = self.mv.run_id or f"{self.mv.name}/{self.mv.version}"
+        return sample_latents(pool, want, self.config.seed, sae_key)
 
     def latent_results(self, latents: list[int], split: str) -> list[dict[str, Any]]:
         """Each latent's protocol result on the ``dev`` half or on both halves (``full``),
@@ -551,6 +582,11 @@ class DTCStudy:
                     "alpha_star": float(table["alpha_star"][row]),
                     "dev_score": float(table["dev_score"][row]),
                     "test_score": float(table["test_score"][row]) if split == "full" else math.nan,
+                    "dev_score_lift": float(table["dev_score_lift"][row]),
+                    "test_score_lift": (
+                        float(table["test_score_lift"][row]) if split == "full" else math.nan
+                    ),
+                    "unsteered_concept": float(table["unsteered_concept"][row]),
                 }
         return [dict(self._results[(i, split)]) for i in latents]
 
@@ -625,8 +661,9 @@ class DTCStudy:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             mlflow.log_params({**params, "n_candidates": len(candidates)})
             rows = self.latent_results(steered, "dev")
-            score = float(sum(r["dev_score"] for r in rows) / len(rows))
-            mlflow.log_metrics({"dev_score": score, "n_steered": float(len(rows))})
+            dev = {key: _mean([r[key] for r in rows]) for key in ("dev_score", "dev_score_lift")}
+            score = dev[OBJECTIVE_KEYS[self.config.objective]]
+            mlflow.log_metrics({**dev, "n_steered": float(len(rows))})
             mlflow.log_table(_columns(rows), "tables/targets.json")
         trial.set_user_attr("n_candidates", len(candidates))
         return score
@@ -643,18 +680,31 @@ class DTCStudy:
             "subset_size": float(len(dtc_set)),
         }
         rows: list[dict[str, Any]] = []
-        for name, chosen in (("dtc", dtc_set), ("output_score", output_set)):
-            steered = self.explained(chosen)
+        sets = {"dtc": dtc_set, "output_score": output_set, "none": self.none_set(len(dtc_set))}
+        for name in COMPARED_SELECTIONS:
+            steered = self.explained(sets[name])
             results = self.latent_results(steered, "full") if steered else []
             for r in results:
                 rows.append({"selection": name, **r})
-            mean = _mean([r["test_score"] for r in results])
-            metrics[f"test_steering_score_{name}"] = mean
-            metrics[f"dev_steering_score_{name}"] = _mean([r["dev_score"] for r in results])
+            for suffix in ("", "_lift"):
+                metrics[f"test_steering_score{suffix}_{name}"] = _mean(
+                    [r[f"test_score{suffix}"] for r in results]
+                )
+                metrics[f"dev_steering_score{suffix}_{name}"] = _mean(
+                    [r[f"dev_score{suffix}"] for r in results]
+                )
+            metrics[f"free_concept_share_{name}"] = _mean(
+                [float(r["unsteered_concept"] > 0) for r in results]
+            )
             metrics[f"n_steered_{name}"] = float(len(results))
-        metrics["test_score_difference"] = (
-            metrics["test_steering_score_dtc"] - metrics["test_steering_score_output_score"]
-        )
+        for suffix in ("", "_lift"):
+            dtc = metrics[f"test_steering_score{suffix}_dtc"]
+            metrics[f"test_score{suffix}_difference"] = (
+                dtc - metrics[f"test_steering_score{suffix}_output_score"]
+            )
+            metrics[f"test_score{suffix}_difference_none"] = (
+                dtc - metrics[f"test_steering_score{suffix}_none"]
+            )
         mlflow.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)})
         mlflow.set_tags(
             {
@@ -881,6 +931,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=defaults["temperature"].default)
     parser.add_argument("--intervention", default=defaults["intervention"].default)
     parser.add_argument("--judge", default=defaults["judge"].default)
+    parser.add_argument("--objective", default=defaults["objective"].default)
     args, extra = parser.parse_known_args()
     values = {
         name: parse_factors(getattr(args, name))
@@ -904,6 +955,7 @@ def main() -> None:
         temperature=args.temperature,
         intervention=args.intervention,
         judge=args.judge,
+        objective=args.objective,
         judge_options=parse_prefixed_options(extra),
         **values,
     )
@@ -916,11 +968,13 @@ def main() -> None:
         f"{result.n_complete} trials, parent run {result.parent_run_id}"
     )
     print(f"best {result.best_params}: dev {result.best_dev_score:.3f}")
-    print(
-        f"test: dtc {m['test_steering_score_dtc']:.3f}, output score "
-        f"{m['test_steering_score_output_score']:.3f} (difference "
-        f"{m['test_score_difference']:+.3f}, subset size {int(m['subset_size'])})"
-    )
+    for suffix, what in (("", "paper's score"), ("_lift", "by concept lift")):
+        print(
+            f"test ({what}): dtc {m[f'test_steering_score{suffix}_dtc']:.3f}, output score "
+            f"{m[f'test_steering_score{suffix}_output_score']:.3f}, none "
+            f"{m[f'test_steering_score{suffix}_none']:.3f} (dtc - output score "
+            f"{m[f'test_score{suffix}_difference']:+.3f}, subset size {int(m['subset_size'])})"
+        )
     print(f"total {time.perf_counter() - started:.0f}s; browse: {ui_hint(tracking_uri)}")
 
 

@@ -222,7 +222,9 @@ def test_study_logs_trials_and_compares_with_output_score(
         run = by_number[t.number]
         assert run.data.tags["mlflow.parentRunId"] == result.parent_run_id
         assert run.info.status == "FINISHED"
-        assert run.data.metrics["dev_score"] == pytest.approx(t.value)
+        # The objective is the steering score by concept lift; the paper's score is logged too.
+        assert run.data.metrics["dev_score_lift"] == pytest.approx(t.value)
+        assert run.data.metrics["dev_score"] >= run.data.metrics["dev_score_lift"]
         assert run.data.params["direction"] == t.params["direction"]
         assert run.data.params["variant"] == t.params["variant"]
     best = max(complete, key=lambda t: t.value)
@@ -234,11 +236,17 @@ def test_study_logs_trials_and_compares_with_output_score(
     assert m["test_score_difference"] == pytest.approx(
         m["test_steering_score_dtc"] - m["test_steering_score_output_score"]
     )
+    for name in ("dtc", "output_score", "none"):  # compared at one size, by both scores
+        assert m[f"n_steered_{name}"] >= 1
+        assert 0.0 <= m[f"test_steering_score_lift_{name}"] <= 2.0
+    assert m["test_score_lift_difference_none"] == pytest.approx(
+        m["test_steering_score_lift_dtc"] - m["test_steering_score_lift_none"]
+    )
     assert m["subset_size"] >= 1 and m["n_complete_trials"] == 3
     targets = mlflow.load_table("tables/test_targets.json", run_ids=[parent.info.run_id]).to_dict(
         "records"
     )
-    assert {r["selection"] for r in targets} == {"dtc", "output_score"}
+    assert {r["selection"] for r in targets} == {"dtc", "output_score", "none"}
     # The DTC table was computed once for the one (alpha, k) and reused by every trial.
     assert len(runs_of("eval")) == 1
 
