@@ -209,7 +209,9 @@ def test_concept_lift_credits_only_what_steering_added() -> None:
     assert [table["test_score_lift"][i] for i in sae] == [0.0, 2.0]
     assert [table["alpha_star_lift"][i] for i in sae] == [1.0, 2.0]
     steered = [r for row, r in zip(rows, ratings, strict=True) if row.method == "sae"]
-    assert all(r["concept_lift"] == max(0.0, r["concept"] - r["unsteered_concept"]) for r in steered)
+    assert all(
+        r["concept_lift"] == max(0.0, r["concept"] - r["unsteered_concept"]) for r in steered
+    )
 
 
 def test_seeded_disjoint_dev_test_split() -> None:
