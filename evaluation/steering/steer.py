@@ -430,6 +430,35 @@ def steer(
     return results
 
 
+def pooled_lift(run_ids: list[str], seed: int = 0) -> dict[str, float]:
+    """The steering evidence of several steer runs pooled over their targets: the mean
+    per-target test score by the paper's rule and by concept lift (each target at its own α*),
+    a bootstrap interval of each over all targets of all runs, and the share of targets whose
+    concept the unsteered answers already carry. Per SAE there are only a few targets; pooled
+    over a study's SAEs, the lift interval says whether steering was measured at all."""
+    from evaluation.autointerp import bootstrap_interval
+
+    scores: list[float] = []
+    lifts: list[float] = []
+    free: list[float] = []
+    for run_id in run_ids:
+        table = mlflow.load_table("tables/per_concept.json", run_ids=[run_id])
+        sae = table[table["method"] == "sae"]
+        if "test_score_lift" not in sae:
+            raise ValueError(f"steer run {run_id} logged no concept lift (run before issue 18)")
+        scores += sae["test_score"].astype(float).tolist()
+        lifts += sae["test_score_lift"].astype(float).tolist()
+        free += (sae["unsteered_concept"].astype(float) > 0).astype(float).tolist()
+    out = {"pooled_n_targets": float(len(lifts)), "pooled_n_runs": float(len(run_ids))}
+    for name, values in (("steering_score", scores), ("steering_score_lift", lifts)):
+        finite = [v for v in values if not math.isnan(v)]
+        low, high = bootstrap_interval(finite, seed)
+        out[f"pooled_{name}"] = float(sum(finite) / len(finite)) if finite else math.nan
+        out[f"pooled_{name}_ci_low"], out[f"pooled_{name}_ci_high"] = low, high
+    out["pooled_free_concept_share"] = float(sum(free) / len(free)) if free else math.nan
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # command line
 

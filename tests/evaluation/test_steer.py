@@ -37,7 +37,7 @@ from evaluation.steering.protocol import (
     rating_value,
     summarize,
 )
-from evaluation.steering.steer import STEER_RUN_TYPE, steer
+from evaluation.steering.steer import STEER_RUN_TYPE, pooled_lift, steer
 from project.judges import ChatJudge, parse_rating
 from project.saes import SAEConfig, build_sae
 from project.tracking import RUN_TYPE_TAG
@@ -475,6 +475,15 @@ def test_latent_mode_on_tiny_model(tiny_lm_dir: str, tracking_uri: str) -> None:
     assert all(p["concept"] and p["latent"] >= 0 for p in sae_rows)
     generations = load_table(result.run_id, "generations")
     assert len(generations) == 2 * 2 * (1 + 2)
+    # The run logs the lift beside the paper's score, and the explained pool it sampled from.
+    assert 0.0 <= metrics["steering_score_lift"] <= 2.0
+    assert 0.0 <= metrics["free_concept_share"] <= 1.0
+    assert metrics["explain_pool_size"] >= 2 and metrics["explain_asked"] >= 2
+    assert all(json.loads(p["explanation_token_rates"]) is not None for p in sae_rows)
+    pooled = pooled_lift([result.run_id, result.run_id])
+    assert pooled["pooled_n_targets"] == 4
+    mean = sum(p["test_score_lift"] for p in sae_rows) / 2
+    assert pooled["pooled_steering_score_lift"] == pytest.approx(mean)
 
 
 def test_command_line_bad_input_exits_2_before_any_run(tiny_lm_dir: str, tracking_uri: str) -> None:
