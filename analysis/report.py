@@ -54,8 +54,13 @@ class Report:
     missing: list[tuple[str, str]]
     notes: list[str] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
-    gain: dict[str, object] = field(default_factory=dict)
+    gain: list[dict[str, object]] = field(default_factory=list)  # one row per steering score
     settings: dict[str, str] = field(default_factory=dict)
+    # How the headline interval and p-value were made (tau_b_ci_method, tau_b_p_method).
+    methods: dict[str, str] = field(default_factory=dict)
+    # τ_b per steering score (the chosen one first; its companion where runs logged it).
+    side_by_side: list[dict[str, object]] = field(default_factory=list)
+    run_groups: dict[str, str] = field(default_factory=dict)  # the config groups read
 
 
 def _png(fig: plt.Figure) -> bytes:
@@ -108,7 +113,9 @@ def plot_group_taus(groups: Sequence[GroupTau]) -> Figure:
     ax.set_ylim(len(groups) - 0.5, -0.5)  # first group on top, no empty margin rows
     ax.set_xlabel("Kendall τ_b within group (95% bootstrap interval)")
     ax.set_title(
-        "groups: Ψ_A LM architecture · Ψ_B LM sparsity-rank · Ψ_C LM", fontsize=8, loc="left"
+        "groups (within LM, layer, width): Ψ_A architecture · Ψ_B sparsity rank · Ψ_C all",
+        fontsize=8,
+        loc="left",
     )
     ax.set_xlim(-1.05, 1.05)
     # Margins from the widest label, measured once: a layout engine measures every tick label
@@ -163,6 +170,8 @@ def render_html(report: Report) -> str:
             "value": v["value"],
             "SE": v["se"],
             "95% CI": f"{_fmt(v['ci_low'])} – {_fmt(v['ci_high'])}",
+            "groups used": int(v["groups_used"]) if "groups_used" in v else "",
+            "groups dropped (no τ_b)": int(v["groups_dropped"]) if "groups_dropped" in v else "",
             "paper": PAPER.get(key, ""),
         }
         for key, v in report.psi.items()
@@ -176,11 +185,25 @@ def render_html(report: Report) -> str:
     missing = _table_html([{"model version": uri, "missing": why} for uri, why in report.missing])
     settings = _table_html([{"setting": k, "value": v} for k, v in report.settings.items()])
     gain = (
-        f"<h2>µ against the steering gain of the selection</h2>{_table_html([report.gain])}"
+        f"<h2>µ against the steering gain of the selection</h2>{_table_html(report.gain)}"
         f"<p>Paper: τ_b {PAPER['gain_tau_b']}.</p>"
         if report.gain
         else ""
     )
+    scores = (
+        f"<h2>τ_b per steering score</h2>{_table_html(report.side_by_side)}"
+        if len(report.side_by_side) > 1
+        else ""
+    )
+    ci_method = report.methods.get("tau_b_ci_method", "BCa")
+    interval = (
+        "no bootstrap interval: too few resamples have a τ_b"
+        if ci_method == "none"
+        else f"95% {html.escape(ci_method)} bootstrap interval {_fmt(h['tau_b_ci_low'])} – "
+        f"{_fmt(h['tau_b_ci_high'])}"
+    )
+    p_method = report.methods.get("tau_b_p_method", "").replace("_", " ")
+    groups = _table_html([{"runs": k, "config group": v} for k, v in report.run_groups.items()])
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(report.title)}</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}
@@ -188,8 +211,9 @@ table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;paddi
 font-size:90%}}figure{{display:inline-block;margin:1em}}</style></head><body>
 <h1>{html.escape(report.title)}</h1>
 <p><b>Kendall τ_b</b> over {int(h["n_saes"])} SAEs: <b>{_fmt(h["tau_b"])}</b>
-(95% BCa bootstrap interval {_fmt(h["tau_b_ci_low"])} – {_fmt(h["tau_b_ci_high"])};
-permutation p = {_fmt(h["tau_b_p_value"])}). Paper: {PAPER["tau_b"]} over 90 SAEs.</p>
+({interval}; p = {_fmt(h["tau_b_p_value"])}, {html.escape(p_method)}).
+Paper: {PAPER["tau_b"]} over 90 SAEs.</p>
+{scores}
 <h2>Decomposition</h2>{_table_html(psi_rows)}
 <h2>Per-group τ_b</h2>{_table_html([g.as_dict() for g in report.groups])}
 {gain}
@@ -198,5 +222,6 @@ permutation p = {_fmt(h["tau_b_p_value"])}). Paper: {PAPER["tau_b"]} over 90 SAE
 <h2>Left out (missing a metric)</h2>{missing}
 <h2>Notes</h2><ul>{notes}</ul>
 <h2>Settings</h2>{settings}
+<h2>Runs read</h2>{groups}
 </body></html>
 """

@@ -12,10 +12,12 @@ analysis entry point, the tests and a user's notebook compute the same numbers.
   (``scipy.stats.permutation_test`` over pairings, two-sided) and a percentile bootstrap
   interval. (The paper's Table 1 reports a permutation p-value and interval per group; with
   groups of 5-6 SAEs a BCa interval is degenerate, so groups get percentile intervals.)
-- ``psi``: Ψ_A (mean τ_b within each (LM, architecture): sparsity varies), Ψ_B (within each
-  (LM, matched sparsity rank): architecture varies), Ψ_C (within each LM: all its SAEs), and
-  Ψ = their mean. Each with the standard error of the mean over its groups and a bootstrap
-  interval from resampling SAEs within groups.
+- ``psi``: Ψ_A (mean τ_b within each (LM, layer, width, architecture): sparsity varies), Ψ_B
+  (within each (LM, layer, width, matched sparsity rank): architecture varies), Ψ_C (within
+  each (LM, layer, width): all its SAEs), and Ψ = their mean. Each axis varies one design
+  factor and holds the others (METHODS §6): SAEs of two layers or widths never share a group.
+  Each with the standard error of the mean over its groups, a bootstrap interval from
+  resampling SAEs within groups, and the number of groups used and dropped (no τ_b).
 """
 
 from __future__ import annotations
@@ -34,16 +36,20 @@ from scipy import stats
 DEFAULT_RESAMPLES = 2000
 DEFAULT_SEED = 0
 AXES = ("A", "B", "C")
+# Where an SAE sits: its LM, hook layer and width (d_sae). Every Ψ group lies inside one site,
+# so an axis compares SAEs that differ in its one design factor only. A table without a site
+# column (a hand-made one) is one site along it.
+SITE_COLUMNS = ("lm_name", "layer", "d_sae")
 # What each Ψ axis groups by (the columns of the joined table) and what varies inside a group.
 AXIS_GROUPS: dict[str, tuple[str, ...]] = {
-    "A": ("lm_name", "architecture"),  # sparsity varies
-    "B": ("lm_name", "sparsity_rank"),  # architecture varies
-    "C": ("lm_name",),  # everything of one LM varies
+    "A": (*SITE_COLUMNS, "architecture"),  # sparsity varies
+    "B": (*SITE_COLUMNS, "sparsity_rank"),  # architecture varies
+    "C": SITE_COLUMNS,  # everything of one site varies
 }
 AXIS_MEANING = {
-    "A": "within architecture (sparsity varies)",
-    "B": "within matched sparsity rank (architecture varies)",
-    "C": "within LM (all its SAEs)",
+    "A": "within (LM, layer, width, architecture): sparsity varies",
+    "B": "within (LM, layer, width, matched sparsity rank): architecture varies",
+    "C": "within (LM, layer, width): all its SAEs",
 }
 
 
@@ -71,12 +77,22 @@ def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float:
 
 @dataclass(frozen=True)
 class Interval:
+    """A bootstrap interval and how it was made: ``method`` is ``BCa``, ``percentile`` (BCa
+    was undefined because ``undefined_draws`` resamples had no τ_b) or ``none``."""
+
     low: float
     high: float
     method: str
+    undefined_draws: int = 0
+    n_draws: int = 0
 
     def as_dict(self, prefix: str) -> dict[str, float]:
         return {f"{prefix}_ci_low": self.low, f"{prefix}_ci_high": self.high}
+
+    def describe(self) -> str:
+        if self.undefined_draws:
+            return f"{self.method} ({self.undefined_draws} of {self.n_draws} draws had no τ_b)"
+        return self.method
 
 
 _NO_INTERVAL = Interval(math.nan, math.nan, "none")
@@ -206,9 +222,25 @@ def bca_interval(
     tail = 100 * (1 - confidence) / 2
     low, high = np.percentile(finite, [tail, 100 - tail])
     undefined = len(draws) - len(finite)
-    return Interval(
-        float(low), float(high), f"percentile ({undefined} of {len(draws)} draws had no τ_b)"
-    )
+    return Interval(float(low), float(high), "percentile", undefined, len(draws))
+
+
+# How permutation_p_value computed a p-value (the analyze run logs it beside the value).
+P_EXACT, P_RANDOM, P_ASYMPTOTIC, P_NONE = (
+    "exact_permutation",
+    "random_permutations",
+    "asymptotic_normal",
+    "none",
+)
+
+
+def p_value_method(n: int, n_resamples: int = DEFAULT_RESAMPLES) -> str:
+    """Which p-value ``permutation_p_value`` gives for ``n`` SAEs (``none`` below 3)."""
+    if n < 3:
+        return P_NONE
+    if n > _PAIRWISE_MAX_N:
+        return P_ASYMPTOTIC
+    return P_EXACT if math.factorial(n) <= n_resamples else P_RANDOM
 
 
 def permutation_p_value(
@@ -224,9 +256,10 @@ def permutation_p_value(
     observed = kendall_tau_b(x_arr, y_arr)
     if n < 3 or math.isnan(observed):
         return math.nan
-    if n > _PAIRWISE_MAX_N:
+    method = p_value_method(n, n_resamples)
+    if method == P_ASYMPTOTIC:
         return float(stats.kendalltau(x_arr, y_arr, variant="b").pvalue)
-    exact = math.factorial(n) <= n_resamples
+    exact = method == P_EXACT
     if exact:
         order_RN = np.array(list(itertools.permutations(range(n))))
     else:
@@ -305,25 +338,46 @@ def group_tau(
     )
 
 
-def add_sparsity_rank(table: pd.DataFrame, sparsity_column: str = "l0") -> pd.DataFrame:
-    """Column ``sparsity_rank``: the rank (0 = sparsest) of each SAE's sparsity among the SAEs of
-    its (LM, architecture), so that rank r matches the r-th sparsity level of every
-    architecture (the paper's matched sparsity)."""
+def _keys(table: pd.DataFrame, columns: Sequence[str]) -> list[str]:
+    """``columns`` less the site columns ``table`` lacks (one site along those)."""
+    return [c for c in columns if c in table.columns or c not in SITE_COLUMNS]
+
+
+def add_sparsity_rank(
+    table: pd.DataFrame, sparsity_column: str = "l0", grid: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """Column ``sparsity_rank`` (0 = sparsest), so that rank r matches the r-th sparsity level
+    of every architecture of a site (the paper's matched sparsity).
+
+    Ranks come from ``grid``, every SAE of the study (default ``table`` itself) matched to
+    ``table`` by ``model_uri``: an SAE left out of ``table`` for a missing metric must not
+    shift the ranks of its architecture's other SAEs. By ``target_l0`` the rank is that of the
+    target among the site's targets (one rank per target across architectures); by the
+    measured ``l0``, the rank among the SAEs of its site and architecture."""
+    grid = table if grid is None else grid
+    site = _keys(grid, SITE_COLUMNS)
+    if sparsity_column == "target_l0":
+        ranks = grid.groupby(site, dropna=False)[sparsity_column].rank(method="dense")
+    else:
+        ranks = grid.groupby([*site, "architecture"], dropna=False)[sparsity_column].rank(
+            method="first"
+        )
+    # An SAE with no sparsity value (an imported one without tags) is rank -1: a group alone.
+    ranks = ranks.fillna(0).astype(int).sub(1)
     out = table.copy()
-    out["sparsity_rank"] = (
-        out.groupby(["lm_name", "architecture"])[sparsity_column]
-        .rank(method="first")
-        .astype(int)
-        .sub(1)
-    )
+    if grid is table:
+        out["sparsity_rank"] = ranks
+    else:
+        by_uri = dict(zip(grid["model_uri"], ranks, strict=True))
+        out["sparsity_rank"] = out["model_uri"].map(by_uri).astype(int)
     return out
 
 
 def groups_of(table: pd.DataFrame, axis: str) -> list[tuple[str, pd.DataFrame]]:
     """(label, rows) of every group of ``axis`` in a stable order."""
-    keys = list(AXIS_GROUPS[axis])
+    keys = _keys(table, AXIS_GROUPS[axis])
     out = []
-    for key, rows in table.groupby(keys, sort=True):
+    for key, rows in table.groupby(keys, sort=True, dropna=False):
         values = key if isinstance(key, tuple) else (key,)
         out.append((", ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True)), rows))
     return out
@@ -331,13 +385,25 @@ def groups_of(table: pd.DataFrame, axis: str) -> list[tuple[str, pd.DataFrame]]:
 
 def _axis_taus(table: pd.DataFrame, axis: str, x: str, y: str) -> list[float]:
     """τ_b of every group of ``axis`` with at least 2 SAEs and a defined τ."""
-    taus = []
-    for _, rows in groups_of(table, axis):
-        if len(rows) >= 2:
-            tau = kendall_tau_b(rows[x].to_numpy(), rows[y].to_numpy())
-            if not math.isnan(tau):
-                taus.append(tau)
-    return taus
+    return [tau for tau in _all_axis_taus(table, axis, x, y) if not math.isnan(tau)]
+
+
+def _all_axis_taus(table: pd.DataFrame, axis: str, x: str, y: str) -> list[float]:
+    """τ_b of every group of ``axis``; NaN for a group of one SAE or a constant x or y."""
+    return [
+        kendall_tau_b(rows[x].to_numpy(), rows[y].to_numpy()) if len(rows) >= 2 else math.nan
+        for _, rows in groups_of(table, axis)
+    ]
+
+
+def axis_group_counts(table: pd.DataFrame, x: str, y: str) -> dict[str, tuple[int, int]]:
+    """Per axis, (groups whose τ_b enters Ψ, groups dropped: one SAE or x or y constant)."""
+    out = {}
+    for axis in AXES:
+        taus = _all_axis_taus(table, axis, x, y)
+        used = sum(not math.isnan(t) for t in taus)
+        out[axis] = (used, len(taus) - used)
+    return out
 
 
 def psi_point(table: pd.DataFrame, x: str, y: str) -> dict[str, float]:
@@ -353,7 +419,9 @@ def psi_point(table: pd.DataFrame, x: str, y: str) -> dict[str, float]:
 
 def _group_codes(table: pd.DataFrame, axis: str) -> np.ndarray:
     """The group number of each row for ``axis`` (rows in table order)."""
-    return table.groupby(list(AXIS_GROUPS[axis]), sort=True).ngroup().to_numpy()
+    return (
+        table.groupby(_keys(table, AXIS_GROUPS[axis]), sort=True, dropna=False).ngroup().to_numpy()
+    )
 
 
 def _psi_draws(
@@ -412,7 +480,8 @@ def psi_with_uncertainty(
 ) -> dict[str, dict[str, float]]:
     """Each Ψ with ``value``, ``se`` (standard error of the mean over its groups; for Ψ the
     bootstrap standard deviation) and a percentile bootstrap interval from resampling SAEs
-    with replacement within each LM (so every resample keeps every LM's groups)."""
+    with replacement within each LM (so every resample keeps every LM's groups); each axis
+    also with ``groups_used`` and ``groups_dropped`` (groups whose τ_b is undefined)."""
     table = table.reset_index(drop=True)
     point = psi_point(table, x, y)
     draws = _psi_draws(table, x, y, n_resamples, np.random.default_rng(seed))
@@ -431,6 +500,8 @@ def psi_with_uncertainty(
             else (math.nan, math.nan)
         )
         out[key] = {"value": value, "se": se, "ci_low": low, "ci_high": high}
+    for axis, (used, dropped) in axis_group_counts(table, x, y).items():
+        out[f"psi_{axis}"].update(groups_used=float(used), groups_dropped=float(dropped))
     return out
 
 

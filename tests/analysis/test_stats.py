@@ -206,7 +206,81 @@ def test_interval_falls_back_to_percentile_when_some_draws_have_no_tau() -> None
     mu = [0.671, 0.514, 0.761, 0.557, 0.725, 0.55, 0.596, 0.482, 0.671, 0.479]
     g = [0.5, 0.25, 0, 0, 0.188, 0, 0.375, 0, 0, 0]
     interval = bca_interval(mu, g, n_resamples=2000, seed=0)
-    assert interval.method.startswith("percentile (") and "had no τ_b" in interval.method
+    assert interval.method == "percentile" and 0 < interval.undefined_draws < 2000
+    assert (
+        interval.describe() == f"percentile ({interval.undefined_draws} of 2000 draws had no τ_b)"
+    )
     assert interval.low < kendall_tau_b(mu, g) < interval.high
     # Where every draw has a τ_b, the BCa interval stays.
     assert bca_interval(mu, [0.1 * i for i in range(10)], n_resamples=500).method == "BCa"
+
+
+def test_psi_groups_keep_layers_and_widths_apart() -> None:
+    """Two layers of one LM: every Ψ group lies inside one (LM, layer, width) site."""
+    one_layer = FIXTURE[FIXTURE["lm_name"] == "a"].assign(layer=4, d_sae=256)
+    # The same SAEs' pattern at another layer, with µ reversed: pooled into one (LM,
+    # architecture) group the pairs would cross layers.
+    other = one_layer.assign(layer=10, mu=one_layer["mu"].to_numpy()[::-1])
+    table = add_sparsity_rank(pd.concat([one_layer, other], ignore_index=True))
+    psi = psi_point(table, "mu", "g")
+    by_layer = [psi_point(add_sparsity_rank(t), "mu", "g") for t in (one_layer, other)]
+    for axis in ("psi_A", "psi_B", "psi_C"):  # equal groups of each layer: the mean of both
+        assert psi[axis] == pytest.approx((by_layer[0][axis] + by_layer[1][axis]) / 2)
+    labels = [g.group for g in all_group_taus(table, "mu", "g", n_resamples=100)]
+    assert "lm_name=a, layer=4, d_sae=256, architecture=topk" in labels
+    assert sum(g.startswith("lm_name=a, layer=10, d_sae=256, sparsity_rank=") for g in labels) == 2
+    # Widths too: two widths at one layer are two sites.
+    wide = one_layer.assign(d_sae=512, mu=one_layer["mu"].to_numpy()[::-1])
+    widths = add_sparsity_rank(pd.concat([one_layer, wide], ignore_index=True))
+    assert psi_point(widths, "mu", "g")["psi_C"] == pytest.approx(psi["psi_C"])
+
+
+def test_sparsity_ranks_come_from_the_full_grid() -> None:
+    """One SAE left out for a missing metric does not shift its architecture's other ranks."""
+    grid = pd.DataFrame(
+        {
+            "model_uri": [f"models:/m/{i}" for i in range(6)],
+            "lm_name": ["a"] * 6,
+            "architecture": ["relu"] * 3 + ["topk"] * 3,
+            "target_l0": [16, 32, 64] * 2,
+            "l0": [15.0, 30.0, 70.0, 16.0, 32.0, 64.0],
+        }
+    )
+    complete = grid.drop(index=3)  # topk at L0 16 has no steer run
+    ranked = add_sparsity_rank(complete, "l0", grid=grid)
+    assert ranked["sparsity_rank"].tolist() == [0, 1, 2, 1, 2]  # topk 32 stays rank 1
+    assert add_sparsity_rank(complete)["sparsity_rank"].tolist() == [0, 1, 2, 0, 1]  # the old way
+    by_target = add_sparsity_rank(complete, "target_l0", grid=grid)
+    assert by_target["sparsity_rank"].tolist() == [0, 1, 2, 1, 2]
+    # By target the rank is the target's among the site's targets, whatever the grid.
+    assert add_sparsity_rank(complete, "target_l0")["sparsity_rank"].tolist() == [0, 1, 2, 1, 2]
+
+
+def test_group_counts_say_how_many_groups_each_psi_averages() -> None:
+    from analysis.stats import axis_group_counts
+
+    table = add_sparsity_rank(FIXTURE)
+    # One group of a single SAE (c/gated) and one where g is constant (b/relu made flat).
+    flat = table.assign(
+        g=np.where((table["lm_name"] == "b") & (table["architecture"] == "relu"), 0.3, table["g"])
+    )
+    extra = flat.iloc[[0]].assign(lm_name="c", architecture="gated", sparsity_rank=0)
+    table = pd.concat([flat, extra], ignore_index=True)
+    counts = axis_group_counts(table, "mu", "g")
+    assert counts["A"] == (3, 2)  # a/topk, a/relu, b/topk; dropped b/relu (flat), c/gated (alone)
+    assert counts["C"] == (2, 1)  # a, b; c alone
+    with_se = psi_with_uncertainty(table, "mu", "g", n_resamples=100)
+    assert (with_se["psi_A"]["groups_used"], with_se["psi_A"]["groups_dropped"]) == (3, 2)
+    assert "groups_used" not in with_se["psi"]
+
+
+def test_p_value_method_names_how_the_p_value_was_computed() -> None:
+    from analysis.stats import p_value_method
+
+    assert p_value_method(2) == "none"
+    assert p_value_method(6, n_resamples=2000) == "exact_permutation"  # 720 orders
+    assert p_value_method(10, n_resamples=2000) == "random_permutations"
+    assert p_value_method(65) == "asymptotic_normal"
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=70), rng.normal(size=70)
+    assert permutation_p_value(x, y) == pytest.approx(stats.kendalltau(x, y).pvalue)
