@@ -51,6 +51,7 @@ from project.judges.prompts import (
     rating_messages,
     strip_marks,
 )
+from project.judges.rating import DEFAULT_MAX_TOKEN_WINDOW_SHARE
 from project.lm import LoadedLM, load_lm
 
 logger = logging.getLogger(__name__)
@@ -74,9 +75,14 @@ class OfflineJudgeOptions:
     n_context_words: int = 3
     batch_size: int = 64
     n_reference_windows: int = 200
+    max_token_window_share: float = DEFAULT_MAX_TOKEN_WINDOW_SHARE
 
     def __post_init__(self) -> None:
         check_int("max_tokens_listed", self.max_tokens_listed, 1)
+        if not 0.0 < self.max_token_window_share <= 1.0:
+            raise ValueError(
+                f"max_token_window_share={self.max_token_window_share!r} must lie in (0, 1]"
+            )
         check_int("n_context_words", self.n_context_words, 0)
         check_int("batch_size", self.batch_size, 1)
         check_int("n_reference_windows", self.n_reference_windows, 10)

@@ -21,9 +21,11 @@ from project.judges.base import Judge
 from project.judges.prompts import _MARK_RE, check_kind, strip_marks
 from project.judges.rating import (
     CALIBRATION_FILE,
+    DEFAULT_MAX_TOKEN_WINDOW_SHARE,
     RATING_RULE_VERSION,
     OfflineRater,
     calibration_hash,
+    explanation_tokens,
     load_lexicon,
 )
 from project.lm import LoadedLM
@@ -118,9 +120,12 @@ class OfflineJudge(Judge):
     false positives).
 
     **rate** (steering's three 0/1/2 ratings): concept from the best-matching single word of
-    the text, instruct from whole-text similarity above the instruction's baseline, fluency from
-    loop / non-word / symbol statistics and the unsteered LM's likelihood, each cut at
-    thresholds fit on the packaged ``calibration.json``; details in
+    the text (for a token-list explanation: one of its *informative* tokens found as written,
+    case and leading space kept, a token being informative when at most
+    ``max_token_window_share`` (20%) of the reference windows contain it, see
+    :meth:`token_window_rates`; rule 5, issue 18), instruct from whole-text similarity above the
+    instruction's baseline, fluency from loop / non-word / symbol statistics and the unsteered
+    LM's likelihood, each cut at thresholds fit on the packaged ``calibration.json``; details in
     :mod:`project.judges.rating`. Its measured agreement with hand ratings is in
     :data:`project.judges.agreement.AGREEMENT` (``bench/judge_agreement.py`` measures any judge).
     """
@@ -136,8 +141,15 @@ class OfflineJudge(Judge):
         n_context_words: int = 3,
         batch_size: int = 64,
         n_reference_windows: int = 200,
+        max_token_window_share: float = DEFAULT_MAX_TOKEN_WINDOW_SHARE,
     ) -> None:
         super().__init__()
+        if not 0.0 < max_token_window_share <= 1.0:
+            raise ValueError(
+                f"max_token_window_share={max_token_window_share!r} must lie in (0, 1]"
+            )
+        self.max_token_window_share = float(max_token_window_share)
+        self._token_rates: dict[str, float] = {}
         self.model_dir = Path(model_path) if model_path else embedding_model_dir()
         self.encoder, self.encoder_tokenizer = _load_encoder(self.model_dir)
         self.fluency_lm = fluency_lm
@@ -151,7 +163,10 @@ class OfflineJudge(Judge):
         self._reference_emb: Tensor | None = None
         self._custom_model = model_path is not None
         self.rater = OfflineRater(
-            self.embed, load_lexicon(str(self.model_dir / "vocab.txt")), fluency_lm
+            self.embed,
+            load_lexicon(str(self.model_dir / "vocab.txt")),
+            fluency_lm,
+            informative=self._informative,
         )
 
     # ------------------------------------------------------------------ embeddings
@@ -186,11 +201,37 @@ class OfflineJudge(Judge):
         clean = [strip_marks(w) for w in windows if w.strip()]
         self._reference = clean[: self.n_reference_windows] or None
         self._reference_emb = None
+        self._token_rates.clear()
 
     def _reference_windows(self) -> list[str]:
         if self._reference is None:
             self._reference = list(_stdlib_chunks(self.n_reference_windows))
         return self._reference
+
+    def token_window_rates(self, explanation: str) -> dict[str, float]:
+        """Per token of a token-list explanation (as written, in order), the share of the
+        reference windows that contain it as written: what random text already holds. Empty
+        for a prose concept. The windows are those given to :meth:`observe_corpus`, else
+        ``n_reference_windows`` chunks of the stdlib corpus."""
+        return {t: self._token_rate(t) for t in explanation_tokens(explanation)}
+
+    def informative_tokens(self, explanation: str) -> list[str]:
+        """The tokens of a token-list explanation that are evidence of its concept: those in
+        at most ``max_token_window_share`` of the reference windows. Empty for a prose concept
+        and for an explanation made only of common tokens (``" the"``), which a steering run
+        should not steer toward."""
+        return self._informative(explanation_tokens(explanation))
+
+    def _informative(self, tokens: Sequence[str]) -> list[str]:
+        return [t for t in tokens if self._token_rate(t) <= self.max_token_window_share]
+
+    def _token_rate(self, token: str) -> float:
+        if token not in self._token_rates:
+            reference = self._reference_windows()
+            # Matched as the explainer matched it (_distinctive_tokens): substring, as written.
+            hits = sum(token in w for w in reference)
+            self._token_rates[token] = hits / len(reference) if reference else 0.0
+        return self._token_rates[token]
 
     def _reference_scores(self, explanation: str) -> Tensor:
         reference = self._reference_windows()
@@ -318,6 +359,13 @@ class OfflineJudge(Judge):
             "identity": self.identity(),
         }
 
+    def _share_note(self) -> str:
+        # A non-default share changes concept ratings of token-list explanations: named so that
+        # such a judge is never compared with the default one.
+        if self.max_token_window_share == DEFAULT_MAX_TOKEN_WINDOW_SHARE:
+            return ""
+        return f" token share {self.max_token_window_share:g}"
+
     def identity(self) -> dict[str, str]:
         return {
             "kind": self.name,
@@ -327,7 +375,8 @@ class OfflineJudge(Judge):
             "fluency_lm": self.fluency_lm.name if self.fluency_lm is not None else "none",
             "endpoint": "local",
             "temperature": "0",
-            "calibration": f"{CALIBRATION_FILE} {calibration_hash()} rule {RATING_RULE_VERSION}",
+            "calibration": f"{CALIBRATION_FILE} {calibration_hash()} rule {RATING_RULE_VERSION}"
+            + self._share_note(),
         }
 
 

@@ -4,11 +4,18 @@ What each rating is computed from (issue 13):
 
 - **concept** (is the concept clearly present): the largest cosine similarity between the
   concept description and any single content word of the text, each embedded alone with the
-  packaged all-MiniLM-L6-v2. For a token-list explanation (the offline explainer's
-  ``" then", " next" (context: ...)``) a word of the text equal to one of its tokens scores 1,
-  stop words included. A concept is there when one of its words (or a close one: "melody"
-  for music, "planet" for space) is; a text that is merely on a neighbouring topic has no such
-  word, so it does not earn credit the way a whole-text similarity would.
+  packaged all-MiniLM-L6-v2. A concept is there when one of its words (or a close one:
+  "melody" for music, "planet" for space) is; a text that is merely on a neighbouring topic has
+  no such word, so it does not earn credit the way a whole-text similarity would.
+  A token-list explanation (the offline explainer's ``" then", " next" (context: ...)``) is
+  read as the explainer wrote it (issue 18): its tokens are evidence only where they are
+  *informative*, i.e. found as written in at most ``max_token_window_share`` (20%) of random
+  reference windows (``"or"``, ``" the"``, ``"y"`` are in most text, so they say nothing about
+  a latent). An informative token found in the text as written, case and leading space kept,
+  scores 1 (``"OF"`` of a latent about EOFError is not the "of" of "the area of a circle";
+  ``" order"`` is in "keeping the order"). Otherwise the word rule above applies to the
+  explanation with its uninformative tokens removed (its informative tokens and context
+  words), and to nothing (score 0) when no informative token and no context is left.
 - **instruct** (is the text on the instruction's topic): cosine similarity of the whole text and
   the instruction, minus that instruction's mean similarity to the calibration completions
   written for other instructions (what unrelated text already scores against it). Text that is
@@ -51,8 +58,12 @@ from project.lm import LoadedLM
 
 logger = logging.getLogger(__name__)
 
-# Bumped whenever a formula below changes: part of the judge's identity.
-RATING_RULE_VERSION = "4"
+# Bumped whenever a formula below changes: part of the judge's identity. 5: token-list
+# explanations match as written and only through informative tokens (issue 18).
+RATING_RULE_VERSION = "5"
+# An explanation token found in more than this share of random reference windows is no
+# evidence of a latent's concept (issue 18).
+DEFAULT_MAX_TOKEN_WINDOW_SHARE = 0.2
 CALIBRATION_FILE = "calibration.json"
 _PUNCT = " .,;:!?\"'()[]{}*_`“”‘’-–—…#<>|/\\~"
 _ALPHA_RE = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*")
@@ -151,22 +162,40 @@ def content_words(text: str) -> list[str]:
     return list(seen)
 
 
-def quoted_words(concept: str) -> frozenset[str]:
-    """The lower-cased words of a token-list explanation (the offline explainer's form,
-    ``" then", " next" (context: ...)``); empty for a concept in prose. A latent explained by
-    its tokens is present where one of those tokens is, stop word or not: ``content_words``
-    would drop " then" and never find it."""
+def explanation_tokens(concept: str) -> list[str]:
+    """The JSON-quoted tokens of a token-list explanation (the offline explainer's form,
+    ``" then", " next" (context: ...)``), as written: case and leading space kept; empty for a
+    concept in prose."""
     head = concept.split(" (context:")[0].strip()
     if not head.startswith('"'):
-        return frozenset()
-    words = set()
+        return []
+    tokens: list[str] = []
     for match in _QUOTED_RE.findall(head):
         try:
             token = json.loads(match)
         except ValueError:
             continue
-        words.update(w.lower() for w in _ALPHA_RE.findall(token))
-    return frozenset(words)
+        if isinstance(token, str) and token and token not in tokens:
+            tokens.append(token)
+    return tokens
+
+
+def explanation_context(concept: str) -> str:
+    """The ``(context: ...)`` part of a token-list explanation, or "" where it has none."""
+    at = concept.find(" (context:")
+    return concept[at + 1 :].strip() if at >= 0 else ""
+
+
+def token_in_text(token: str, text: str) -> bool:
+    """Whether ``text`` contains ``token`` as written, case and leading space kept (the
+    explainer's substring match; its windows show newlines as ↵, a completion has them)."""
+    return token in text or ("↵" in token and token.replace("↵", "\n") in text)
+
+
+def token_list_description(tokens: Sequence[str], context: str) -> str:
+    """A token-list explanation rebuilt from some of its tokens and its context part."""
+    head = ", ".join(json.dumps(t, ensure_ascii=False) for t in tokens)
+    return f"{head} {context}".strip()
 
 
 @dataclass(frozen=True)
@@ -238,8 +267,12 @@ class OfflineRater:
         embed: Callable[[Sequence[str]], Tensor],
         lexicon: frozenset[str],
         fluency_lm: LoadedLM | None = None,
+        informative: Callable[[Sequence[str]], list[str]] | None = None,
     ) -> None:
         self.embed = embed
+        # Keeps the explanation tokens that are evidence of a concept (the judge's reference
+        # windows decide); None: every token is.
+        self.informative = informative
         self.lexicon = lexicon
         self.fluency_lm = fluency_lm
         self.cuts: dict[str, tuple[float, float, float]] = {}
@@ -247,9 +280,17 @@ class OfflineRater:
 
     # ------------------------------------------------------------------ scores
     def concept_score(self, text: str, concept: str) -> float:
-        tokens = quoted_words(concept)
-        if tokens and tokens & {w.lower() for w in _ALPHA_RE.findall(text)}:
-            return 1.0  # the explanation's own token is in the text: cosine 1 with itself
+        tokens = explanation_tokens(concept)
+        if tokens:
+            kept = list(self.informative(tokens)) if self.informative is not None else tokens
+            if any(token_in_text(t, text) for t in kept):
+                return 1.0  # the explanation's own token is in the text: cosine 1 with itself
+            # A common token is no evidence by embedding either: the word rule reads what is
+            # left of the explanation ("OF" of EOFError would otherwise pull in "of" texts).
+            if len(kept) < len(tokens):
+                concept = token_list_description(kept, explanation_context(concept))
+            if not concept:
+                return 0.0
         words = content_words(text)
         if not words:
             return 0.0

@@ -13,6 +13,8 @@ from project.judges import OfflineJudge, build_judge, embedding_model_dir
 from project.judges.agreement import (
     AGREEMENT,
     agreement_report,
+    format_report,
+    gold_kinds,
     harmonic_score,
     kind_agreement,
     load_gold,
@@ -21,10 +23,11 @@ from project.judges.agreement import (
 )
 from project.judges.rating import (
     calibration_examples,
+    explanation_tokens,
     fit_three_levels,
     load_lexicon,
-    quoted_words,
     text_stats,
+    token_in_text,
 )
 from project.lm import LoadedLM
 
@@ -87,12 +90,65 @@ def test_token_list_explanation_is_present_where_its_token_is(offline: OfflineJu
     # Latent-first steering rates toward the offline explainer's own explanations; a latent
     # explained by " then" is present where "then" is, though content words drop stop words.
     explanation = '" then", " next" (context: task, end, line)'
-    assert quoted_words(explanation) == {"then", "next"}
+    assert explanation_tokens(explanation) == [" then", " next"]
     assert offline.rate("concept", "First boil the water, then add the pasta.", explanation) == 2
     assert offline.rate("concept", _FLUENT, explanation) == 0
     # The context words are not the explanation's tokens; prose concepts are unchanged.
     assert offline.rate("concept", "The task is at the end of the line.", explanation) < 2
-    assert quoted_words("the ocean and sea life") == frozenset()
+    assert explanation_tokens("the ocean and sea life") == []
+
+
+_EOF_LATENT = '"OF", " turtle", " Id" (context: eoferror, idle, eof)'
+_ORDER_LATENT = '" order", " agree", " mirrored" (context: document, element, tree)'
+
+
+def test_explanation_token_matches_only_as_written(offline: OfflineJudge) -> None:
+    # "OF" of a latent about EOFError is not the word "of"; " order" is the word order.
+    assert not token_in_text("OF", "The process of finding the area of a circle.")
+    assert token_in_text(" order", "Remove duplicates while keeping the order.")
+    assert not token_in_text(" order", "Order matters.")  # no leading space, capital O
+    assert token_in_text("a↵b", "a\nb")  # windows show newlines as ↵
+    area = "The process of finding the area of a circle is based on the basics of mathematics."
+    assert offline.rate("concept", area, _EOF_LATENT) == 0
+    kept = "Remove the duplicates from the list while keeping the order of its elements."
+    assert offline.rate("concept", kept, _ORDER_LATENT) == 2
+
+
+_WINDOWS = [
+    f"the {noun} of the module is read before the call returns {i}"
+    for i, noun in enumerate(["value", "name", "size", "state", "kind"] * 4)
+]
+
+
+def test_common_explanation_tokens_are_no_evidence() -> None:
+    # A latent planted on " the": every reference window holds it, so it says nothing.
+    judge = build_judge("offline")
+    assert isinstance(judge, OfflineJudge)
+    judge.observe_corpus(_WINDOWS)
+    planted = '" the", " compiler"'
+    assert judge.token_window_rates(planted) == {" the": 1.0, " compiler": 0.0}
+    assert judge.informative_tokens(planted) == [" compiler"]
+    assert judge.informative_tokens('" the"') == []
+    assert judge.token_window_rates("cooking and recipes") == {}
+    text = "Put the cup on the table and the plate beside the bowl."
+    assert judge.rate("concept", text, '" the"') == 0
+    assert judge.rate("concept", text, planted) == 0
+    assert judge.rate("concept", "The compiler stopped at line 3.", planted) == 2
+    # 20% is the default share; a judge allowed every token credits " the" and says so.
+    lenient = build_judge("offline", max_token_window_share=1.0)
+    assert isinstance(lenient, OfflineJudge)
+    lenient.observe_corpus(_WINDOWS)
+    assert lenient.informative_tokens(planted) == [" the", " compiler"]
+    assert lenient.rate("concept", text, planted) == 2
+    assert "token share 1" in lenient.identity()["calibration"]
+    assert "token share" not in judge.identity()["calibration"]
+
+
+def test_default_reference_windows_find_the_common_tokens(offline: OfflineJudge) -> None:
+    # Without a corpus the judge reads stdlib chunks: " the" and "or" are in most of them.
+    rates = offline.token_window_rates('" the", "or", " turtle"')
+    assert rates[" the"] > 0.2 and rates["or"] > 0.2 and rates[" turtle"] < 0.2
+    assert offline.informative_tokens('" the", "or", " turtle"') == [" turtle"]
 
 
 def test_text_stats_count_what_they_say() -> None:
@@ -205,6 +261,25 @@ def test_agreement_report_on_a_gold_fixture(tmp_path: Path, offline: OfflineJudg
         load_gold(bad)
 
 
+def test_concept_only_gold_reports_concept_agreement(tmp_path: Path) -> None:
+    # The latent-first gold rates the concept only; free credit (hand 0, judge > 0) is counted.
+    rows = [
+        {"concept": _EOF_LATENT, "instruction": "Explain.", "completion": t, "concept_rating": c}
+        for t, c in [("a", 0), ("b", 0), ("c", 1), ("d", 2)]
+    ]
+    path = tmp_path / "latent.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    gold = load_gold(path)
+    assert gold_kinds(gold) == ["concept"]
+    report = agreement_report(gold, [{"concept": c} for c in (0, 2, 1, 2)])
+    concept = report["kinds"]["concept"]
+    assert set(report["kinds"]) == {"concept"} and "score_spearman" not in report
+    assert concept["hand_zero_credited"] == 1 and concept["exact"] == 0.75
+    assert "1 of 2" in format_report(report)
+    with pytest.raises(ValueError, match="lacks field"):
+        load_gold(path, kinds=["concept", "fluency"])
+
+
 def test_harmonic_score() -> None:
     assert harmonic_score(2, 2, 2) == 2.0
     assert harmonic_score(0, 2, 2) == 0.0
@@ -215,6 +290,8 @@ def test_shipped_agreement_figures_are_keyed_by_identity(offline: OfflineJudge) 
     assert AGREEMENT, "agreement.json must ship the offline judge's measured figures"
     figures = measured_agreement(offline.identity())
     assert figures is not None and figures["instruct_kappa"] >= 0.85
+    # Latent-first concept agreement (issue 18): the rule must agree with careful reading.
+    assert figures["latent_concept_kappa"] >= 0.6 and figures["latent_hand_zero_credited"] <= 2
     for key, figures in AGREEMENT.items():
         assert key.startswith("offline|")
         assert {"concept_kappa", "instruct_kappa", "fluency_kappa", "score_spearman"} <= set(

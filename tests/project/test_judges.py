@@ -78,6 +78,9 @@ def test_unknown_judge_and_option() -> None:
         build_judge("offline", temperature=0.5)
     with pytest.raises(ValueError, match="max_tokens_listed=0"):
         build_judge("offline", max_tokens_listed=0)
+    # The share above which an explanation token is no evidence (a CLI passes it as text).
+    with pytest.raises(ValueError, match=r"max_token_window_share=0.0 must lie in \(0, 1\]"):
+        build_judge("offline", max_token_window_share="0")
 
 
 # ---------------------------------------------------------------------------------------------
