@@ -84,7 +84,9 @@ class AnalyzeConfig:
 
     - ``experiments``: comma-separated experiment names (``all`` = every experiment).
     - ``interp_metric``: µ, any metric logged by an eval run (default SAEBench's autointerp).
-    - ``utility_metric``: g, a metric of the steer runs (default the AxBench steering score).
+    - ``utility_metric``: g, a metric of the steer runs (default the AxBench steering score;
+      ``steering_score_lift``: the same with concept lift over the unsteered answer in place of
+      the concept rating). The other of the two, where logged, is reported beside it.
     - ``steer_mode``: which steer runs (``latent``: the interpretability-vs-utility paper's
       latent-first protocol; ``concept``).
     - ``selection``: the steer runs' latent selection; with one other than ``none`` the

@@ -10,7 +10,7 @@ Steps, in order, each timed (metric ``seconds_<step>`` of the study run):
    a complete cache on disk is reused);
 2. ``train``: every (LM, architecture, target L0) SAE, a nested run and a registered version
    each (``training.run.train_and_register``). A version already registered from a FINISHED
-   run of the same training config is reused, not trained again;
+   run of the same training config and training code is reused, not trained again;
 3. ``evaluate``: the ``evals`` on every study version (``evaluation.evaluate``);
 4. ``steer``: latent-mode steering of every version under each selection (``none``,
    ``output_score``, ``dtc``; ``evaluation.steering.steer``, which logs each selection's
@@ -18,10 +18,11 @@ Steps, in order, each timed (metric ``seconds_<step>`` of the study run):
 5. ``tune``: a small Optuna study over DTC's choices on one version
    (``evaluation.selection.tune``);
 6. ``analyze``: τ_b, Ψ's and the report (``analysis.analyze``), once with no selection (the
-   headline) and once per ``analyze_selections`` entry (the steering gain, the paper's Table 3).
+   headline) and once per ``analyze_selections`` entry (the steering gain, the paper's Table 3),
+   over exactly the eval and steer runs this study used (``study_runs.json``, logged first).
 
 Evaluation and steering runs are reused by config hash (their own rule), the tune study when a
-FINISHED tune run of the same config exists, so a study interrupted and started again redoes
+FINISHED tune run of the same Optuna study (config, judge, version and code version) exists, so a study interrupted and started again redoes
 only what did not finish. Every LM is loaded once and shared by all steps.
 
 Runs the study starts while its run is active are nested under it (MLflow's
@@ -48,6 +49,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from analysis.analyze import AnalyzeConfig, analyze
+from analysis.collect import STUDY_RUN_TYPE, STUDY_RUNS_ARTIFACT
 from project.cli import (
     BadInputError,
     PartialFailureError,
@@ -66,11 +68,16 @@ from project.tracking import (
     ui_hint,
 )
 from training.config import TrainConfig
-from training.run import TRAIN_CONFIG_ARTIFACT, harvest_for, train_and_register
+from training.run import (
+    TRAIN_CONFIG_ARTIFACT,
+    TRAINING_CODE_TAG,
+    harvest_for,
+    train_and_register,
+    training_code_version,
+)
 
 log = logging.getLogger(__name__)
 
-STUDY_RUN_TYPE = "study"
 STUDY_RUN_TAG = "saeflow.study_run_id"
 STEPS = ("harvest", "train", "evaluate", "steer", "tune", "analyze")
 # Each embedded LM's hook layer, a third of its depth: SmolLM2 10 of 30 blocks (at the training
@@ -419,7 +426,8 @@ def _identity(values: dict[str, Any]) -> dict[str, str]:
 
 def find_trained_version(config: TrainConfig, lm_name: str) -> ModelVersion | None:
     """The newest version registered from a FINISHED training run with this exact training
-    config (up to where outputs go), in the registered model the config trains into."""
+    config (up to where outputs go) and this training code (:func:`training_code_version`:
+    a trainer fix retrains), in the registered model the config trains into."""
     client = MlflowClient()
     name = default_registered_model_name(lm_name, config.layer)
     escaped = name.replace("'", "\\'")
@@ -428,6 +436,7 @@ def find_trained_version(config: TrainConfig, lm_name: str) -> ModelVersion | No
     except mlflow.exceptions.MlflowException:
         return None
     wanted = _identity(config.as_params())
+    code = training_code_version()
     for mv in sorted(versions, key=lambda v: int(v.version), reverse=True):
         tags = mv.tags or {}
         if (
@@ -439,7 +448,7 @@ def find_trained_version(config: TrainConfig, lm_name: str) -> ModelVersion | No
             continue
         try:
             run = client.get_run(tags["training_run_id"])
-            if run.info.status != "FINISHED":
+            if run.info.status != "FINISHED" or run.data.tags.get(TRAINING_CODE_TAG) != code:
                 continue
             logged = mlflow.artifacts.load_dict(
                 f"runs:/{tags['training_run_id']}/{TRAIN_CONFIG_ARTIFACT}"
@@ -521,11 +530,12 @@ def _steer(study: _Study, uri: str, selection: str) -> None:
     study.record(StepRun("steer", result.run_id, uri, selection, result.reused))
 
 
-def find_finished_tune(uri: str, tune_config: Any) -> str | None:
-    """A FINISHED tune run of this version whose study had this config and at least its
+def find_finished_tune(uri: str, tune_config: Any, study_name: str) -> str | None:
+    """A FINISHED tune run of this version whose Optuna study is ``study_name`` (which hashes
+    the config, the judge, the exact version and the code version) with at least the config's
     trials, past its test-split comparison (``subset_size`` is logged there, always; the
     scores may be NaN and unlogged); None if there is none."""
-    from evaluation.selection.tune import TUNE_RUN_TYPE
+    from evaluation.selection.tune import STUDY_TAG, TUNE_RUN_TYPE
 
     client = MlflowClient()
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -537,25 +547,26 @@ def find_finished_tune(uri: str, tune_config: Any) -> str | None:
         ),
         order_by=["attributes.start_time DESC"],
     )
-    wanted = {
-        k: ",".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
-        for k, v in tune_config.identity().items()
-    }
     for run in runs:
-        params, tags = run.data.params, run.data.tags
-        # The tune entry point logs its config as params, with or without a "tune." prefix.
-        same = all(params.get(k, params.get(f"tune.{k}")) == v for k, v in wanted.items())
+        tags = run.data.tags
+        same = tags.get(STUDY_TAG) == study_name
         enough = parse_int(tags.get("n_trials", "0")) >= tune_config.n_trials
         if same and enough and "subset_size" in run.data.metrics:
             return run.info.run_id
     return None
 
 
-def _tune(study: _Study, uri: str) -> None:
-    from evaluation.selection.tune import tune
+def _tune(study: _Study, mv: ModelVersion) -> None:
+    from evaluation.selection.tune import study_name, tune
+    from project.judges import build_judge
+    from project.tracking import lm_of
 
+    uri = f"models:/{mv.name}/{mv.version}"
     tune_config = study.config.tune_config()
-    existing = find_finished_tune(uri, tune_config)
+    judge = build_judge(
+        tune_config.judge, lm=study.lms[str(lm_of(mv.tags or {}))], **tune_config.judge_options
+    )
+    existing = find_finished_tune(uri, tune_config, study_name(mv, tune_config, judge))
     if existing is not None:
         log.info("tune_dtc on %s: reusing FINISHED run %s", uri, existing)
         study.record(StepRun("tune", existing, uri, "", reused=True))
@@ -569,24 +580,24 @@ def _tune(study: _Study, uri: str) -> None:
     study.record(StepRun("tune", result.parent_run_id, uri, result.study_name))
 
 
-def _experiment_names(study: _Study) -> str:
-    """The experiments holding the runs this study used (reused ones may live elsewhere)."""
-    ids = {study.client.get_run(study.run_id).info.experiment_id}
-    for run in study.runs:
-        if run.step in ("evaluate", "steer") and run.run_id:
-            ids.add(study.client.get_run(run.run_id).info.experiment_id)
-    return ",".join(sorted(study.client.get_experiment(i).name for i in ids))
+def _log_runs(study: _Study) -> None:
+    """``study_runs.json``: every run the study used so far (new or reused), by step."""
+    study.client.log_dict(
+        study.run_id, {"runs": [asdict(r) for r in study.runs]}, STUDY_RUNS_ARTIFACT
+    )
 
 
 def _analyze(study: _Study) -> tuple[dict[str, str], dict[str, float], dict[str, dict]]:
     config = study.config
-    experiments = _experiment_names(study)
+    # The analysis reads exactly the eval and steer runs the study used (reused ones
+    # included), from the list logged now; nothing else in the store is pooled in.
+    _log_runs(study)
     paths: dict[str, str] = {}
     headline: dict[str, float] = {}
     psi: dict[str, dict[str, float]] = {}
     for selection in ["none", *_split(config.analyze_selections)]:
         analysis = AnalyzeConfig(
-            experiments=experiments,
+            study_run_id=study.run_id,
             interp_metric=config.interp_metric,
             utility_metric=config.utility_metric,
             steer_mode="latent",
@@ -686,7 +697,7 @@ def run_study(config: StudyConfig) -> StudyResult:
         tuned = study.versions.get((first_lm, *target)) if target else None
         if tuned is not None:
             with study.step("tune"):
-                _tune(study, f"models:/{tuned.name}/{tuned.version}")
+                _tune(study, tuned)
         with study.step("analyze"):
             paths, headline, psi = _analyze(study)
         total = time.perf_counter() - started
@@ -701,7 +712,7 @@ def run_study(config: StudyConfig) -> StudyResult:
                 study.client.log_metric(run_id, key, value["value"])
         for selection, path in paths.items():
             study.client.set_tag(run_id, f"report.{selection}", path)
-        study.client.log_dict(run_id, {"runs": [asdict(r) for r in study.runs]}, "study_runs.json")
+        _log_runs(study)
         study.client.set_tag(run_id, "saeflow.failures", "; ".join(study.failures)[:5000])
         result = StudyResult(
             run_id=run_id,

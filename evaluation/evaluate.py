@@ -228,12 +228,20 @@ def saeflow_version() -> str:
     """``<package version>+src.<hash>``: the hash covers every ``.py`` file of the
     ``evaluation`` and ``project`` packages (the code an eval result depends on), so any change
     to them, committed or not, makes a new version, and nothing else does."""
+    return code_version((evaluation.__name__, project.__name__))
+
+
+@lru_cache(maxsize=8)
+def code_version(packages: tuple[str, ...]) -> str:
+    """``<package version>+src.<hash>`` of every ``.py`` file of the named (sub)packages, e.g.
+    ``("training", "project.saes")``: what a result of that code is reused by."""
     try:
         version = importlib_metadata.version("saeflow")
     except importlib_metadata.PackageNotFoundError:
         version = "0+unknown"
     h = hashlib.sha256()
-    for package in (evaluation, project):
+    for name in packages:
+        package = importlib.import_module(name)
         root = Path(next(iter(package.__path__)))
         for path in sorted(root.rglob("*.py")):
             h.update(f"{package.__name__}/{path.relative_to(root).as_posix()}\0".encode())

@@ -37,6 +37,20 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR_TAG = "saeflow.checkpoint_dir"
 LAST_CHECKPOINT = "last.ckpt"
 TRAIN_CONFIG_ARTIFACT = "train_config.json"
+# Run tag: the hash of the code a training result depends on; a version is reused for a config
+# only when it was trained by this code (a trainer fix retrains).
+TRAINING_CODE_TAG = "training_code_version"
+TRAINING_CODE_PACKAGES = ("training", "project.saes")
+
+
+def training_code_version() -> str:
+    """``<package version>+src.<hash>`` of ``training/`` and ``project/saes/``."""
+    # The one source hash helper, shared with the eval and steer config hashes.
+    from evaluation.evaluate import code_version
+
+    return code_version(TRAINING_CODE_PACKAGES)
+
+
 # Version tag: held-out L0 of the registered SAE, beside the nominal "target_l0".
 L0_MEASURED_TAG = "l0_measured"
 
@@ -206,6 +220,7 @@ def train_and_register(
                 LM_TAG: model_name,
                 "harvest_run_id": harvest_result.harvest_run_id or "",
                 "activation_cache": str(harvest_result.cache.directory),
+                TRAINING_CODE_TAG: training_code_version(),
             }
         )
     torch.manual_seed(config.seed)

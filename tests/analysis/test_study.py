@@ -17,6 +17,7 @@ from scipy import stats
 from analysis.stats import add_sparsity_rank, bca_interval, psi_point
 from analysis.study import STUDY_RUN_TAG, StudyConfig, config_from_argv, run_study
 from project.tracking import RUN_TYPE_TAG
+from training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 # Run types whose count must not grow when a finished study is started again.
@@ -147,7 +148,10 @@ def test_study_end_to_end_then_reused(tiny_lm_dir: str, tracking_uri: str, tmp_p
     # Its interval is the BCa bootstrap of those pairs (with 4 SAEs it may be undefined: many
     # resamples repeat one SAE; the report then says so instead of logging a number).
     interval = bca_interval(mu, g, n_resamples=config.n_resamples, seed=config.seed)
-    assert "95% BCa bootstrap interval" in text
+    assert client.get_run(analyze_id).data.tags["tau_b_ci_method"] == interval.method
+    assert (
+        "no bootstrap interval" if interval.method == "none" else f"95% {interval.method} bootstrap"
+    ) in text
     for bound in ("low", "high"):
         reported = first.headline[f"tau_b_ci_{bound}"]
         assert reported == pytest.approx(getattr(interval, bound), nan_ok=True)
@@ -236,3 +240,68 @@ def test_command_line_bad_input_exits_2(tracking_uri: str) -> None:
     assert done.returncode == 2, done.stderr
     assert "target_l0s='8,x'" in done.stderr
     assert count_runs(MlflowClient()).get("study", 0) == 0
+
+
+def _registered_as_trained(config: TrainConfig, lm_name: str, code: str) -> str:
+    """A version as train_and_register leaves it (config artifact, code tag), no training."""
+    from project.registry import default_registered_model_name
+    from training.run import TRAIN_CONFIG_ARTIFACT, TRAINING_CODE_TAG
+
+    client = MlflowClient()
+    name = default_registered_model_name(lm_name, config.layer)
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name)
+    with mlflow.start_run() as run:
+        mlflow.set_tags({RUN_TYPE_TAG: "train", TRAINING_CODE_TAG: code})
+        mlflow.log_dict(config.as_params(), TRAIN_CONFIG_ARTIFACT)
+    client.create_model_version(
+        name,
+        source=f"runs:/{run.info.run_id}/sae",
+        run_id=run.info.run_id,
+        tags={
+            "architecture": config.architecture,
+            "target_l0": str(config.target_l0),
+            "source": "saeflow-train",
+            "training_run_id": run.info.run_id,
+        },
+    )
+    return run.info.run_id
+
+
+def test_a_trained_version_is_reused_only_by_the_same_training_code(tracking_uri: str) -> None:
+    from analysis.study import find_trained_version
+    from training.run import training_code_version
+
+    config = tiny_study("tiny-lm", Path("unused")).train_config("tiny-lm", 1, "topk", 4)
+    _registered_as_trained(config, "tiny-lm", code="0.1.0+src.another-trainer")
+    assert find_trained_version(config, "tiny-lm") is None  # a trainer fix retrains
+    current = _registered_as_trained(config, "tiny-lm", code=training_code_version())
+    found = find_trained_version(config, "tiny-lm")
+    assert found is not None and found.tags["training_run_id"] == current
+
+
+def test_the_tune_study_name_and_its_reuse_include_the_code_version(tracking_uri: str) -> None:
+    from analysis.study import find_finished_tune
+    from evaluation.evaluate import saeflow_version
+    from evaluation.selection.tune import STUDY_TAG, TUNE_RUN_TYPE, TuneConfig, study_name
+
+    client = MlflowClient()
+    client.create_registered_model("m")
+    mv = client.create_model_version("m", source="runs:/x/sae")
+    config = TuneConfig(n_trials=2)
+    names = {code: study_name(mv, config, "offline", code_version=code) for code in ("a", "b")}
+    assert names["a"] != names["b"]
+    assert study_name(mv, config, "offline") == study_name(
+        mv, config, "offline", code_version=saeflow_version()
+    )
+    uri = "models:/m/1"
+    for code, name in names.items():
+        with mlflow.start_run() as run:
+            mlflow.set_tags({RUN_TYPE_TAG: TUNE_RUN_TYPE, "model_uri": uri, STUDY_TAG: name,
+                             "n_trials": "2"})  # fmt: skip
+            mlflow.log_metric("subset_size", 1.0)
+        if code == "a":
+            first = run.info.run_id
+    assert find_finished_tune(uri, config, names["a"]) == first
+    assert find_finished_tune(uri, config, names["b"]) == run.info.run_id
+    assert find_finished_tune(uri, config, study_name(mv, config, "offline")) is None
