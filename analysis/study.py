@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import mlflow
+from mlflow.entities import Metric
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
@@ -580,6 +581,51 @@ def _tune(study: _Study, mv: ModelVersion) -> None:
     study.record(StepRun("tune", result.parent_run_id, uri, result.study_name))
 
 
+def _log_pooled_lift(study: _Study) -> None:
+    """Was steering measured at all? Per selection and over all of them: the steering score by
+    the paper's rule and by concept lift pooled over every target of the study's steer runs,
+    with bootstrap intervals, and the share of targets whose concept was free (present in the
+    unsteered answers). Logged as ``pooled_*`` metrics of the study run; with a few targets per
+    SAE, only the pooled lift interval can say whether the study's g measures steering."""
+    from evaluation.steering.steer import pooled_lift
+
+    by_selection: dict[str, list[str]] = {}
+    for run in study.runs:
+        if run.step == "steer" and run.run_id:
+            by_selection.setdefault(run.detail, []).append(run.run_id)
+    groups = {
+        **{f"_{sel}": ids for sel, ids in by_selection.items()},
+        "": sum(by_selection.values(), []),
+    }
+    for suffix, run_ids in groups.items():
+        if not run_ids:
+            continue
+        try:
+            pooled = pooled_lift(run_ids, study.config.seed)
+        except (ValueError, KeyError, OSError) as err:
+            study.fail(f"pooled lift{suffix}", err)
+            continue
+        study.client.log_batch(
+            study.run_id,
+            metrics=[
+                Metric(f"{key}{suffix}", value, int(time.time() * 1000), 0)
+                for key, value in pooled.items()
+                if not math.isnan(value)
+            ],
+        )
+        log.info(
+            "steering pooled over %d targets%s: score %.3f, by lift %.3f [%.3f, %.3f], "
+            "concept free unsteered on %.0f%%",
+            int(pooled["pooled_n_targets"]),
+            f" (selection {suffix[1:]})" if suffix else "",
+            pooled["pooled_steering_score"],
+            pooled["pooled_steering_score_lift"],
+            pooled["pooled_steering_score_lift_ci_low"],
+            pooled["pooled_steering_score_lift_ci_high"],
+            100 * pooled["pooled_free_concept_share"],
+        )
+
+
 def _log_runs(study: _Study) -> None:
     """``study_runs.json``: every run the study used so far (new or reused), by step."""
     study.client.log_dict(
@@ -691,6 +737,7 @@ def run_study(config: StudyConfig) -> StudyResult:
                 for selection in config.selection_names():
                     for uri in uris:
                         _steer(study, uri, selection)
+                _log_pooled_lift(study)
         # tune and analyze start their runs as top-level runs: the study's must not be active.
         target = config.tune_target()
         first_lm = config.lm_names()[0]

@@ -60,7 +60,7 @@ class SteerConfig:
       ``negatives``, optional ``genre``); ``instructions``: ``builtin`` or a .json/.jsonl/.txt file.
     - ``explain_pool`` (latent mode): candidates explained per SAE, from which the steered
       ``n_concepts`` are sampled with a seeded RNG (the interpretability-vs-utility paper
-      explains 1,000 latents and samples 100); 0 means ``4 · n_concepts``. Explanations whose
+      explains 1,000 latents and samples 100); 0 means ``2 · n_concepts``. Explanations whose
       tokens ordinary text already holds are skipped (:mod:`evaluation.steering.latent_targets`).
     - ``n_examples``: positive (and negative) texts per concept, cut to ``example_tokens``.
     """

@@ -239,6 +239,10 @@ def _log_gain(run_id: str, metrics: dict[str, float], baseline: SteerRunResult) 
     client.set_tag(run_id, GAIN_NONE_RUN_TAG, baseline.run_id)
     if not math.isnan(none_score):
         client.log_metric(run_id, "none_steering_score", none_score)
+    # The baseline's lift score too, so that a gain by lift is taken over the same none run.
+    none_lift = baseline.metrics.get("steering_score_lift", math.nan)
+    if not math.isnan(none_lift):
+        client.log_metric(run_id, "none_steering_score_lift", none_lift)
     if gain is None:
         why = (
             "the selection=none steering score is 0"
@@ -314,6 +318,9 @@ def _steer_one(
             "steer_mode": config.mode,
             "selection": config.selection,
             "judge": judge,
+            # What makes two judges' ratings comparable (kind, model, endpoint, rule version):
+            # the analysis groups runs by it.
+            "judge_identity": json.dumps(identity, sort_keys=True, default=str),
         }
     )
     with mlflow.start_run(

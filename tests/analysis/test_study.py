@@ -116,6 +116,14 @@ def test_study_end_to_end_then_reused(tiny_lm_dir: str, tracking_uri: str, tmp_p
     assert study_run.info.status == "FINISHED"
     for step in ("harvest", "train", "evaluate", "steer", "tune", "analyze", "total"):
         assert study_run.data.metrics[f"seconds_{step}"] > 0
+    # Was steering measured? The lift score pooled over every target of the steer runs.
+    pooled = study_run.data.metrics
+    assert pooled["pooled_n_targets"] == (
+        pooled["pooled_n_targets_none"] + pooled["pooled_n_targets_dtc"]
+    )
+    assert pooled["pooled_n_runs_none"] == pooled["pooled_n_runs_dtc"] == 4
+    assert 0.0 <= pooled["pooled_steering_score_lift"] <= 2.0
+    assert 0.0 <= pooled["pooled_free_concept_share"] <= 1.0
     # The steps' runs are findable from the study: children (nested or adopted) with its tag.
     children = client.search_runs(
         [study_run.info.experiment_id],

@@ -68,4 +68,4 @@ def test_latents_are_sampled_from_the_pool_seeded_per_sae() -> None:
 
 
 def test_pool_size_default() -> None:
-    assert pool_size(0, 4) == 16 and pool_size(10, 4) == 10
+    assert pool_size(0, 4) == 8 and pool_size(10, 4) == 10
