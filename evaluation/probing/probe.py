@@ -55,6 +55,7 @@ from evaluation.probing.datasets import ProbeDataset, load_all
 from evaluation.probing.methods import MethodResult, run_baseline, sae_probe
 from evaluation.probing.quiver import cell
 from evaluation.probing.regimes import Trial, check_plan
+from evaluation.probing.threads import fit_threads
 from project.cli import mark_work_started, parse_bool, run_entry_point
 from project.lm import LoadedLM, check_layer, lm_fingerprint, load_lm
 from project.registry import load_version
@@ -120,12 +121,13 @@ def run_baselines(trials: list[Trial], features: dict, config: ProbeConfig, regi
     """Every baseline on every trial of a regime (noise: ``noise_baselines``)."""
     names = config.noise_baselines if regime == "noise" else config.baselines
     out: Cells = {}
-    for trial in tqdm(trials, desc=f"{regime}: baselines", leave=False):
-        X_train, X_test = _split(trial, *features[trial.dataset])
-        out[(trial.dataset, trial.value)] = [
-            run_baseline(name, X_train, trial.y_train, X_test, trial.y_test, config.seed)
-            for name in names
-        ]
+    with fit_threads():  # once for the regime; run_baseline's own limit is then a no-op
+        for trial in tqdm(trials, desc=f"{regime}: baselines", leave=False):
+            X_train, X_test = _split(trial, *features[trial.dataset])
+            out[(trial.dataset, trial.value)] = [
+                run_baseline(name, X_train, trial.y_train, X_test, trial.y_test, config.seed)
+                for name in names
+            ]
     return out
 
 
@@ -133,11 +135,12 @@ def run_sae_probes(trials: list[Trial], latents: dict, config: ProbeConfig, regi
     """The SAE probes (k of the regime's grid) on every trial of a regime."""
     ks = config.standard_ks if regime == "standard" else config.regime_ks
     out: Cells = {}
-    for trial in tqdm(trials, desc=f"{regime}: SAE probes", leave=False):
-        Z_train, Z_test = _split(trial, *latents[trial.dataset])
-        out[(trial.dataset, trial.value)] = sae_probe(
-            Z_train, trial.y_train, Z_test, trial.y_test, ks, config.seed
-        )
+    with fit_threads():
+        for trial in tqdm(trials, desc=f"{regime}: SAE probes", leave=False):
+            Z_train, Z_test = _split(trial, *latents[trial.dataset])
+            out[(trial.dataset, trial.value)] = sae_probe(
+                Z_train, trial.y_train, Z_test, trial.y_test, ks, config.seed
+            )
     return out
 
 

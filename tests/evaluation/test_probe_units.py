@@ -8,8 +8,12 @@ from itertools import combinations
 
 import numpy as np
 import pytest
+from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_info
 
+from evaluation.probing import methods, threads
 from evaluation.probing.config import PAPER_TRAIN_SIZES, ProbeConfig
 from evaluation.probing.datasets import ProbeDataset, encode_labels
 from evaluation.probing.methods import (
@@ -25,6 +29,7 @@ from evaluation.probing.methods import (
 )
 from evaluation.probing.quiver import cell, pick
 from evaluation.probing.regimes import check_plan, corrupt_labels, trials
+from evaluation.probing.threads import FIT_THREADS_ENV, fit_thread_limit, fit_threads
 from evaluation.probing.validation import scheme, validation_auc, validation_splits
 
 
@@ -319,3 +324,130 @@ def test_l1_probe_path_is_sparse_at_small_c_and_dense_at_large_c() -> None:
     first = next(i for i, n in enumerate(nonzero) if n > 0)
     model = _logreg(sorted(C_GRID)[first], "l1", seed=42).fit(Z, y)
     assert np.flatnonzero(model.coef_[0]).tolist() == [3]  # the first latent in is the signal
+
+
+# ---------------------------------------------------------------------------------------------
+# thread limits of the fits (evaluation/probing/threads.py)
+
+
+def _thread_counts() -> dict[str, int]:
+    return {
+        f"{lib['user_api']}:{lib['filepath']}": lib["num_threads"]
+        for lib in threadpool_info()
+        if lib["user_api"] in ("blas", "openmp")
+    }
+
+
+def test_fits_run_with_one_thread_per_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(FIT_THREADS_ENV, raising=False)
+    seen: list[dict[str, int]] = []
+
+    def spy(X, y, X_test, y_test, seed: int = 42) -> MethodResult:  # noqa: ANN001
+        seen.append(_thread_counts())
+        return MethodResult("spy", 0.5, 0.5)
+
+    monkeypatch.setitem(methods.BASELINE_FUNCTIONS, "spy", spy)
+    before = _thread_counts()
+    X, y = _separable(40)
+    run_baseline("spy", X, y, X, y, seed=42)
+    assert seen and set(seen[0].values()) == {1}
+    assert _thread_counts() == before  # the caller's limits come back after the fit
+
+
+def test_sae_probe_fits_inside_the_thread_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(FIT_THREADS_ENV, raising=False)
+    seen: list[dict[str, int]] = []
+    real = methods.logreg
+
+    def spy(*args, **kwargs) -> MethodResult:  # noqa: ANN002, ANN003
+        seen.append(_thread_counts())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(methods, "logreg", spy)
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 30)
+    Z = np.maximum(rng.normal(size=(60, 8)), 0)
+    sae_probe(Z, y, Z, y, ks=(2,))
+    assert seen and set(seen[0].values()) == {1}
+
+
+def test_fit_thread_limit_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(FIT_THREADS_ENV, raising=False)
+    assert fit_thread_limit() == 1
+    monkeypatch.setenv(FIT_THREADS_ENV, "none")
+    assert fit_thread_limit() is None
+    monkeypatch.setenv(FIT_THREADS_ENV, "2")
+    assert fit_thread_limit() == 2
+    for bad in ("0", "two"):
+        monkeypatch.setenv(FIT_THREADS_ENV, bad)
+        with pytest.raises(ValueError, match=FIT_THREADS_ENV):
+            fit_thread_limit()
+
+
+def test_nested_limits_are_one_controller_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    controller = threads._thread_controller()
+    real = controller.limit
+    monkeypatch.setattr(controller, "limit", lambda **kw: calls.append(kw) or real(**kw))
+    with fit_threads(1), fit_threads(1):
+        pass
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("name", ["logreg", "pca_logreg", "knn", "mlp"])
+def test_limited_threads_give_the_unlimited_results(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fast path (one thread) computes the same method as the libraries' defaults: the
+    # same chosen setting and the same AUCs on a task where every fit converges.
+    X, y = _separable(200, d=12, seed=3)
+    X[:, 0] = X[:, 0] / 3 + np.random.default_rng(7).normal(size=200)  # overlap the classes
+    X_test, y_test = _separable(200, d=12, seed=8)
+    runs = {}
+    for limit in ("none", "1"):
+        monkeypatch.setenv(FIT_THREADS_ENV, limit)
+        runs[limit] = run_baseline(name, X, y, X_test, y_test, seed=42)
+    assert runs["1"].params == runs["none"].params
+    assert runs["1"].val_auc == pytest.approx(runs["none"].val_auc, abs=1e-6)
+    assert runs["1"].test_auc == pytest.approx(runs["none"].test_auc, abs=1e-6)
+
+
+def test_limited_threads_give_the_unlimited_sae_probes(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(2)
+    y = np.array([0, 1] * 100)
+    Z = np.maximum(rng.normal(size=(200, 32)), 0)
+    Z[:, 5] += y
+    runs = {}
+    for limit in ("none", "1"):
+        monkeypatch.setenv(FIT_THREADS_ENV, limit)
+        runs[limit] = sae_probe(Z[:150], y[:150], Z[150:], y[150:], ks=(4, 16))
+    for fast, ref in zip(runs["1"], runs["none"], strict=True):
+        assert fast.params == ref.params
+        assert fast.test_auc == pytest.approx(ref.test_auc, abs=1e-6)
+
+
+@pytest.mark.parametrize("n", [2, 10, 60, 200])
+def test_pca_logreg_refits_only_the_chosen_dimension_with_the_same_result(n: int) -> None:
+    # The reference: every d searched and refitted on all rows, the best validation AUC kept
+    # (the first of equal ones), as pca_logreg did before it refitted the chosen d only.
+    X, y = _separable(n, d=12, seed=9)
+    X[:, 0] = X[:, 0] / 3 + np.random.default_rng(10).normal(size=n)
+    X_test, y_test = _separable(100, d=12, seed=11)
+    scaler = StandardScaler().fit(X)
+    top = min(n, 12, 100)
+    pca = PCA(n_components=top, random_state=42).fit(scaler.transform(X))
+    P, P_test = pca.transform(scaler.transform(X)), pca.transform(scaler.transform(X_test))
+    splits = validation_splits(y, 42)
+    dims = np.unique(np.logspace(0, np.log2(top), num=10, base=2, dtype=int))
+    best = None
+    for d in [int(d) for d in dims] if splits is not None else [top]:
+        make = (
+            {"C": 1.0},
+            lambda: _logreg(None, seed=42),
+        )
+        r = methods._search("pca_logreg", [make], make, P[:, :d], y, P_test[:, :d], y_test, splits)
+        if best is None or r.val_auc > best.val_auc:
+            best, best.params = r, {"n_components": d}
+    result = run_baseline("pca_logreg", X, y, X_test, y_test, seed=42)
+    assert best is not None and result.params == best.params
+    assert result.val_auc == best.val_auc and result.test_auc == best.test_auc
