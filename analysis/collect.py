@@ -69,7 +69,8 @@ STUDY_RUNS_ARTIFACT = "study_runs.json"
 STUDY_RUN_TYPE = "study"
 # The study steps whose runs the analysis reads.
 ANALYSED_STEPS = ("evaluate", "steer")
-# The run types collect reads (evaluation/evaluate.py, evaluation/steering/steer.py).
+# The run types collect reads (evaluation/interpretability/evaluate.py,
+# evaluation/steering/steer.py).
 STEER_RUN_TYPE = "steer"
 EVAL_RUN_TYPE = "eval"
 
@@ -241,7 +242,8 @@ def _steer_config_params() -> tuple[str, ...]:
     less the selection (the none baseline and the selection runs of one study are one group).
     Only config fields count: per-SAE facts a run also logs (its latent-stats run, how many
     candidates it had) must not split a study into one group per SAE."""
-    from evaluation.steering.config import LatentStatsConfig, SteerConfig
+    from evaluation.selection.config import LatentStatsConfig
+    from evaluation.steering.config import SteerConfig
 
     names = [
         f.name for f in dataclasses.fields(SteerConfig) if f.name not in ("stats", "selection")
@@ -355,7 +357,7 @@ def version_rows(client: MlflowClient, names: set[str]) -> dict[tuple[str, str],
                     if measured is not None
                     else _float(tags.get("target_l0")),
                     "is_control": tags.get(BASELINE_TAG) == "random_init",
-                    # Runs about this version carry the same tag (evaluation.evaluate.run_tags).
+                    # Runs about this version carry the same tag (project.runs.run_tags).
                     TRAINING_RUN_TAG: tags.get(TRAINING_RUN_TAG) or mv.run_id or "",
                 }
             token = page.token

@@ -11,12 +11,12 @@ Steps, in order, each timed (metric ``seconds_<step>`` of the study run):
 2. ``train``: every (LM, architecture, target L0) SAE, a nested run and a registered version
    each (``training.run.train_and_register``). A version already registered from a FINISHED
    run of the same training config and training code is reused, not trained again;
-3. ``evaluate``: the ``evals`` on every study version (``evaluation.evaluate``);
+3. ``evaluate``: the ``evals`` on every study version (``evaluation.interpretability.evaluate``);
 4. ``steer``: latent-mode steering of every version under each selection (``none``,
    ``output_score``, ``dtc``; ``evaluation.steering.steer``, which logs each selection's
    steering gain over ``none``);
 5. ``tune``: a small Optuna study over DTC's choices on one version
-   (``evaluation.selection.tune``);
+   (``analysis.tune_dtc``);
 6. ``analyze``: τ_b, Ψ's and the report (``analysis.analyze``), once with no selection (the
    headline) and once per ``analyze_selections`` entry (the steering gain, the paper's Table 3),
    over exactly the eval and steer runs this study used (``study_runs.json``, logged first).
@@ -207,7 +207,7 @@ class StudyConfig:
         return config
 
     def eval_names(self) -> list[str]:
-        from evaluation.evaluate import parse_evals
+        from evaluation.interpretability.evaluate import parse_evals
 
         names = parse_evals(self.evals)
         if "autointerp" not in names:
@@ -218,7 +218,8 @@ class StudyConfig:
         return names
 
     def eval_configs(self) -> dict[str, Any]:
-        from evaluation.evaluate import EVALS, config_from_overrides
+        from evaluation.interpretability.evaluate import EVALS
+        from project.cli import config_from_overrides
 
         names = self.eval_names()
         unknown = sorted(set(self.eval_options) - set(names))
@@ -233,7 +234,7 @@ class StudyConfig:
         return configs
 
     def selection_names(self) -> list[str]:
-        from evaluation.steering.selection import check_selection
+        from evaluation.selection.registry import check_selection
 
         names = _split(self.selections)
         if not names or names[0] != "none" or len(set(names)) != len(names):
@@ -252,7 +253,8 @@ class StudyConfig:
         return names
 
     def steer_config(self, selection: str) -> Any:
-        from evaluation.steering.config import LatentStatsConfig, SteerConfig, parse_factors
+        from evaluation.selection.config import LatentStatsConfig
+        from evaluation.steering.config import SteerConfig, parse_factors
 
         return SteerConfig(
             mode="latent",
@@ -266,7 +268,7 @@ class StudyConfig:
         )
 
     def tune_config(self) -> Any:
-        from evaluation.selection.tune import TuneConfig
+        from analysis.tune_dtc import TuneConfig
         from evaluation.steering.config import parse_factors
 
         # One (α, k): the paper's defaults, so one selection table per tuned version; the
@@ -504,7 +506,7 @@ def _train(study: _Study, lm_given: str, lm: LoadedLM) -> None:
 
 
 def _evaluate(study: _Study, uri: str) -> None:
-    from evaluation.evaluate import EvaluationFailed, evaluate
+    from evaluation.interpretability.evaluate import EvaluationFailed, evaluate
 
     config = study.config
     try:
@@ -536,7 +538,7 @@ def find_finished_tune(uri: str, tune_config: Any, study_name: str) -> str | Non
     the config, the judge, the exact version and the code version) with at least the config's
     trials, past its test-split comparison (``subset_size`` is logged there, always; the
     scores may be NaN and unlogged); None if there is none."""
-    from evaluation.selection.tune import STUDY_TAG, TUNE_RUN_TYPE
+    from analysis.tune_dtc import STUDY_TAG, TUNE_RUN_TYPE
 
     client = MlflowClient()
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -558,7 +560,7 @@ def find_finished_tune(uri: str, tune_config: Any, study_name: str) -> str | Non
 
 
 def _tune(study: _Study, mv: ModelVersion) -> None:
-    from evaluation.selection.tune import study_name, tune
+    from analysis.tune_dtc import study_name, tune
     from project.judges import build_judge
     from project.tracking import lm_of
 

@@ -102,7 +102,7 @@ def _write(client: MlflowClient, experiment: str, study: SyntheticStudy) -> list
                     },
                 )
                 uri = f"models:/{name}/{version.version}"
-                # Runs about a version carry its tags (evaluation.evaluate.run_tags).
+                # Runs about a version carry its tags (project.runs.run_tags).
                 links = {
                     **version_run_tags(name, version.version),
                     LM_TAG: lm,

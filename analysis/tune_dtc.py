@@ -81,18 +81,11 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 from torch import Tensor
 
-from evaluation.evaluate import config_hash, load_sites, resolve_versions, run_tags
-from evaluation.selection.config import DTC_VARIANTS, SelectionConfig
+from evaluation.selection.config import DTC_VARIANTS, LatentStatsConfig, SelectionConfig
+from evaluation.selection.latent_stats import latent_stats_for_version
 from evaluation.selection.rules import check_direction, quantile, top_k
 from evaluation.selection.table import scores_for_version
-from evaluation.steering.config import LatentStatsConfig, SteerConfig, parse_factors
-from evaluation.steering.data import (
-    Instruction,
-    InstructionSplit,
-    load_instructions,
-    sample_instructions,
-)
-from evaluation.steering.latent_stats import latent_stats_for_version
+from evaluation.steering.config import SteerConfig, parse_factors
 from evaluation.steering.latent_targets import explained_pool, pool_size, sample_latents
 from evaluation.steering.protocol import SAE, Target, run_protocol
 from project.checks import check_int
@@ -103,9 +96,16 @@ from project.cli import (
     parse_prefixed_options,
     run_entry_point,
 )
+from project.concepts import (
+    Instruction,
+    InstructionSplit,
+    load_instructions,
+    sample_instructions,
+)
 from project.judges import JUDGE_NAMES, Judge, build_judge
 from project.lm import LoadedLM
 from project.registry import load_version
+from project.runs import config_hash, load_sites, resolve_versions, run_tags
 from project.saes import SparseAutoencoder
 from project.tracking import (
     DEFAULT_EXPERIMENT,
@@ -517,7 +517,7 @@ class DTCStudy:
         """The latents a candidate set steers, picked as steer's latent mode picks them
         (:mod:`evaluation.steering.latent_targets`): ``n_concepts`` sampled from an explained
         pool, uninformative explanations skipped; each latent is explained once per process."""
-        from evaluation.autointerp import AutointerpConfig, explain_latents
+        from evaluation.interpretability.autointerp import AutointerpConfig, explain_latents
 
         stats = self.steer_config.stats
         explain_config = AutointerpConfig(

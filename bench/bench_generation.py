@@ -33,7 +33,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     pool = json.loads(
-        resources.files("evaluation.steering").joinpath("instructions.json").read_text()
+        resources.files("project.concepts").joinpath("instructions.json").read_text()
     )["instructions"]
     # Spread over the three genres so prompt lengths vary as in a steering run.
     prompts = [item["instruction"] for item in pool[:: max(1, len(pool) // args.prompts)]][

@@ -25,7 +25,6 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from evaluation.hook_cache import HookCache
 from evaluation.selection.config import SelectionConfig
 from evaluation.selection.scores import (
     direct_scores,
@@ -33,6 +32,7 @@ from evaluation.selection.scores import (
     intervened_scores,
     scan_latents,
 )
+from project.hook_cache import HookCache
 from project.lm import DEFAULT_LM, LoadedLM, load_lm
 from project.logit_lens import decoder_lens_tokens
 from project.saes import SAEConfig, SparseAutoencoder, build_sae

@@ -168,3 +168,36 @@ def run_entry_point(main: Callable[[], None]) -> None:
         log.exception("failed: %s", err)
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(EXIT_FAILED)
+
+
+def _convert(text: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        lowered = text.strip().lower()
+        if lowered not in {"true", "false", "1", "0", "yes", "no"}:
+            raise ValueError(f"{text!r} is not a boolean (use true or false)")
+        return lowered in {"true", "1", "yes"}
+    if isinstance(default, int):
+        value = float(text)
+        if not value.is_integer():
+            raise ValueError(f"{text!r} is not an integer")
+        return int(value)
+    if isinstance(default, float):
+        return float(text)
+    if isinstance(default, tuple):
+        return tuple(_convert(p, default[0] if default else "") for p in text.split(",") if p)
+    return text
+
+
+def config_from_overrides(config_cls: type, overrides: dict[str, str], eval_name: str) -> Any:
+    """An eval config with string overrides (from the command line) converted by field type."""
+    defaults = config_cls()
+    names = [f.name for f in fields(config_cls) if f.init]  # init=False fields are derived
+    values = {}
+    for key, text in overrides.items():
+        if key not in names:
+            raise ValueError(f"{eval_name} has no config field {key!r}; fields: {', '.join(names)}")
+        try:
+            values[key] = _convert(text, getattr(defaults, key))
+        except ValueError as err:
+            raise ValueError(f"{eval_name}.{key}={text!r}: {err}") from None
+    return config_cls(**values)

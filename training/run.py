@@ -46,7 +46,7 @@ TRAINING_CODE_PACKAGES = ("training", "project.saes")
 def training_code_version() -> str:
     """``<package version>+src.<hash>`` of ``training/`` and ``project/saes/``."""
     # The one source hash helper, shared with the eval and steer config hashes.
-    from evaluation.evaluate import code_version
+    from project.runs import code_version
 
     return code_version(TRAINING_CODE_PACKAGES)
 

@@ -80,12 +80,12 @@ from sklearn.metrics import f1_score
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
-from evaluation.autointerp import bootstrap_interval
-from evaluation.hook_cache import check_sae_fits
-from evaluation.schema import EvalOutput
+from evaluation.interpretability.schema import EvalOutput
 from project.checks import check_in_range, check_ints
+from project.hook_cache import check_sae_fits
 from project.lm import LoadedLM, decoder_blocks
 from project.saes.base import SparseAutoencoder
+from project.statistics import bootstrap_interval
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,12 +45,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from evaluation.hook_cache import check_sae_fits
-from evaluation.schema import EvalOutput
+from evaluation.interpretability.schema import EvalOutput
 from project.checks import check_ints
 from project.corpus import (
     DEFAULT_CORPUS,
@@ -61,9 +58,11 @@ from project.corpus import (
     resolve_corpus,
     token_windows,
 )
+from project.hook_cache import check_sae_fits
 from project.judges import Judge
 from project.lm import LoadedLM, residual_activations
 from project.saes.base import SparseAutoencoder
+from project.statistics import bootstrap_interval
 
 logger = logging.getLogger(__name__)
 
@@ -415,33 +414,6 @@ def detection_scores(predictions: Sequence[bool], labels: Sequence[bool]) -> dic
         "never_fires": float((~y).mean()),
         "always_fires": float(y.mean()),
     }
-
-
-def bootstrap_interval(
-    values: Sequence[float], seed: int, confidence: float = 0.95
-) -> tuple[float, float]:
-    """A BCa bootstrap interval of the mean of ``values`` (``scipy.stats.bootstrap``); the
-    percentile interval where BCa is undefined, (v, v) for constant values, NaN for < 2."""
-    data = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
-    if len(data) < 2:
-        return math.nan, math.nan
-    if np.ptp(data) == 0:
-        return float(data[0]), float(data[0])
-    for method in ("BCa", "percentile"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # BCa warns and returns NaN on degenerate resamples
-            result = stats.bootstrap(
-                (data,),
-                np.mean,
-                confidence_level=confidence,
-                n_resamples=9999,
-                method=method,
-                rng=np.random.default_rng(seed),
-            )
-        low, high = result.confidence_interval
-        if math.isfinite(low) and math.isfinite(high):
-            return float(low), float(high)
-    return math.nan, math.nan
 
 
 def _judge_map(judge: Judge, fn: Callable[[Any], Any], items: list[Any], desc: str) -> list[Any]:

@@ -9,7 +9,7 @@ clean LM and with zero ablation of the hook, over every predicted position of th
 ``n_ce_windows`` windows.
 
 The hook activations, the clean next-token log-probabilities and the zero-ablation losses do not
-depend on the SAE: they come from a :class:`~evaluation.hook_cache.HookCache`, so evaluating
+depend on the SAE: they come from a :class:`~project.hook_cache.HookCache`, so evaluating
 many SAEs runs, per SAE, only the SAE and the LM blocks after the hook.
 
 Definitions (METHODS.md §2; names as SAELens / SAEBench):
@@ -41,8 +41,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from evaluation.hook_cache import HookCache, check_sae_fits, logits_from_hook
-from evaluation.schema import EvalOutput
+from evaluation.interpretability.schema import EvalOutput
 from project.corpus import (
     DEFAULT_CORPUS,
     CorpusSpec,
@@ -51,6 +50,7 @@ from project.corpus import (
     resolve_corpus,
     token_windows,
 )
+from project.hook_cache import HookCache, check_sae_fits, logits_from_hook
 from project.lm import LoadedLM
 from project.saes import SparseAutoencoder
 from project.saes.base import explained_variance

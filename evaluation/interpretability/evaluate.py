@@ -29,58 +29,48 @@ never silently grades with the evaluated LM), ``-P judge.temperature=0.7``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import json
 import logging
-import os
-import re
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from functools import lru_cache
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, is_dataclass
 from importlib import metadata as importlib_metadata
-from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-import evaluation
-import project
-from evaluation.hook_cache import HookCache, default_hook_cache_dir
-from evaluation.schema import EvalOutput, sae_bench_document
-from project.cli import parse_bool, run_entry_point
-from project.lm import LoadedLM, check_layer, hook_name, lm_fingerprint, load_lm
-from project.registry import load_sae, parse_model_uri
+from evaluation.interpretability.schema import EvalOutput, sae_bench_document
+from project.cli import config_from_overrides, parse_bool, run_entry_point
+from project.hook_cache import HookCache, default_hook_cache_dir
+from project.lm import LoadedLM, lm_fingerprint
+from project.registry import load_sae
+from project.runs import (
+    EVAL_LINK_TAG,
+    config_hash,
+    find_existing_run,
+    judge_identity,
+    load_sites,
+    parent_run,
+    resolve_versions,
+    run_tags,
+    saeflow_version,
+    version_uri,
+)
 from project.saes import SparseAutoencoder
 from project.tracking import (
     DEFAULT_EXPERIMENT,
-    LM_TAG,
-    MODEL_VERSION_NUMBER_TAG,
-    REGISTERED_MODEL_TAG,
-    RUN_TYPE_TAG,
-    TRAINING_RUN_TAG,
     configure_tracking,
-    lm_of,
     set_version_tag,
     ui_hint,
-    version_run_tags,
 )
 
 log = logging.getLogger(__name__)
 
-EVAL_RUN_TYPE = "eval"
-BATCH_RUN_TYPE = "evaluate"
-CONFIG_HASH_TAG = "eval_config_hash"
 # Command-line overrides ``--judge.<option> VALUE`` set the judge's options, not an eval's.
 JUDGE_OPTIONS_PREFIX = "judge"
-VERSION_LINK_TAG = "eval.{name}.run_id"
-_ALL_VERSIONS_URI = re.compile(r"^models:/(?P<name>[^/@]+)/?$")
-# Version tags that are not the SAE's own description (links and training metrics).
-_SKIP_VERSION_TAG_PREFIXES = ("eval.", "metric.", "mlflow.")
 
 
 @dataclass(frozen=True)
@@ -106,12 +96,14 @@ class EvalSpec:
 
 
 EVALS: dict[str, EvalSpec] = {
-    "core": EvalSpec("evaluation.core", "CoreConfig", uses_hook_cache=True),
+    "core": EvalSpec("evaluation.interpretability.core", "CoreConfig", uses_hook_cache=True),
     "sparse_probing": EvalSpec(
-        "evaluation.sparse_probing", "SparseProbingConfig", uses_hook_cache=True
+        "evaluation.interpretability.sparse_probing", "SparseProbingConfig", uses_hook_cache=True
     ),
-    "absorption": EvalSpec("evaluation.absorption", "AbsorptionConfig"),
-    "autointerp": EvalSpec("evaluation.autointerp", "AutointerpConfig", uses_judge=True),
+    "absorption": EvalSpec("evaluation.interpretability.absorption", "AbsorptionConfig"),
+    "autointerp": EvalSpec(
+        "evaluation.interpretability.autointerp", "AutointerpConfig", uses_judge=True
+    ),
 }
 
 
@@ -169,222 +161,8 @@ def parse_evals(evals: list[str] | str) -> list[str]:
     return names
 
 
-def resolve_versions(model_uri: str) -> list[ModelVersion]:
-    """The model versions a URI names: one for /VERSION or @ALIAS, all for a bare name."""
-    client = MlflowClient()
-    bare = _ALL_VERSIONS_URI.match(model_uri)
-    if bare:
-        name = bare["name"]
-        escaped = name.replace("'", "\\'")
-        try:
-            versions = client.search_model_versions(f"name = '{escaped}'")
-        except mlflow.exceptions.MlflowException as err:
-            raise ValueError(f"model URI {model_uri!r} does not resolve: {err.message}") from err
-        if not versions:
-            raise ValueError(
-                f"model URI {model_uri!r} does not resolve: no registered model {name!r} with "
-                "any version"
-            )
-        return sorted(versions, key=lambda v: int(v.version))
-    try:
-        name, version, alias = parse_model_uri(model_uri)
-    except ValueError as err:
-        raise ValueError(f"{err}, or models:/NAME for every version") from None
-    try:
-        if version:
-            return [client.get_model_version(name, version)]
-        return [client.get_model_version_by_alias(name, alias)]
-    except mlflow.exceptions.MlflowException as err:
-        raise ValueError(f"model URI {model_uri!r} does not resolve: {err.message}") from err
-
-
-def _version_uri(mv: ModelVersion) -> str:
-    return f"models:/{mv.name}/{mv.version}"
-
-
-def version_site(mv: ModelVersion) -> tuple[str, int]:
-    """(LM name, layer) of a version, from its tags; ValueError if they are missing or odd."""
-    tags = mv.tags or {}
-    missing = [k for k, v in ((LM_TAG, lm_of(tags)), ("layer", tags.get("layer"))) if v is None]
-    if missing:
-        raise ValueError(f"{_version_uri(mv)} lacks the version tags {missing}")
-    try:
-        layer = int(tags["layer"])
-    except ValueError:
-        raise ValueError(
-            f"{_version_uri(mv)} has a non-integer layer tag {tags['layer']!r}"
-        ) from None
-    hook = tags.get("hook_name", hook_name(layer))
-    if hook != hook_name(layer):
-        raise ValueError(
-            f"{_version_uri(mv)} is an SAE at {hook!r}; evaluation supports the residual stream "
-            f"after a block ({hook_name(layer)!r})"
-        )
-    return str(lm_of(tags)), layer
-
-
-@lru_cache(maxsize=1)
-def saeflow_version() -> str:
-    """``<package version>+src.<hash>``: the hash covers every ``.py`` file of the
-    ``evaluation`` and ``project`` packages (the code an eval result depends on), so any change
-    to them, committed or not, makes a new version, and nothing else does."""
-    return code_version((evaluation.__name__, project.__name__))
-
-
-@lru_cache(maxsize=8)
-def code_version(packages: tuple[str, ...]) -> str:
-    """``<package version>+src.<hash>`` of every ``.py`` file of the named (sub)packages, e.g.
-    ``("training", "project.saes")``: what a result of that code is reused by."""
-    try:
-        version = importlib_metadata.version("saeflow")
-    except importlib_metadata.PackageNotFoundError:
-        version = "0+unknown"
-    h = hashlib.sha256()
-    for name in packages:
-        package = importlib.import_module(name)
-        root = Path(next(iter(package.__path__)))
-        for path in sorted(root.rglob("*.py")):
-            h.update(f"{package.__name__}/{path.relative_to(root).as_posix()}\0".encode())
-            h.update(path.read_bytes())
-    return f"{version}+src.{h.hexdigest()[:12]}"
-
-
-def judge_identity(judge: Any) -> dict[str, str] | str | None:
-    """A judge's ``identity()`` where it has one, else its name (or None: no judge)."""
-    if judge is None or isinstance(judge, str | dict):
-        return judge
-    identity = getattr(judge, "identity", None)
-    if callable(identity):
-        return {str(k): str(v) for k, v in identity().items()}
-    return str(getattr(judge, "name", type(judge).__name__))
-
-
-def load_sites(
-    versions: list[ModelVersion], lms: dict[str, LoadedLM] | None = None
-) -> tuple[dict[str, tuple[str, int]], dict[str, LoadedLM]]:
-    """(version → (LM name, layer), LM name → loaded LM) for ``versions``: each LM loaded once
-    (``lms`` may hold some already), its layer checked, and each version's d_in checked against
-    the LM's width; ValueError before any work otherwise."""
-    sites = {mv.version: version_site(mv) for mv in versions}
-    lms = dict(lms or {})
-    for lm_name, layer in sites.values():
-        if lm_name not in lms:
-            lms[lm_name] = load_lm(lm_name)
-        check_layer(lms[lm_name], layer)
-    for mv in versions:
-        d_in = (mv.tags or {}).get("d_in")
-        lm = lms[sites[mv.version][0]]
-        if d_in is not None and int(d_in) != lm.d_model:
-            raise ValueError(f"{_version_uri(mv)} has d_in {d_in} but {lm.name} has {lm.d_model}")
-    return sites, lms
-
-
-def config_hash(
-    eval_name: str,
-    config: Any,
-    judge: Any,
-    mv: ModelVersion,
-    *,
-    lm_fingerprint: str = "",
-    code_version: str | None = None,
-) -> str:
-    """Identity of an evaluation: eval, whole config, judge identity (if one is used: a judge
-    object, its ``identity()`` dict or its name), the exact version, the LM's fingerprint and
-    saeflow's code version (default: :func:`saeflow_version`)."""
-    payload = {
-        "eval": eval_name,
-        "config": asdict(config) if is_dataclass(config) else dict(config),
-        "judge": judge_identity(judge),
-        "version": [mv.name, str(mv.version), mv.run_id, mv.source],
-        "lm": lm_fingerprint,
-        "saeflow": code_version if code_version is not None else saeflow_version(),
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
-        :16
-    ]
-
-
-def _convert(text: str, default: Any) -> Any:
-    if isinstance(default, bool):
-        lowered = text.strip().lower()
-        if lowered not in {"true", "false", "1", "0", "yes", "no"}:
-            raise ValueError(f"{text!r} is not a boolean (use true or false)")
-        return lowered in {"true", "1", "yes"}
-    if isinstance(default, int):
-        value = float(text)
-        if not value.is_integer():
-            raise ValueError(f"{text!r} is not an integer")
-        return int(value)
-    if isinstance(default, float):
-        return float(text)
-    if isinstance(default, tuple):
-        return tuple(_convert(p, default[0] if default else "") for p in text.split(",") if p)
-    return text
-
-
-def config_from_overrides(config_cls: type, overrides: dict[str, str], eval_name: str) -> Any:
-    """An eval config with string overrides (from the command line) converted by field type."""
-    defaults = config_cls()
-    names = [f.name for f in fields(config_cls) if f.init]  # init=False fields are derived
-    values = {}
-    for key, text in overrides.items():
-        if key not in names:
-            raise ValueError(f"{eval_name} has no config field {key!r}; fields: {', '.join(names)}")
-        try:
-            values[key] = _convert(text, getattr(defaults, key))
-        except ValueError as err:
-            raise ValueError(f"{eval_name}.{key}={text!r}: {err}") from None
-    return config_cls(**values)
-
-
 # ---------------------------------------------------------------------------------------------
 # runs
-
-
-def find_finished_run(mv: ModelVersion, run_type: str, digest: str, **tags: str) -> Any | None:
-    """The latest FINISHED run of ``run_type`` about this version with this config hash (and
-    these extra tag values), in any experiment; None if there is none. Every kind of run that
-    is reused by config hash (eval, steer, latent stats, probe) is found here."""
-    client = MlflowClient()
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    name = mv.name.replace("'", "\\'")
-    extra = "".join(f" AND tags.{key} = '{value}'" for key, value in tags.items())
-    runs = client.search_runs(
-        experiments,
-        filter_string=(
-            f"tags.`{RUN_TYPE_TAG}` = '{run_type}'{extra} "
-            f"AND tags.{REGISTERED_MODEL_TAG} = '{name}' AND tags.{MODEL_VERSION_NUMBER_TAG} = '{mv.version}' "
-            f"AND tags.{CONFIG_HASH_TAG} = '{digest}' AND attributes.status = 'FINISHED'"
-        ),
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0] if runs else None
-
-
-def find_existing_run(mv: ModelVersion, eval_name: str, digest: str) -> Any | None:
-    """The latest FINISHED eval run of this version with this config hash, if any."""
-    return find_finished_run(mv, EVAL_RUN_TYPE, digest, eval=eval_name)
-
-
-def run_tags(mv: ModelVersion, eval_name: str, digest: str) -> dict[str, str]:
-    """Tags linking an eval run to its version, plus the version's own tags."""
-    tags: dict[str, str] = {}
-    for key, value in (mv.tags or {}).items():
-        if key.startswith(_SKIP_VERSION_TAG_PREFIXES):
-            continue
-        # Versions registered before the vocabulary was fixed called the LM "model_name".
-        tags[LM_TAG if key == "model_name" else key] = str(value)
-    tags.update(version_run_tags(mv.name, mv.version))
-    tags.update(
-        {
-            RUN_TYPE_TAG: EVAL_RUN_TYPE,
-            "eval": eval_name,
-            TRAINING_RUN_TAG: (mv.tags or {}).get(TRAINING_RUN_TAG) or mv.run_id or "",
-            CONFIG_HASH_TAG: digest,
-        }
-    )
-    return tags
 
 
 def _params(config: Any, judge: str | None) -> dict[str, str]:
@@ -405,24 +183,6 @@ def _sae_lens_version() -> str:
         return "unknown"
 
 
-@contextmanager
-def parent_run() -> Iterator[None]:
-    """Nest eval runs under the caller's active run, or under the `mlflow run` launcher run."""
-    launcher = os.environ.get("MLFLOW_RUN_ID")
-    if mlflow.active_run() is None and launcher:
-        # start_run resumes $MLFLOW_RUN_ID whenever it is set, nested or not: take it out while
-        # the eval runs start, or the first of them would be the launcher run itself.
-        os.environ.pop("MLFLOW_RUN_ID")
-        try:
-            with mlflow.start_run(run_id=launcher):
-                mlflow.set_tag(RUN_TYPE_TAG, BATCH_RUN_TYPE)
-                yield
-        finally:
-            os.environ["MLFLOW_RUN_ID"] = launcher
-    else:
-        yield
-
-
 def _log_eval_run(
     name: str,
     spec: EvalSpec,
@@ -439,7 +199,7 @@ def _log_eval_run(
     started_runs: list[str],
     provenance: dict[str, str],
 ) -> EvalRunResult:
-    uri = _version_uri(mv)
+    uri = version_uri(mv)
     started = time.perf_counter()
     with mlflow.start_run(
         run_name=f"{name}-{mv.name}-v{mv.version}",
@@ -469,7 +229,7 @@ def _log_eval_run(
             mlflow.log_table(table, f"tables/{table_name}.json")
         seconds = time.perf_counter() - started
         mlflow.set_tag("eval_seconds", f"{seconds:.1f}")
-    set_version_tag(mv.name, mv.version, VERSION_LINK_TAG.format(name=name), run.info.run_id)
+    set_version_tag(mv.name, mv.version, EVAL_LINK_TAG.format(name=name), run.info.run_id)
     log.info("%s on %s finished in %.1fs (run %s)", name, uri, seconds, run.info.run_id)
     return EvalRunResult(uri, name, "FINISHED", run.info.run_id, metrics, seconds=seconds)
 
@@ -569,7 +329,7 @@ def _evaluate_version(
     hook_cache: HookCache,
     fingerprints: dict[str, str],
 ) -> list[EvalRunResult]:
-    uri = _version_uri(mv)
+    uri = version_uri(mv)
     lm_name, layer = sites[mv.version]
     results = []
     sae: SparseAutoencoder | None = None
@@ -588,7 +348,7 @@ def _evaluate_version(
         if existing is not None:
             run_id = existing.info.run_id
             log.info("%s on %s: reusing FINISHED run %s (force=true recomputes)", name, uri, run_id)
-            set_version_tag(mv.name, mv.version, VERSION_LINK_TAG.format(name=name), run_id)
+            set_version_tag(mv.name, mv.version, EVAL_LINK_TAG.format(name=name), run_id)
             results.append(
                 EvalRunResult(uri, name, "FINISHED", run_id, dict(existing.data.metrics), True)
             )

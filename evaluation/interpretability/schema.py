@@ -1,8 +1,8 @@
 """What every evaluation returns, and the SAEBench-shaped JSON document saeflow logs for it.
 
 Each evaluation module exposes a typed config dataclass and a function
-``compute(sae, lm, layer, config, ...) -> EvalOutput``; the entry point (evaluation/evaluate.py)
-turns an EvalOutput into one MLflow run per (model version, eval) with
+``compute(sae, lm, layer, config, ...) -> EvalOutput``; the entry point
+(evaluation/interpretability/evaluate.py) turns an EvalOutput into one MLflow run per (model version, eval) with
 ``sae_bench_document`` as its artifact.
 """
 

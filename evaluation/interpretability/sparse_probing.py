@@ -1,8 +1,8 @@
 """sparse_probing: k-sparse probes on SAE latents against probes on the raw activations.
 
-For each binary task (evaluation/probing_tasks.py), every text is run through the LM to the
-SAE's hook once (hook activations cached in a :class:`~evaluation.hook_cache.HookCache` and
-shared by every SAE), and both the activations and the SAE latents are mean-pooled over the
+For each binary task (evaluation/interpretability/sparse_probing_tasks.py), every text is run
+through the LM to the SAE's hook once (hook activations cached in a
+:class:`~project.hook_cache.HookCache` and shared by every SAE), and both the activations and the SAE latents are mean-pooled over the
 text's tokens (BOS excluded: its attention-sink norm would dominate the mean). Then, as
 SAEBench does:
 
@@ -38,20 +38,20 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from evaluation.autointerp import bootstrap_interval
-from evaluation.hook_cache import HookCache, check_sae_fits
-from evaluation.probing_tasks import (
+from evaluation.interpretability.schema import EvalOutput
+from evaluation.interpretability.sparse_probing_tasks import (
     STDLIB,
     ProbingTask,
     check_sources,
     load_tasks,
     parse_sources,
 )
-from evaluation.schema import EvalOutput
 from project.checks import check_ints
 from project.corpus import DEFAULT_CORPUS, CorpusSpec, region_description
+from project.hook_cache import HookCache, check_sae_fits
 from project.lm import LoadedLM
 from project.saes import SparseAutoencoder
+from project.statistics import bootstrap_interval
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +65,8 @@ TOP_K_SELECTIONS = ("mean_difference", "effect_size")
 class SparseProbingConfig:
     """Which tasks, how big, and the probes.
 
-    ``tasks``: comma-separated sources, see evaluation/probing_tasks.py (``stdlib``,
-    ``PATH[:TEXT_COLUMN:LABEL_COLUMN]``, ``hf:NAME[@CONFIG]:TEXT_COLUMN:LABEL_COLUMN[:SPLIT]``).
+    ``tasks``: comma-separated sources, see evaluation/interpretability/sparse_probing_tasks.py
+    (``stdlib``, ``PATH[:TEXT_COLUMN:LABEL_COLUMN]``, ``hf:NAME[@CONFIG]:TEXT_COLUMN:LABEL_COLUMN[:SPLIT]``).
     Each task has ``n_train_per_class`` + ``n_test_per_class`` texts per class (fewer if a class
     is short), each cut to ``max_tokens`` tokens including BOS. ``corpus_region`` (set, not an
     input) states which text the ``stdlib`` tasks come from: the corpus's eval region only.

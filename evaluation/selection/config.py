@@ -1,4 +1,5 @@
-"""Settings of the per-latent selection scores, checked before any work starts."""
+"""Settings of the per-latent statistics table and the selection scores, checked before any
+work starts."""
 
 from __future__ import annotations
 
@@ -24,6 +25,23 @@ def _check_number(name: str, value: object, low: float, *, strict: bool = False)
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class LatentStatsConfig:
+    """Where and how much held-out text measures each latent's max activation m_i and firing
+    frequency (the eval region of ``corpus``; BOS / EOS / pad positions never count)."""
+
+    corpus: str = DEFAULT_CORPUS
+    text_column: str = "text"
+    n_tokens: int = 16_384
+    context_size: int = 128
+    lm_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        check_int("stats_n_tokens", self.n_tokens, 1)
+        check_int("stats_context_size", self.context_size, 2)
+        check_int("stats_lm_batch_size", self.lm_batch_size, 1)
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,7 @@ def supervised_over_concepts(
         shipped set by default; steering's selection context does not say which concepts a run
         uses, so this is the set its defaults draw: 6 shipped concepts, or every concept of a
     file). NaN below the support of 50."""
-    from evaluation.steering.data import load_concepts, read_concepts_file
+    from project.concepts import load_concepts, read_concepts_file
 
     if n_concepts is None:  # steering's default count, or every concept of a file
         n_concepts = 6 if concepts == "stdlib" else len(read_concepts_file(concepts))

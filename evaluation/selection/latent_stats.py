@@ -21,15 +21,15 @@ from mlflow.tracking import MlflowClient
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from evaluation.evaluate import config_hash, find_finished_run, run_tags
-from evaluation.hook_cache import check_sae_fits
-from evaluation.steering.config import LatentStatsConfig
+from evaluation.selection.config import LatentStatsConfig
 from project.corpus import (
     eval_windows,
     region_description,
     resolve_corpus,
 )
+from project.hook_cache import check_sae_fits
 from project.lm import LoadedLM, residual_activations
+from project.runs import config_hash, find_finished_run, run_tags
 from project.saes import SparseAutoencoder
 from project.tracking import RUN_TYPE_TAG, set_version_tag
 

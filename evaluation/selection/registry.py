@@ -65,6 +65,6 @@ def select(name: str, context: SelectionContext) -> list[int]:
 
 # The per-latent criteria of evaluation/selection (dtc, output_score, input_score, supervised,
 # max_activation, random) register themselves here; imported last, it needs SELECTIONS above.
-from evaluation.selection.steering import register_selections  # noqa: E402
+from evaluation.selection.criteria import register_selections  # noqa: E402
 
 register_selections(SELECTIONS)

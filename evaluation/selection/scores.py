@@ -2,9 +2,9 @@
 
 Output score and Delta Token Confidence (DTC) read the next-token distribution at the end of
 the neutral prefix, once clean and once with latent i intervened on. The batched path starts
-from the prefix's hook activation (cached in a :class:`~evaluation.hook_cache.HookCache`),
+from the prefix's hook activation (cached in a :class:`~project.hook_cache.HookCache`),
 puts latents along the batch dimension and runs only the blocks after the hook
-(:func:`~evaluation.hook_cache.logits_from_hook`); the clean pass runs once. The direct path
+(:func:`~project.hook_cache.logits_from_hook`); the clean pass runs once. The direct path
 (:func:`direct_scores`, the reference the tests and ``bench/bench_selection.py`` compare with)
 runs one clean and one intervened full forward per latent, encoding the live hidden state in a
 hook, and must agree to 1e-4.
@@ -33,15 +33,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from evaluation.hook_cache import (
+from evaluation.selection.config import SelectionConfig
+from project.corpus import eval_windows
+from project.hook_cache import (
     HookCache,
     _blocks_return_tuple,
     _HandOn,
     check_sae_fits,
     logits_from_hook,
 )
-from evaluation.selection.config import SelectionConfig
-from project.corpus import eval_windows
 from project.lm import LoadedLM, decoder_blocks, residual_activations, splice_residual
 from project.logit_lens import decoder_lens_tokens
 from project.saes import SparseAutoencoder
@@ -133,7 +133,7 @@ class _LastPosition:
     Every earlier position is the clean prefix for every latent, so the LM runs on it once
     (``use_cache``) and each batch runs the last position alone against that KV cache, the
     blocks up to the hook handing on the given hidden state (the stubs of
-    :func:`~evaluation.hook_cache.logits_from_hook`). Their cache entries stay at T − 1
+    :func:`~project.hook_cache.logits_from_hook`). Their cache entries stay at T − 1
     positions, which is what sets the last position's index, mask and rotary angle right.
     """
 

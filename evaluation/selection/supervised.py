@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from evaluation.hook_cache import check_sae_fits
+from project.hook_cache import check_sae_fits
 from project.lm import LoadedLM, residual_activations
 from project.saes import SparseAutoencoder
 

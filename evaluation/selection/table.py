@@ -30,9 +30,16 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 from torch import Tensor
 
-from evaluation.evaluate import (
-    VERSION_LINK_TAG,
-    config_from_overrides,
+from evaluation.interpretability.schema import EvalOutput
+from evaluation.selection import plots
+from evaluation.selection.config import SelectionConfig
+from evaluation.selection.scores import INTERVENED_SCORES, compute_scores
+from project.cli import config_from_overrides, parse_bool, run_entry_point
+from project.hook_cache import HookCache
+from project.lm import LoadedLM, check_layer, load_lm
+from project.registry import load_version
+from project.runs import (
+    EVAL_LINK_TAG,
     config_hash,
     find_existing_run,
     find_finished_run,
@@ -41,14 +48,6 @@ from evaluation.evaluate import (
     run_tags,
     version_site,
 )
-from evaluation.hook_cache import HookCache
-from evaluation.schema import EvalOutput
-from evaluation.selection import plots
-from evaluation.selection.config import SelectionConfig
-from evaluation.selection.scores import INTERVENED_SCORES, compute_scores
-from project.cli import parse_bool, run_entry_point
-from project.lm import LoadedLM, check_layer, load_lm
-from project.registry import load_version
 from project.saes import SparseAutoencoder
 from project.tracking import DEFAULT_EXPERIMENT, configure_tracking, set_version_tag, ui_hint
 
@@ -130,8 +129,8 @@ def _steering_stats(
     """The version's logged ``latent_stats`` table for the same text, when one exists; never
     measured here: the scan computes the same figures on the same windows, and measuring them
     twice would double the LM work of a fresh version."""
-    from evaluation.steering.config import LatentStatsConfig
-    from evaluation.steering.latent_stats import STATS_RUN_TYPE, latent_stats_for_version
+    from evaluation.selection.config import LatentStatsConfig
+    from evaluation.selection.latent_stats import STATS_RUN_TYPE, latent_stats_for_version
 
     stats_config = LatentStatsConfig(
         corpus=config.corpus,
@@ -163,7 +162,7 @@ def scores_for_version(
     config = config or SelectionConfig()
     digest = config_hash(EVAL_NAME, config, None, mv)
     existing = None if force else find_existing_run(mv, EVAL_NAME, digest)
-    link = VERSION_LINK_TAG.format(name=EVAL_NAME)
+    link = EVAL_LINK_TAG.format(name=EVAL_NAME)
     if existing is not None:
         run_id = existing.info.run_id
         logger.info("selection scores of %s/%s: reusing run %s", mv.name, mv.version, run_id)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from evaluation.selection.config import LatentStatsConfig
 from project.checks import check_int
 from project.cli import parse_list
-from project.corpus import DEFAULT_CORPUS
 
 MODES = ("latent", "concept")
 INTERVENTIONS = ("add", "clamp")
@@ -25,23 +25,6 @@ DEFAULT_PROMPT_TEMPLATE = (
 
 
 @dataclass(frozen=True)
-class LatentStatsConfig:
-    """Where and how much held-out text measures each latent's max activation m_i and firing
-    frequency (the eval region of ``corpus``; BOS / EOS / pad positions never count)."""
-
-    corpus: str = DEFAULT_CORPUS
-    text_column: str = "text"
-    n_tokens: int = 16_384
-    context_size: int = 128
-    lm_batch_size: int = 16
-
-    def __post_init__(self) -> None:
-        check_int("stats_n_tokens", self.n_tokens, 1)
-        check_int("stats_context_size", self.context_size, 2)
-        check_int("stats_lm_batch_size", self.lm_batch_size, 1)
-
-
-@dataclass(frozen=True)
 class SteerConfig:
     """One steering evaluation. CPU defaults; AxBench's paper scale is ``n_instructions=10``,
     ``max_new_tokens=128``, ``factors=AXBENCH_ADD_FACTORS``, 100 concepts.
@@ -50,7 +33,7 @@ class SteerConfig:
       max-pooled AUROC one; DiffMean, a random direction and prompting run beside it) or
       ``latent`` (sampled live latents, each steered toward its own autointerp explanation).
     - ``selection``: which latents are candidates (``none``: every live latent; see
-      :mod:`evaluation.steering.selection`).
+      :mod:`evaluation.selection.registry`).
     - ``intervention``: ``add`` (``x + α·m_i·v_i``) or ``clamp`` (latent i set to ``α·m_i``,
       the SAE error kept) for the SAE method; references always add.
     - ``n_concepts``: concepts (concept mode) or latents (latent mode) steered.
@@ -84,7 +67,7 @@ class SteerConfig:
     stats: LatentStatsConfig = field(default_factory=LatentStatsConfig)
 
     def __post_init__(self) -> None:
-        from evaluation.steering.selection import check_selection
+        from evaluation.selection.registry import check_selection
 
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; valid modes: {', '.join(MODES)}")

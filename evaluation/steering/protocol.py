@@ -40,14 +40,14 @@ import torch
 from scipy.stats import rankdata
 from torch import Tensor
 
-from evaluation.autointerp import bootstrap_interval
 from evaluation.steering.config import SteerConfig
-from evaluation.steering.data import Concept, Instruction, InstructionSplit
 from evaluation.steering.interventions import AddVectors, ClampLatent, unit_decoder_rows
+from project.concepts import Concept, Instruction, InstructionSplit
 from project.generation import GenerationConfig, generate
 from project.judges import Judge
 from project.lm import LoadedLM, residual_activations
 from project.saes import SparseAutoencoder
+from project.statistics import bootstrap_interval
 
 logger = logging.getLogger(__name__)
 

@@ -46,23 +46,10 @@ import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from evaluation.evaluate import (
-    config_hash,
-    find_finished_run,
-    load_sites,
-    parent_run,
-    resolve_versions,
-    run_tags,
-)
-from evaluation.steering.config import LatentStatsConfig, SteerConfig, parse_factors
-from evaluation.steering.data import (
-    Concept,
-    Instruction,
-    load_concepts,
-    load_instructions,
-    sample_instructions,
-)
-from evaluation.steering.latent_stats import latent_stats_for_version
+from evaluation.selection.config import LatentStatsConfig
+from evaluation.selection.latent_stats import latent_stats_for_version
+from evaluation.selection.registry import SelectionContext, select
+from evaluation.steering.config import SteerConfig, parse_factors
 from evaluation.steering.latent_targets import (
     ExplainedPool,
     explained_pool,
@@ -70,12 +57,26 @@ from evaluation.steering.latent_targets import (
     sample_latents,
 )
 from evaluation.steering.protocol import Target, concept_targets, run_protocol
-from evaluation.steering.selection import SelectionContext, select
 from project.cli import parse_bool, parse_int, parse_prefixed_options, run_entry_point
+from project.concepts import (
+    Concept,
+    Instruction,
+    load_concepts,
+    load_instructions,
+    sample_instructions,
+)
 from project.judges import JUDGE_NAMES, Judge, build_judge
 from project.judges.agreement import measured_agreement
 from project.lm import LoadedLM
 from project.registry import load_version
+from project.runs import (
+    config_hash,
+    find_finished_run,
+    load_sites,
+    parent_run,
+    resolve_versions,
+    run_tags,
+)
 from project.saes import SparseAutoencoder
 from project.tracking import (
     DEFAULT_EXPERIMENT,
@@ -126,7 +127,7 @@ def _latent_targets(
 ) -> tuple[list[Target], ExplainedPool]:
     """``n_concepts`` latents sampled from an explained pool of the candidates
     (:mod:`evaluation.steering.latent_targets`), each with its explanation as the concept."""
-    from evaluation.autointerp import AutointerpConfig, explain_latents
+    from evaluation.interpretability.autointerp import AutointerpConfig, explain_latents
 
     explain_config = AutointerpConfig(
         corpus=config.stats.corpus, text_column=config.stats.text_column, seed=config.seed
@@ -443,7 +444,7 @@ def pooled_lift(run_ids: list[str], seed: int = 0) -> dict[str, float]:
     a bootstrap interval of each over all targets of all runs, and the share of targets whose
     concept the unsteered answers already carry. Per SAE there are only a few targets; pooled
     over a study's SAEs, the lift interval says whether steering was measured at all."""
-    from evaluation.autointerp import bootstrap_interval
+    from project.statistics import bootstrap_interval
 
     scores: list[float] = []
     lifts: list[float] = []

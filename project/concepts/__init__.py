@@ -48,7 +48,7 @@ class InstructionSplit:
 
 
 def _package_json(name: str) -> dict:
-    return json.loads(resources.files("evaluation.steering").joinpath(name).read_text())
+    return json.loads(resources.files("project.concepts").joinpath(name).read_text())
 
 
 @lru_cache(maxsize=64)

@@ -290,8 +290,8 @@ def test_a_trained_version_is_reused_only_by_the_same_training_code(tracking_uri
 
 def test_the_tune_study_name_and_its_reuse_include_the_code_version(tracking_uri: str) -> None:
     from analysis.study import find_finished_tune
-    from evaluation.evaluate import saeflow_version
-    from evaluation.selection.tune import STUDY_TAG, TUNE_RUN_TYPE, TuneConfig, study_name
+    from analysis.tune_dtc import STUDY_TAG, TUNE_RUN_TYPE, TuneConfig, study_name
+    from project.runs import saeflow_version
 
     client = MlflowClient()
     client.create_registered_model("m")

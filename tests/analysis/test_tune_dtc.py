@@ -1,4 +1,4 @@
-"""tune_dtc (evaluation/selection/tune.py): an Optuna study over DTC selection on a tiny random LM
+"""tune_dtc (analysis/tune_dtc.py): an Optuna study over DTC selection on a tiny random LM
 with a registered TopK SAE — nested trial runs and the test comparison on the parent run, two
 worker processes on one SQLite storage, resume after an interruption, bad input."""
 
@@ -21,7 +21,7 @@ from conftest import register_as_trained
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from evaluation.selection.tune import (
+from analysis.tune_dtc import (
     INFEASIBLE,
     PARENT_ATTR,
     TRIAL_RUN_TYPE,
@@ -111,7 +111,7 @@ def worker_command(uri: str, storage: str, n_trials: int) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "evaluation.selection.tune",
+        "analysis.tune_dtc",
         "--model_uri",
         uri,
         "--storage",

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import sparse
 
-from evaluation.absorption import (
+from evaluation.interpretability.absorption import (
     AbsorptionConfig,
     _absorption,
     _fit_probe,
@@ -18,7 +18,7 @@ from evaluation.absorption import (
     _word_activations,
     compute,
 )
-from evaluation.schema import EvalOutput
+from evaluation.interpretability.schema import EvalOutput
 from project.lm import LoadedLM, load_lm, residual_activations
 from project.saes import SAEConfig, build_sae
 

@@ -6,18 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.autointerp import (
+from evaluation.interpretability.autointerp import (
     AutointerpConfig,
     _build_examples,
     _scan,
     _score_latent,
     _TokenText,
-    bootstrap_interval,
     compute,
     detection_scores,
     explain_latents,
 )
-from evaluation.schema import EvalOutput
+from evaluation.interpretability.schema import EvalOutput
 from project.corpus import iter_texts, region_description, resolve_corpus, token_windows
 from project.judges import ChatJudge, Judge, build_judge
 from project.lm import LoadedLM
@@ -231,19 +230,6 @@ def test_a_never_fires_judge_scores_exactly_the_floor(
     assert metrics["autointerp_balanced_accuracy"] == 0.5
     table = out.tables["autointerp_explanations"]
     assert table["score"] == table["never_fires_score"]
-
-
-def test_bootstrap_interval() -> None:
-    rng = np.random.default_rng(0)
-    values = rng.uniform(0.5, 1.0, size=100)
-    low, high = bootstrap_interval(values.tolist(), seed=1)
-    assert low < values.mean() < high
-    assert 0.02 < high - low < 0.1  # ≈ ±1.96 · 0.144 / √100
-    assert bootstrap_interval(values.tolist(), seed=1) == (low, high)  # seeded
-    assert bootstrap_interval([0.7] * 5, seed=1) == (0.7, 0.7)
-    assert all(math.isnan(v) for v in bootstrap_interval([0.7], seed=1))
-    wide_low, wide_high = bootstrap_interval(values[:10].tolist(), seed=1)
-    assert wide_high - wide_low > high - low
 
 
 class _RecordingJudge(_LexicalOracle):

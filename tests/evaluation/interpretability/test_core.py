@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evaluation import hook_cache as hook_cache_module
-from evaluation.core import CoreConfig, compute, eval_windows
-from evaluation.hook_cache import HookCache, logits_from_hook
+from evaluation.interpretability.core import CoreConfig, compute, eval_windows
+from project import hook_cache as hook_cache_module
 from project.corpus import iter_texts, region_description, resolve_corpus, token_windows
+from project.hook_cache import HookCache, logits_from_hook
 from project.lm import (
     TINY_FAMILIES,
     LoadedLM,

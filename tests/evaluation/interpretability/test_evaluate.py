@@ -13,18 +13,19 @@ import torch
 from conftest import register_as_trained
 from mlflow.tracking import MlflowClient
 
-from evaluation import evaluate as evaluate_module
-from evaluation import sparse_probing
-from evaluation.core import CoreConfig
-from evaluation.evaluate import EvaluationFailed, evaluate, main, summary_table
-from evaluation.sparse_probing import SparseProbingConfig
+from evaluation.interpretability import evaluate as evaluate_module
+from evaluation.interpretability import sparse_probing
+from evaluation.interpretability.core import CoreConfig
+from evaluation.interpretability.evaluate import EvaluationFailed, evaluate, main, summary_table
+from evaluation.interpretability.sparse_probing import SparseProbingConfig
+from project import runs as runs_module
 from project.lm import lm_fingerprint, load_lm
 from project.saes import SAEConfig, build_sae
 from project.tracking import RUN_TYPE_TAG
 
 NAME = "sae-tiny-l1"
 LAYER = 1
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
@@ -343,7 +344,7 @@ def test_reuse_hash_covers_judge_identity_lm_weights_and_code(
     config = small_configs(labels_tsv)["core"]
 
     def digest(judge: object, lm: str = "lm:1", code: str = "0.1.0+src.a") -> str:
-        return evaluate_module.config_hash(
+        return runs_module.config_hash(
             "autointerp", config, judge, mv, lm_fingerprint=lm, code_version=code
         )
 
@@ -361,7 +362,7 @@ def test_reuse_hash_covers_judge_identity_lm_weights_and_code(
     (first,) = evaluate(uri, ["core"], configs=configs, lms={tiny_lm_dir: lm})
     run = MlflowClient().get_run(first.run_id)
     assert run.data.tags["lm_fingerprint"] == lm_fingerprint(lm)
-    assert run.data.tags["saeflow_version"] == evaluate_module.saeflow_version()
+    assert run.data.tags["saeflow_version"] == runs_module.saeflow_version()
     assert "+src." in run.data.tags["saeflow_version"]
     (again,) = evaluate(uri, ["core"], configs=configs, lms={tiny_lm_dir: lm})
     assert again.reused
@@ -369,14 +370,14 @@ def test_reuse_hash_covers_judge_identity_lm_weights_and_code(
         lm.model.model.layers[0].mlp.down_proj.weight.mul_(1.01)  # "fine-tuned" weights
     (retuned,) = evaluate(uri, ["core"], configs=configs, lms={tiny_lm_dir: lm})
     assert not retuned.reused
-    monkeypatch.setattr(evaluate_module, "saeflow_version", lambda: "0.1.0+src.fixed")
+    monkeypatch.setattr(runs_module, "saeflow_version", lambda: "0.1.0+src.fixed")
     (fixed,) = evaluate(uri, ["core"], configs=configs, lms={tiny_lm_dir: lm})
     assert not fixed.reused
     assert len(eval_runs()) == 3
 
 
 def test_saeflow_version_hashes_the_eval_source() -> None:
-    version = evaluate_module.saeflow_version()
+    version = runs_module.saeflow_version()
     assert version.startswith("0.1.0+src.") and len(version.split("+src.")[1]) == 12
 
 

@@ -9,23 +9,23 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation import probing_tasks
-from evaluation.hook_cache import HookCache
-from evaluation.probing_tasks import (
-    TaskSource,
-    check_sources,
-    load_tasks,
-    parse_sources,
-    stdlib_tasks,
-)
-from evaluation.sparse_probing import (
+from evaluation.interpretability import sparse_probing_tasks
+from evaluation.interpretability.sparse_probing import (
     SparseProbingConfig,
     compute,
     task_metrics,
     tokenize_texts,
     top_k_by_mean_difference,
 )
+from evaluation.interpretability.sparse_probing_tasks import (
+    TaskSource,
+    check_sources,
+    load_tasks,
+    parse_sources,
+    stdlib_tasks,
+)
 from project.corpus import CorpusSpec, region_description, region_of
+from project.hook_cache import HookCache
 from project.lm import LoadedLM
 from project.saes import SAEConfig, build_sae
 
@@ -115,7 +115,7 @@ def test_stdlib_tasks_are_real_balanced_and_disjoint() -> None:
         assert sum(task.test_labels) * 2 == len(task.test_labels)
         assert not set(task.train_texts) & set(task.test_texts)
     # Labels are where the text comes from: email's positives are email's snippets.
-    pool = probing_tasks._stdlib_pool(60, 0)
+    pool = sparse_probing_tasks._stdlib_pool(60, 0)
     package_of = {s.text: s.package for s in pool}
     email = next(t for t in tasks if t.name == "stdlib: email vs rest")
     for text, label in zip(email.train_texts, email.train_labels, strict=True):

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from evaluation.hook_cache import HookCache
 from evaluation.selection.config import SelectionConfig
 from evaluation.selection.scores import (
     compute_scores,
@@ -22,6 +21,7 @@ from evaluation.selection.scores import (
 )
 from evaluation.selection.supervised import calibrated_f1, supervised_scores
 from project.corpus import iter_texts, resolve_corpus, token_windows
+from project.hook_cache import HookCache
 from project.lm import LoadedLM, build_tiny_random_lm, residual_activations
 from project.saes import SAEConfig, SparseAutoencoder, build_sae
 

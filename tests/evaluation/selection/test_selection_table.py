@@ -13,16 +13,16 @@ import torch
 from conftest import register_as_trained
 from mlflow.tracking import MlflowClient
 
-from evaluation.selection import steering as steering_module
+from evaluation.selection import criteria as criteria_module
 from evaluation.selection.config import SelectionConfig
-from evaluation.selection.rules import top_k
-from evaluation.selection.scores import intervened_scores
-from evaluation.selection.steering import (
+from evaluation.selection.criteria import (
     CRITERIA,
     criterion,
     register_selections,
     supervised_over_concepts,
 )
+from evaluation.selection.rules import top_k
+from evaluation.selection.scores import intervened_scores
 from evaluation.selection.table import SCORE_COLUMNS, scores_for_version
 from project.lm import LoadedLM, load_lm
 from project.saes import SAEConfig, build_sae
@@ -91,8 +91,8 @@ def test_table_reads_a_logged_latent_stats_run_and_never_measures_one(
     """A fresh version's table takes m_i and frequency from its own scan (no second LM pass
     for a latent_stats run); once steering has logged that run for the same text, the table
     reads it. Both give the same figures."""
-    from evaluation.steering.config import LatentStatsConfig
-    from evaluation.steering.latent_stats import latent_stats_for_version
+    from evaluation.selection.config import LatentStatsConfig
+    from evaluation.selection.latent_stats import latent_stats_for_version
 
     mv, sae = _register(dir_lm)
     config = SelectionConfig(**FAST)
@@ -113,7 +113,7 @@ def test_table_reads_a_logged_latent_stats_run_and_never_measures_one(
 def test_criteria_plug_into_a_steering_registry(
     tiny_lm: LoadedLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from evaluation.steering.selection import SELECTIONS, SelectionContext
+    from evaluation.selection.registry import SELECTIONS, SelectionContext
 
     # Two small labelled concepts (the shipped stdlib set takes long to gather).
     concepts = tmp_path / "concepts.jsonl"
@@ -124,7 +124,7 @@ def test_criteria_plug_into_a_steering_registry(
         + "\n"
         + json.dumps({"concept": "weather", "positives": [prose] * 6, "negatives": [code] * 6})
     )
-    monkeypatch.setattr(steering_module, "SUPERVISED_CONCEPTS", str(concepts))
+    monkeypatch.setattr(criteria_module, "SUPERVISED_CONCEPTS", str(concepts))
 
     torch.manual_seed(0)
     sae = build_sae(SAEConfig(architecture="topk", d_in=64, d_sae=48, k=8)).eval()
@@ -166,7 +166,7 @@ def test_mlproject_entry_fits_the_command_line() -> None:
 
     from evaluation.selection.table import build_parser, config_from_args
 
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     entry = yaml.safe_load((root / "MLproject").read_text())["entry_points"]["selection_table"]
     flags = {a.dest for a in build_parser()._actions if a.dest != "help"}
     assert set(entry["parameters"]) <= flags

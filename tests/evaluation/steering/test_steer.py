@@ -18,14 +18,8 @@ import torch
 from conftest import register_as_trained
 from mlflow.tracking import MlflowClient
 
-from evaluation.steering.config import LatentStatsConfig, SteerConfig, parse_factors
-from evaluation.steering.data import (
-    Instruction,
-    load_concepts,
-    load_instructions,
-    read_concepts_file,
-    sample_instructions,
-)
+from evaluation.selection.config import LatentStatsConfig
+from evaluation.steering.config import SteerConfig, parse_factors
 from evaluation.steering.interventions import ClampLatent
 from evaluation.steering.protocol import (
     Row,
@@ -38,6 +32,13 @@ from evaluation.steering.protocol import (
     summarize,
 )
 from evaluation.steering.steer import STEER_RUN_TYPE, pooled_lift, steer
+from project.concepts import (
+    Instruction,
+    load_concepts,
+    load_instructions,
+    read_concepts_file,
+    sample_instructions,
+)
 from project.judges import ChatJudge, parse_rating
 from project.saes import SAEConfig, build_sae
 from project.tracking import RUN_TYPE_TAG
@@ -239,9 +240,9 @@ def test_shipped_concepts_are_offline_text() -> None:
 
     from project.corpus import stdlib_dir
 
-    shipped = json.loads(
-        resources.files("evaluation.steering").joinpath("concepts.json").read_text()
-    )["concepts"]
+    shipped = json.loads(resources.files("project.concepts").joinpath("concepts.json").read_text())[
+        "concepts"
+    ]
     assert len(shipped) >= 20 and {c["genre"] for c in shipped} == {"text", "code", "math"}
     for item in shipped:  # every concept names library files that exist here
         assert any((stdlib_dir() / path).exists() for path in item["stdlib"]), item
@@ -496,7 +497,7 @@ def test_command_line_bad_input_exits_2_before_any_run(tiny_lm_dir: str, trackin
         [sys.executable, "-m", "evaluation.steering.steer", "--model_uri", uri, "--mode", "both"],
         capture_output=True,
         text=True,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=Path(__file__).resolve().parents[3],
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "unknown mode 'both'; valid modes: latent, concept" in done.stderr
@@ -504,7 +505,7 @@ def test_command_line_bad_input_exits_2_before_any_run(tiny_lm_dir: str, trackin
 
 
 def test_selection_criteria_are_registered_with_steer() -> None:
-    from evaluation.steering.selection import SELECTIONS, check_selection
+    from evaluation.selection.registry import SELECTIONS, check_selection
 
     assert {"none", "dtc", "dtc_alone", "output_score", "input_score", "supervised"} <= set(
         SELECTIONS

@@ -4,8 +4,8 @@ saeflow's template (issue 9, METHODS §3)."""
 from __future__ import annotations
 
 from evaluation.steering.config import SteerConfig
-from evaluation.steering.data import Instruction, InstructionSplit
 from evaluation.steering.protocol import PROMPT, Target, build_rows, judge_steering_prompts
+from project.concepts import Instruction, InstructionSplit
 from project.judges import ChatJudge, build_judge
 from project.judges.prompts import parse_steering_prompt
 
