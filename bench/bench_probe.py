@@ -8,7 +8,7 @@ Activations come from (and go to) the probe's own cache, so a second call times 
 only. Logs one line per (cell, method): wall and CPU seconds, validation and test AUC, chosen
 setting (``--per_cell``); then, per regime, the wall and CPU seconds of every method.
 
-``--fit_threads`` sets the BLAS / OpenMP limit of the fits (evaluation/probing/threads.py):
+``--fit_threads`` sets the BLAS / OpenMP limit of the fits (evaluation/probing_regimes/threads.py):
 ``1`` is what the probe uses, ``none`` leaves the libraries at their defaults (two threads per
 library on a 2-core machine: the probe's behaviour before the limit). CPU seconds above wall
 seconds mean several threads were busy; on a machine shared with other work, compare CPU
@@ -23,15 +23,15 @@ import os
 import time
 from collections import defaultdict
 
-from evaluation.evaluate import resolve_versions, version_site
-from evaluation.probing import activations
-from evaluation.probing.config import ProbeConfig
-from evaluation.probing.datasets import load_all
-from evaluation.probing.methods import run_baseline, sae_probe
-from evaluation.probing.regimes import check_plan
-from evaluation.probing.threads import FIT_THREADS_ENV, fit_thread_limit
+from evaluation.probing_regimes import activations
+from evaluation.probing_regimes.config import ProbeConfig
+from evaluation.probing_regimes.datasets import load_all
+from evaluation.probing_regimes.methods import run_baseline, sae_probe
+from evaluation.probing_regimes.regimes import check_plan
+from evaluation.probing_regimes.threads import FIT_THREADS_ENV, fit_thread_limit
 from project.lm import load_lm
 from project.registry import load_version
+from project.runs import resolve_versions, version_site
 from project.tracking import configure_tracking
 
 log = logging.getLogger("bench_probe")

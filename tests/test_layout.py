@@ -95,7 +95,7 @@ def test_selection_feeds_steering_never_the_reverse() -> None:
 
 
 def test_interpretability_stands_alone() -> None:
-    others = ("evaluation.steering", "evaluation.selection", "evaluation.probing")
+    others = ("evaluation.steering", "evaluation.selection", "evaluation.probing_regimes")
     assert _offending("evaluation/interpretability", others) == []
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.probing_tasks import (
+from evaluation.interpretability.sparse_probing_tasks import (
     SAE_PROBES,
     TaskSource,
     _columns_for,

@@ -16,7 +16,7 @@ the version by the tag ``probe.<regime>.run_id``. Each run logs:
   the quiver picks an SAE probe), ``share_sae_wins_test`` (cells where the best SAE probe alone
   beats the baselines' quiver on test), ``auc_sae_only``, and ``delta_auc_tie_<rule>``: the
   mean ΔAUC re-counted under each tie rule;
-- plots in the paper's form (evaluation/probing/plots.py).
+- plots in the paper's form (evaluation/probing_regimes/plots.py).
 
 Activations (last token, layer of the SAE) are harvested once per (LM, layer, dataset) and
 cached; baselines do not depend on the SAE and are fitted once per regime for all versions.
@@ -39,8 +39,18 @@ import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from tqdm.auto import tqdm
 
-from evaluation.autointerp import bootstrap_interval
-from evaluation.evaluate import (
+from evaluation.probing_regimes import activations as acts_mod
+from evaluation.probing_regimes import plots
+from evaluation.probing_regimes.config import TIE_RULES, ProbeConfig
+from evaluation.probing_regimes.datasets import ProbeDataset, load_all
+from evaluation.probing_regimes.methods import MethodResult, run_baseline, sae_probe
+from evaluation.probing_regimes.quiver import cell
+from evaluation.probing_regimes.regimes import Trial, check_plan
+from evaluation.probing_regimes.threads import fit_threads
+from project.cli import mark_work_started, parse_bool, run_entry_point
+from project.lm import LoadedLM, check_layer, lm_fingerprint, load_lm
+from project.registry import load_version
+from project.runs import (
     config_hash,
     find_finished_run,
     parent_run,
@@ -48,17 +58,7 @@ from evaluation.evaluate import (
     run_tags,
     version_site,
 )
-from evaluation.probing import activations as acts_mod
-from evaluation.probing import plots
-from evaluation.probing.config import TIE_RULES, ProbeConfig
-from evaluation.probing.datasets import ProbeDataset, load_all
-from evaluation.probing.methods import MethodResult, run_baseline, sae_probe
-from evaluation.probing.quiver import cell
-from evaluation.probing.regimes import Trial, check_plan
-from evaluation.probing.threads import fit_threads
-from project.cli import mark_work_started, parse_bool, run_entry_point
-from project.lm import LoadedLM, check_layer, lm_fingerprint, load_lm
-from project.registry import load_version
+from project.statistics import bootstrap_interval
 from project.tracking import (
     DEFAULT_EXPERIMENT,
     RUN_TYPE_TAG,

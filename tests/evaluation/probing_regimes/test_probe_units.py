@@ -13,10 +13,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_info
 
-from evaluation.probing import methods, threads
-from evaluation.probing.config import PAPER_TRAIN_SIZES, ProbeConfig
-from evaluation.probing.datasets import ProbeDataset, encode_labels
-from evaluation.probing.methods import (
+from evaluation.probing_regimes import methods, threads
+from evaluation.probing_regimes.config import PAPER_TRAIN_SIZES, ProbeConfig
+from evaluation.probing_regimes.datasets import ProbeDataset, encode_labels
+from evaluation.probing_regimes.methods import (
     C_GRID,
     MethodResult,
     _logreg,
@@ -27,10 +27,10 @@ from evaluation.probing.methods import (
     sae_probe,
     tree_draws,
 )
-from evaluation.probing.quiver import cell, pick
-from evaluation.probing.regimes import check_plan, corrupt_labels, trials
-from evaluation.probing.threads import FIT_THREADS_ENV, fit_thread_limit, fit_threads
-from evaluation.probing.validation import scheme, validation_auc, validation_splits
+from evaluation.probing_regimes.quiver import cell, pick
+from evaluation.probing_regimes.regimes import check_plan, corrupt_labels, trials
+from evaluation.probing_regimes.threads import FIT_THREADS_ENV, fit_thread_limit, fit_threads
+from evaluation.probing_regimes.validation import scheme, validation_auc, validation_splits
 
 
 def test_paper_grids() -> None:
@@ -327,7 +327,7 @@ def test_l1_probe_path_is_sparse_at_small_c_and_dense_at_large_c() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# thread limits of the fits (evaluation/probing/threads.py)
+# thread limits of the fits (evaluation/probing_regimes/threads.py)
 
 
 def _thread_counts() -> dict[str, int]:

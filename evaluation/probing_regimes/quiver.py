@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evaluation.probing.config import TIE_RULES
-from evaluation.probing.methods import MethodResult
+from evaluation.probing_regimes.config import TIE_RULES
+from evaluation.probing_regimes.methods import MethodResult
 
 TIE_TOLERANCE = 1e-9
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evaluation.probing.config import PAPER_IMBALANCE_RATIOS, ProbeConfig
-from evaluation.probing.datasets import ProbeDataset
+from evaluation.probing_regimes.config import PAPER_IMBALANCE_RATIOS, ProbeConfig
+from evaluation.probing_regimes.datasets import ProbeDataset
 
 
 @dataclass

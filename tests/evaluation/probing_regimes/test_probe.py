@@ -12,8 +12,8 @@ import torch
 from conftest import register_as_trained
 from mlflow.tracking import MlflowClient
 
-from evaluation.probing import activations
-from evaluation.probing.probe import main
+from evaluation.probing_regimes import activations
+from evaluation.probing_regimes.probe import main
 from project.cli import EXIT_BAD_INPUT, run_entry_point
 from project.saes import SAEConfig, build_sae
 from project.tracking import LM_TAG, MODEL_URI_TAG, RUN_TYPE_TAG

@@ -26,7 +26,7 @@ from project.checks import check_int, check_ints
 REGIMES = ("scarcity", "imbalance", "noise", "shift", "standard")
 DEFAULT_REGIMES = ("scarcity", "imbalance", "noise", "shift")
 BASELINES = ("logreg", "pca_logreg", "knn", "trees", "mlp")
-# Validation ties between methods: who gets the cell (see evaluation/probing/quiver.py).
+# Validation ties between methods: who gets the cell (see evaluation/probing_regimes/quiver.py).
 TIE_RULES = ("baseline", "sae", "mean")
 
 
@@ -53,7 +53,7 @@ def _tuple(values: object, kind: type) -> tuple:
 class ProbeConfig:
     """Everything a probing run depends on (logged whole as run params).
 
-    ``datasets``: ``default`` (the CPU subset of :data:`evaluation.probing.datasets.DEFAULT_DATASETS`),
+    ``datasets``: ``default`` (the CPU subset of :data:`evaluation.probing_regimes.datasets.DEFAULT_DATASETS`),
     ``all`` (the paper's 113), or comma-separated names: sae-probes tags (``96_spam_is``),
     ``hf:NAME[@CONFIG]:TEXT_COL:LABEL_COL[:SPLIT]``, local ``PATH.csv|.jsonl|.tsv|.parquet
     [:TEXT_COL:LABEL_COL]``. ``tie_rule``: who gets a cell when an SAE probe and a baseline

@@ -1,6 +1,6 @@
 """The probes: five baselines on raw activations and the SAE probes, each with the paper's
 hyperparameter search (sae-probes ``utils_training.py``), scored by validation AUC
-(evaluation/probing/validation.py) and then refit on the whole training set for test AUC.
+(evaluation/probing_regimes/validation.py) and then refit on the whole training set for test AUC.
 
 Baselines:
 
@@ -56,8 +56,8 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
 
-from evaluation.probing.threads import fit_threads
-from evaluation.probing.validation import Split, safe_auc, validation_auc, validation_splits
+from evaluation.probing_regimes.threads import fit_threads
+from evaluation.probing_regimes.validation import Split, safe_auc, validation_auc, validation_splits
 
 C_GRID = tuple(float(c) for c in np.logspace(5, -5, 10))
 Scorer = Callable[[np.ndarray], np.ndarray]
@@ -316,7 +316,7 @@ def run_baseline(
     name: str, X: np.ndarray, y: np.ndarray, X_test: np.ndarray, y_test: np.ndarray, seed: int
 ) -> MethodResult:
     """One baseline by name (a key of :data:`BASELINE_FUNCTIONS`), convergence warnings muted,
-    BLAS and OpenMP limited to one thread (evaluation/probing/threads.py)."""
+    BLAS and OpenMP limited to one thread (evaluation/probing_regimes/threads.py)."""
     with warnings.catch_warnings(), fit_threads():
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", UserWarning)
