@@ -7,7 +7,7 @@ the hand-rated steering completions described in the project's README. A file ma
 kinds (the latent-first items rate the concept only: ``concept_rating``); the report then
 covers those kinds and has no harmonic-mean score.
 
-The offline judge's shipped figures (``agreement.json``, rule 5): on ``judge_gold_dev.jsonl``
+The offline judge's shipped figures (``agreement.json``, rules 5 and 6): on ``judge_gold_dev.jsonl``
 (prose concepts, 120 items) concept κ 0.839, instruct κ 0.883, fluency κ 0.796 with SmolLM2's
 likelihood; on ``judge_gold_latent_dev.jsonl`` (token-list explanations of latents, 30 items,
 default reference windows: stdlib chunks) ``latent_concept_kappa`` 0.902, exact 0.967, no

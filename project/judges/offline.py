@@ -27,6 +27,7 @@ from project.judges.rating import (
     calibration_hash,
     explanation_tokens,
     load_lexicon,
+    token_in_text,
 )
 from project.lm import LoadedLM
 
@@ -123,7 +124,7 @@ class OfflineJudge(Judge):
     the text (for a token-list explanation: one of its *informative* tokens found as written,
     case and leading space kept, a token being informative when at most
     ``max_token_window_share`` (20%) of the reference windows contain it, see
-    :meth:`token_window_rates`; rule 5, issue 18), instruct from whole-text similarity above the
+    :meth:`token_window_rates`; rules 5-6, issue 18: never inside a longer word), instruct from whole-text similarity above the
     instruction's baseline, fluency from loop / non-word / symbol statistics and the unsteered
     LM's likelihood, each cut at thresholds fit on the packaged ``calibration.json``; details in
     :mod:`project.judges.rating`. Its measured agreement with hand ratings is in
@@ -228,8 +229,8 @@ class OfflineJudge(Judge):
     def _token_rate(self, token: str) -> float:
         if token not in self._token_rates:
             reference = self._reference_windows()
-            # Matched as the explainer matched it (_distinctive_tokens): substring, as written.
-            hits = sum(token in w for w in reference)
+            # Matched as a completion's token is matched (as written, never inside a word).
+            hits = sum(token_in_text(token, w) for w in reference)
             self._token_rates[token] = hits / len(reference) if reference else 0.0
         return self._token_rates[token]
 

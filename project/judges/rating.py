@@ -59,8 +59,9 @@ from project.lm import LoadedLM
 logger = logging.getLogger(__name__)
 
 # Bumped whenever a formula below changes: part of the judge's identity. 5: token-list
-# explanations match as written and only through informative tokens (issue 18).
-RATING_RULE_VERSION = "5"
+# explanations match as written and only through informative tokens (issue 18). 6: a token
+# never matches inside a longer word.
+RATING_RULE_VERSION = "6"
 # An explanation token found in more than this share of random reference windows is no
 # evidence of a latent's concept (issue 18).
 DEFAULT_MAX_TOKEN_WINDOW_SHARE = 0.2
@@ -187,9 +188,22 @@ def explanation_context(concept: str) -> str:
 
 
 def token_in_text(token: str, text: str) -> bool:
-    """Whether ``text`` contains ``token`` as written, case and leading space kept (the
-    explainer's substring match; its windows show newlines as ↵, a completion has them)."""
-    return token in text or ("↵" in token and token.replace("↵", "\n") in text)
+    """Whether ``text`` contains ``token`` as written — case and leading space kept — and not
+    inside a longer word: where the token begins or ends with a letter or digit, the text's
+    character beside it is neither (rule 6). A latent's token ``"F"`` is not in "Feathers",
+    ``"1"`` not in "16", ``" on"`` not in " only": read in the steered completions of a default
+    study, such in-word matches were most of what rule 5 credited. The explainer's windows show
+    newlines as ↵; a completion has them."""
+    needle = token.replace("↵", "\n")
+    return bool(needle) and _token_pattern(needle).search(text) is not None
+
+
+@functools.lru_cache(maxsize=4096)
+def _token_pattern(needle: str) -> re.Pattern[str]:
+    word_char = r"[^\W_]"  # a letter or digit, any script
+    left = f"(?<!{word_char})" if needle[0].isalnum() else ""
+    right = f"(?!{word_char})" if needle[-1].isalnum() else ""
+    return re.compile(left + re.escape(needle) + right)
 
 
 def token_list_description(tokens: Sequence[str], context: str) -> str:

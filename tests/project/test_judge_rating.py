@@ -108,6 +108,13 @@ def test_explanation_token_matches_only_as_written(offline: OfflineJudge) -> Non
     assert token_in_text(" order", "Remove duplicates while keeping the order.")
     assert not token_in_text(" order", "Order matters.")  # no leading space, capital O
     assert token_in_text("a↵b", "a\nb")  # windows show newlines as ↵
+    # Never inside a longer word (rule 6): what rule 5 credited in a default study's rows.
+    assert not token_in_text("F", "1. Fekerel and Digest.")
+    assert not token_in_text("1", "Lifespan:16 days")
+    assert not token_in_text(" on", "not only that")
+    assert not token_in_text("ie", "your activities")
+    assert token_in_text("F", "grade F.") and token_in_text(" on", "sat on the mat")
+    assert token_in_text("(", "f(x)")  # a token without letters or digits: as written
     area = "The process of finding the area of a circle is based on the basics of mathematics."
     assert offline.rate("concept", area, _EOF_LATENT) == 0
     kept = "Remove the duplicates from the list while keeping the order of its elements."
@@ -145,10 +152,12 @@ def test_common_explanation_tokens_are_no_evidence() -> None:
 
 
 def test_default_reference_windows_find_the_common_tokens(offline: OfflineJudge) -> None:
-    # Without a corpus the judge reads stdlib chunks: " the" and "or" are in most of them.
-    rates = offline.token_window_rates('" the", "or", " turtle"')
-    assert rates[" the"] > 0.2 and rates["or"] > 0.2 and rates[" turtle"] < 0.2
-    assert offline.informative_tokens('" the", "or", " turtle"') == [" turtle"]
+    # Without a corpus the judge reads stdlib chunks: " the" and " and" are in most of them.
+    rates = offline.token_window_rates('" the", " and", " turtle", "or"')
+    assert rates[" the"] > 0.2 and rates[" and"] > 0.2 and rates[" turtle"] < 0.2
+    # "or" counts only as a word of its own, never inside "for" or "error" (rule 6).
+    assert rates["or"] < rates[" the"]
+    assert offline.informative_tokens('" the", " and", " turtle"') == [" turtle"]
 
 
 def test_text_stats_count_what_they_say() -> None:
