@@ -89,6 +89,10 @@ class HookCache:
     def __repr__(self) -> str:
         return f"HookCache(directory={self.directory}, entries={len(self._memory)})"
 
+    def __len__(self) -> int:
+        """Entries held in memory."""
+        return len(self._memory)
+
     # ------------------------------------------------------------------ keys and storage
     def key(self, kind: str, lm: LoadedLM, layer: int, *tensors: Tensor | None) -> str:
         payload = {

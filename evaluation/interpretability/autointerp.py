@@ -58,9 +58,9 @@ from project.corpus import (
     resolve_corpus,
     token_windows,
 )
-from project.hook_cache import check_sae_fits
+from project.hook_cache import HookCache, check_sae_fits, default_hook_cache_dir
 from project.judges import Judge
-from project.lm import LoadedLM, residual_activations
+from project.lm import LoadedLM
 from project.saes.base import SparseAutoencoder
 from project.statistics import bootstrap_interval
 
@@ -213,14 +213,12 @@ def _scan(lm: LoadedLM, layer: int, config: AutointerpConfig) -> tuple[Tensor, T
     mask_WT = torch.ones_like(ids_WT, dtype=torch.bool)
     for token_id in special:
         mask_WT &= ids_WT != token_id
-    acts = []
-    for start in tqdm(
-        range(0, len(ids_WT), config.lm_batch_size), desc="autointerp: LM scan", leave=False
-    ):
-        batch_BT = ids_WT[start : start + config.lm_batch_size]
-        acts.append(residual_activations(lm, batch_BT, layer).float().cpu())
+    # The same windows' activations serve every SAE at this site, in this process and (from the
+    # user's hook cache) in later ones: evaluate and steer both scan them.
+    cache = HookCache(default_hook_cache_dir(), batch_size=config.lm_batch_size)
+    acts_WTD = cache.activations(lm, layer, ids_WT, desc="autointerp: LM scan")
     _SCAN_CACHE.clear()
-    _SCAN_CACHE[key] = (ids_WT, mask_WT, torch.cat(acts))
+    _SCAN_CACHE[key] = (ids_WT, mask_WT, acts_WTD)
     return _SCAN_CACHE[key]
 
 

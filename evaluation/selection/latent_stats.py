@@ -27,8 +27,8 @@ from project.corpus import (
     region_description,
     resolve_corpus,
 )
-from project.hook_cache import check_sae_fits
-from project.lm import LoadedLM, residual_activations
+from project.hook_cache import HookCache, check_sae_fits, default_hook_cache_dir
+from project.lm import LoadedLM
 from project.runs import config_hash, find_finished_run, run_tags
 from project.saes import SparseAutoencoder
 from project.tracking import RUN_TYPE_TAG, set_version_tag
@@ -41,6 +41,43 @@ VERSION_LINK_TAG = "latent_stats.run_id"
 _ENCODE_CHUNK = 4096
 
 
+# The residual stream of the held-out windows depends on the LM and layer only: every SAE of
+# a study's grid at that site is measured on one LM pass (and, across processes, on its copy in
+# the user's hook cache).
+_HOOK_ACTIVATIONS: HookCache | None = None
+_WINDOWS: dict[tuple[str, str, str, int, int], Tensor] = {}
+
+
+def _hook_activations(batch_size: int) -> HookCache:
+    global _HOOK_ACTIVATIONS
+    if _HOOK_ACTIVATIONS is None:
+        _HOOK_ACTIVATIONS = HookCache(default_hook_cache_dir())
+    if len(_HOOK_ACTIVATIONS) > 4:  # a study over many sites: bound the memory
+        _HOOK_ACTIVATIONS.clear_memory()
+    _HOOK_ACTIVATIONS.batch_size = batch_size
+    return _HOOK_ACTIVATIONS
+
+
+def _held_out_windows(lm: LoadedLM, config: LatentStatsConfig) -> Tensor:
+    key = (
+        config.corpus,
+        config.text_column,
+        str(getattr(lm.tokenizer, "name_or_path", lm.name)),
+        config.context_size,
+        config.n_tokens,
+    )
+    if key not in _WINDOWS:  # reading and tokenising a corpus takes seconds: once a process
+        _WINDOWS.clear()
+        _WINDOWS[key] = eval_windows(
+            config.corpus,
+            lm.tokenizer,
+            config.context_size,
+            config.n_tokens,
+            text_column=config.text_column,
+        )
+    return _WINDOWS[key]
+
+
 @torch.no_grad()
 def measure_latent_stats(
     sae: SparseAutoencoder, lm: LoadedLM, layer: int, config: LatentStatsConfig
@@ -48,40 +85,30 @@ def measure_latent_stats(
     """``max_activation`` [F] and ``firing_frequency`` [F] (share of counted tokens where the
     latent is > 0) over ``config.n_tokens`` held-out tokens, plus ``n_tokens`` counted."""
     check_sae_fits(sae, lm, layer)
-    ids_WT = eval_windows(
-        config.corpus,
-        lm.tokenizer,
-        config.context_size,
-        config.n_tokens,
-        text_column=config.text_column,
-    )
+    ids_WT = _held_out_windows(lm, config)
     special = [
         t
         for t in {lm.tokenizer.bos_token_id, lm.tokenizer.eos_token_id, lm.tokenizer.pad_token_id}
         if t is not None
     ]
+    keep_WT = torch.ones_like(ids_WT, dtype=torch.bool)
+    for t in special:
+        keep_WT &= ids_WT != t
+    cache = _hook_activations(config.lm_batch_size)
+    acts_ND = cache.activations(lm, layer, ids_WT, desc="latent stats: LM")[keep_WT]
     F = sae.cfg.d_sae
     max_F = torch.zeros(F)
     fired_F = torch.zeros(F, dtype=torch.long)
-    counted = 0
     was_training = sae.training
     sae.eval()
     try:
-        for start in tqdm(
-            range(0, len(ids_WT), config.lm_batch_size), desc="latent stats", leave=False
-        ):
-            ids_BT = ids_WT[start : start + config.lm_batch_size]
-            keep_BT = torch.ones_like(ids_BT, dtype=torch.bool)
-            for t in special:
-                keep_BT &= ids_BT != t
-            acts_ND = residual_activations(lm, ids_BT, layer).float()[keep_BT.to(lm.device)]
-            for chunk in acts_ND.split(_ENCODE_CHUNK):
-                f_NF = sae.encode(chunk.to(sae.W_dec.dtype)).float().cpu()
-                max_F = torch.maximum(max_F, f_NF.max(dim=0).values)
-                fired_F += (f_NF > 0).sum(dim=0)
-            counted += int(keep_BT.sum())
+        for chunk in tqdm(acts_ND.split(_ENCODE_CHUNK), desc="latent stats", leave=False):
+            f_NF = sae.encode(chunk.to(sae.W_dec.device, sae.W_dec.dtype)).float().cpu()
+            max_F = torch.maximum(max_F, f_NF.max(dim=0).values)
+            fired_F += (f_NF > 0).sum(dim=0)
     finally:
         sae.train(was_training)
+    counted = int(keep_WT.sum())
     return {
         "max_activation": max_F,
         "firing_frequency": fired_F.float() / max(counted, 1),

@@ -31,7 +31,6 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -358,12 +357,7 @@ def rate_rows(
         for kind, reference in zip(RATING_KINDS, (concept, row.instruction.text, ""), strict=True):
             questions[(kind, text, reference)] = None
     keys = list(questions)
-    workers = max(1, int(getattr(judge, "max_concurrency", 1)))
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            answers = list(pool.map(lambda k: judge.rate(*k), keys))
-    else:
-        answers = [judge.rate(*k) for k in keys]
+    answers = judge.rate_many(keys)
     values = {k: rating_value(a) for k, a in zip(keys, answers, strict=True)}
     unparsable = sum(v is None for v in values.values())
     if unparsable:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 from project.judges.prompts import (
@@ -69,6 +71,15 @@ class Judge(ABC):
     def rate(self, kind: str, text: str, reference: str) -> float | None:
         """0/1/2 on ``kind`` ∈ concept / instruct / fluency (``reference`` is the concept or the
         instruction; unused for fluency); None when the answer could not be parsed."""
+
+    def rate_many(self, questions: Sequence[tuple[str, str, str]]) -> list[float | None]:
+        """:meth:`rate` of every (kind, text, reference), in order; ``max_concurrency`` calls
+        at a time. Judges that can batch the work (the offline judge) override it."""
+        workers = max(1, int(self.max_concurrency))
+        if workers == 1:
+            return [self.rate(*q) for q in questions]
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(lambda q: self.rate(*q), questions))
 
     def steering_prompt(self, concept: str) -> str | None:
         """A prompt written to steer a model toward ``concept`` (AxBench's prompting reference),

@@ -29,7 +29,7 @@ from project.judges.rating import (
     load_lexicon,
     token_in_text,
 )
-from project.lm import LoadedLM
+from project.lm import LoadedLM, lm_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +168,11 @@ class OfflineJudge(Judge):
             load_lexicon(str(self.model_dir / "vocab.txt")),
             fluency_lm,
             informative=self._informative,
+            # Same identity and the same LM weights: the same calibration cuts.
+            cuts_key=json.dumps(
+                [self.identity(), lm_fingerprint(fluency_lm) if fluency_lm is not None else None],
+                sort_keys=True,
+            ),
         )
 
     # ------------------------------------------------------------------ embeddings
@@ -349,6 +354,13 @@ class OfflineJudge(Judge):
         """0/1/2 on ``kind``, computed as :mod:`project.judges.rating` describes."""
         check_kind(kind)
         return self.rater.rate(kind, text, reference)
+
+    def rate_many(self, questions: Sequence[tuple[str, str, str]]) -> list[float | None]:
+        """The ratings of many questions at once: the same as :meth:`rate` one by one, with
+        the embeddings and the fluency LM's passes batched over all of them."""
+        for kind, _, _ in questions:
+            check_kind(kind)
+        return list(self.rater.rate_many(questions))
 
     def describe(self) -> dict[str, Any]:
         version = _installed_version(EMBEDDING_PACKAGE)

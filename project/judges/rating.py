@@ -43,6 +43,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import zlib
 from collections.abc import Callable, Sequence
@@ -77,6 +78,10 @@ _PROSE_COMPRESSION = 0.55
 _MIN_COMPRESS_BYTES = 60
 # Mean NLL (nats/token) of fluent text under a small chat LM sits around 2-3.
 _NLL_FREE = 2.5
+# Tokens per batch of the fluency LM's NLL pass (logits of [tokens, vocab] in float32).
+_NLL_BATCH_TOKENS = 2048
+# Fitted cuts per (OfflineRater.cuts_key, kind): fit once per process for each kind of judge.
+_CUTS: dict[tuple[str, str], tuple[float, float, float]] = {}
 _STOPWORDS = frozenset(
     """the and for are but not you your with this that these those from have has had was were
     been being its their them they his her she him our who whom what which when where why how
@@ -268,6 +273,42 @@ def fit_three_levels(scores: Sequence[float], labels: Sequence[int]) -> tuple[fl
     return best
 
 
+def _cuts_path(cuts_key: str) -> Path:
+    from project.lm import saeflow_cache_dir
+
+    digest = hashlib.sha256(cuts_key.encode()).hexdigest()[:32]
+    return saeflow_cache_dir() / "judge_cuts" / f"{digest}.json"
+
+
+def _stored_cuts(cuts_key: str, kind: str) -> tuple[float, float, float] | None:
+    """The cuts a judge of the same key fit before: in this process, else in the user's cache
+    (a deterministic fit on the same examples, embedding model and LM weights)."""
+    if (cuts_key, kind) not in _CUTS:
+        path = _cuts_path(cuts_key)
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if stored.get("key") != cuts_key or kind not in stored.get("cuts", {}):
+            return None
+        low, high, accuracy = (float(c) for c in stored["cuts"][kind])
+        _CUTS[(cuts_key, kind)] = (low, high, accuracy)
+    return _CUTS[(cuts_key, kind)]
+
+
+def _store_cuts(cuts_key: str, kind: str, cuts: tuple[float, float, float]) -> None:
+    _CUTS[(cuts_key, kind)] = cuts
+    path = _cuts_path(cuts_key)
+    known = {k: list(v) for (key, k), v in _CUTS.items() if key == cuts_key}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": cuts_key, "cuts": known}))
+        os.replace(tmp, path)  # readers see a whole file or none
+    except OSError as err:  # a read-only cache costs a refit next time, nothing else
+        logger.warning("could not store the judge's cuts in %s: %s", path, err)
+
+
 def three_level(score: float, cuts: tuple[float, float, float]) -> int:
     """0, 1 or 2 for a score and (t1, t2, _) cuts."""
     return int(score >= cuts[0]) + int(score >= cuts[1])
@@ -282,6 +323,7 @@ class OfflineRater:
         lexicon: frozenset[str],
         fluency_lm: LoadedLM | None = None,
         informative: Callable[[Sequence[str]], list[str]] | None = None,
+        cuts_key: str | None = None,
     ) -> None:
         self.embed = embed
         # Keeps the explanation tokens that are evidence of a concept (the judge's reference
@@ -289,26 +331,37 @@ class OfflineRater:
         self.informative = informative
         self.lexicon = lexicon
         self.fluency_lm = fluency_lm
+        # The cuts depend only on what ``cuts_key`` names (embedding model, fluency LM,
+        # calibration file, rule): judges built alike in one process fit them once.
+        self.cuts_key = cuts_key
         self.cuts: dict[str, tuple[float, float, float]] = {}
         self._baselines: dict[str, float] = {}
+        self._nll: dict[str, float] = {}
 
     # ------------------------------------------------------------------ scores
-    def concept_score(self, text: str, concept: str) -> float:
+    def concept_evidence(self, concept: str) -> tuple[list[str], str]:
+        """(tokens, phrase): the explanation tokens whose presence as written is the concept's
+        (its informative ones; none for a prose concept) and the phrase the text's words are
+        compared with (the concept, or what is left of a token list once its common tokens
+        are dropped: ``"OF"`` of EOFError would otherwise pull in every "of" text)."""
         tokens = explanation_tokens(concept)
-        if tokens:
-            kept = list(self.informative(tokens)) if self.informative is not None else tokens
-            if any(token_in_text(t, text) for t in kept):
-                return 1.0  # the explanation's own token is in the text: cosine 1 with itself
-            # A common token is no evidence by embedding either: the word rule reads what is
-            # left of the explanation ("OF" of EOFError would otherwise pull in "of" texts).
-            if len(kept) < len(tokens):
-                concept = token_list_description(kept, explanation_context(concept))
-            if not concept:
-                return 0.0
+        if not tokens:
+            return [], concept
+        kept = list(self.informative(tokens)) if self.informative is not None else tokens
+        if len(kept) == len(tokens):
+            return kept, concept
+        return kept, token_list_description(kept, explanation_context(concept))
+
+    def concept_score(self, text: str, concept: str) -> float:
+        kept, phrase = self.concept_evidence(concept)
+        if any(token_in_text(t, text) for t in kept):
+            return 1.0  # the explanation's own token is in the text: cosine 1 with itself
+        if not phrase:
+            return 0.0
         words = content_words(text)
         if not words:
             return 0.0
-        return float((self.embed(words) @ self.embed([concept])[0]).max())
+        return float((self.embed(words) @ self.embed([phrase])[0]).max())
 
     def instruct_score(self, text: str, instruction: str) -> float:
         similarity = float(self.embed([text])[0] @ self.embed([instruction])[0])
@@ -333,21 +386,89 @@ class OfflineRater:
             score -= 0.25 * max(0.0, self.mean_nll(text) - _NLL_FREE)
         return score
 
-    @torch.inference_mode()
     def mean_nll(self, text: str) -> float:
         """Mean per-token negative log-likelihood of ``text`` under the fluency LM (nats)."""
+        return self.mean_nlls([text])[0]
+
+    @torch.inference_mode()
+    def mean_nlls(self, texts: Sequence[str]) -> list[float]:
+        """:meth:`mean_nll` of every text, the missing ones computed in right-padded batches
+        of at most ``_NLL_BATCH_TOKENS`` tokens (one forward per batch, not per text)."""
         lm = self.fluency_lm
         if lm is None:
             raise ValueError("mean_nll needs a fluency LM")
-        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][:256]
-        if lm.tokenizer.bos_token_id is not None:
-            ids = [lm.tokenizer.bos_token_id, *ids]
-        if len(ids) < 2:
-            return _NLL_FREE
-        ids_1T = torch.tensor([ids], device=lm.device)
-        logits_1TV = lm.model(input_ids=ids_1T).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits_1TV[0, :-1], ids_1T[0, 1:])
-        return float(nll) if math.isfinite(float(nll)) else 20.0
+        missing = sorted({t for t in texts if t not in self._nll})
+        bos = lm.tokenizer.bos_token_id
+        encoded = {}
+        for text in missing:
+            ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][:256]
+            ids = [bos, *ids] if bos is not None else ids
+            if len(ids) < 2:
+                self._nll[text] = _NLL_FREE
+            else:
+                encoded[text] = ids
+        # Similar lengths share a batch: little padding, the same logits as one text alone.
+        order = sorted(encoded, key=lambda t: len(encoded[t]))
+        batch: list[str] = []
+        for text in order:
+            width = len(encoded[text])
+            if batch and width * (len(batch) + 1) > _NLL_BATCH_TOKENS:
+                self._nll_batch(batch, encoded)
+                batch = []
+            batch.append(text)
+        if batch:
+            self._nll_batch(batch, encoded)
+        return [self._nll[t] for t in texts]
+
+    def _nll_batch(self, batch: list[str], encoded: dict[str, list[int]]) -> None:
+        lm = self.fluency_lm
+        assert lm is not None
+        width = max(len(encoded[t]) for t in batch)
+        ids_BT = torch.zeros(len(batch), width, dtype=torch.long)
+        mask_BT = torch.zeros(len(batch), width, dtype=torch.long)
+        for b, text in enumerate(batch):
+            ids = encoded[text]
+            ids_BT[b, : len(ids)] = torch.tensor(ids)
+            mask_BT[b, : len(ids)] = 1
+        ids_BT, mask_BT = ids_BT.to(lm.device), mask_BT.to(lm.device)
+        logits_BTV = lm.model(input_ids=ids_BT, attention_mask=mask_BT).logits.float()
+        targets_BT = ids_BT[:, 1:].masked_fill(mask_BT[:, 1:] == 0, -100)
+        nll_BT = torch.nn.functional.cross_entropy(
+            logits_BTV[:, :-1].transpose(1, 2), targets_BT, ignore_index=-100, reduction="none"
+        )
+        counts_B = mask_BT[:, 1:].sum(dim=1)
+        for text, total, count in zip(batch, nll_BT.sum(dim=1), counts_B, strict=True):
+            nll = float(total) / int(count)
+            self._nll[text] = nll if math.isfinite(nll) else 20.0
+
+    def prepare(self, questions: Sequence[tuple[str, str, str]]) -> None:
+        """Compute what rating ``questions`` ((kind, text, reference) each) needs in a few
+        batched passes: the embeddings of every text, word, phrase and instruction, the
+        instructions' baselines and the fluency LM's NLL of every text. :meth:`rate` then
+        only looks them up, so rating many texts at once gives the ratings one at a time
+        would, much faster."""
+        strings: list[str] = []
+        instructions: list[str] = []
+        nll_texts: list[str] = []
+        for kind, text, reference in questions:
+            if self.by_rule(kind, text) is not None:
+                continue
+            if kind == "concept":
+                kept, phrase = self.concept_evidence(reference)
+                if phrase and not any(token_in_text(t, text) for t in kept):
+                    strings += [phrase, *content_words(text)]
+            elif kind == "instruct":
+                strings += [text, reference]
+                instructions.append(reference)
+            elif self.fluency_lm is not None:
+                nll_texts.append(text)
+        if instructions:
+            strings += [ex.completion for ex in calibration_examples()]
+        self.embed(strings)
+        for instruction in dict.fromkeys(instructions):
+            self.instruction_baseline(instruction)
+        if nll_texts:
+            self.mean_nlls(nll_texts)
 
     def score(self, kind: str, text: str, reference: str) -> float:
         if kind == "concept":
@@ -363,9 +484,14 @@ class OfflineRater:
         :meth:`rate` settles by rule)."""
         if kind not in self.cuts:
             references = {"concept": "concept", "instruct": "instruction", "fluency": "concept"}
+            cached = _stored_cuts(self.cuts_key, kind) if self.cuts_key else None
+            if cached is not None:
+                self.cuts[kind] = cached
+                return cached
             examples = [
                 ex for ex in calibration_examples() if self.by_rule(kind, ex.completion) is None
             ]
+            self.prepare([(kind, ex.completion, getattr(ex, references[kind])) for ex in examples])
             scores = [
                 self.score(kind, ex.completion, getattr(ex, references[kind])) for ex in examples
             ]
@@ -376,6 +502,8 @@ class OfflineRater:
                 *self.cuts[kind],
                 len(examples),
             )
+            if self.cuts_key:
+                _store_cuts(self.cuts_key, kind, self.cuts[kind])
         return self.cuts[kind]
 
     def by_rule(self, kind: str, text: str) -> int | None:
@@ -392,6 +520,13 @@ class OfflineRater:
         if ruled is not None:
             return ruled
         return three_level(self.score(kind, text, reference), self.calibrate(kind))
+
+    def rate_many(self, questions: Sequence[tuple[str, str, str]]) -> list[int]:
+        """:meth:`rate` of every (kind, text, reference), computed in batches (:meth:`prepare`)."""
+        for kind in dict.fromkeys(q[0] for q in questions):
+            self.calibrate(kind)
+        self.prepare(questions)
+        return [self.rate(*q) for q in questions]
 
     def is_gibberish(self, text: str) -> bool:
         """Mostly non-words or symbols: the text answers nothing, whatever its embedding."""

@@ -306,3 +306,46 @@ def test_shipped_agreement_figures_are_keyed_by_identity(offline: OfflineJudge) 
         assert {"concept_kappa", "instruct_kappa", "fluency_kappa", "score_spearman"} <= set(
             figures
         )
+
+
+def test_batched_ratings_equal_one_at_a_time(tiny_lm: LoadedLM) -> None:
+    """rate_many (one embedding pass, one fluency-LM pass per batch; issue 19) gives exactly the
+    ratings rate gives one question at a time, on every scale and every concept form; and the
+    fluency LM's batched NLL of each text equals its NLL alone."""
+    texts = [_LOOP, _PHRASE_LOOP, _NON_WORDS, _GLUED, _FLUENT, _STEERED, "", "Bake the bread."]
+    texts += [ex.completion for ex in calibration_examples()[:12]]
+    concepts = ["the ocean and sea creatures", '" ocean", " the" (context: sea, water)', '" the"']
+    questions = [("fluency", t, "") for t in texts]
+    questions += [("instruct", t, "How do I make a paper airplane?") for t in texts]
+    questions += [("concept", t, c) for t in texts for c in concepts]
+    batched = build_judge("offline", lm=tiny_lm)
+    alone = build_judge("offline", lm=tiny_lm)
+    assert isinstance(batched, OfflineJudge) and isinstance(alone, OfflineJudge)
+    many = batched.rate_many(questions)
+    single = [alone.rate(*q) for q in questions]
+    assert many == single
+    assert len(set(many)) == 3  # the set exercises all three levels
+    for text in texts[:8]:
+        one = alone.rater.mean_nll(text) if text.strip() else None
+        if one is not None:
+            assert batched.rater.mean_nlls([text])[0] == pytest.approx(one, abs=1e-4)
+    with pytest.raises(ValueError, match="style"):
+        batched.rate_many([("style", "text", "ref")])
+
+
+def test_calibration_cuts_are_fit_once_and_reused_across_processes(tiny_lm: LoadedLM) -> None:
+    """A judge built like an earlier one (same identity, same LM weights) takes the earlier
+    fit's cuts, from memory or from the user's cache once the process's memory is gone."""
+    import project.judges.rating as rating
+
+    first = build_judge("offline", lm=tiny_lm)
+    assert isinstance(first, OfflineJudge)
+    cuts = {kind: first.rater.calibrate(kind) for kind in ("concept", "instruct", "fluency")}
+    rating._CUTS.clear()  # a new process: only the cache directory remembers
+    second = build_judge("offline", lm=tiny_lm)
+    assert isinstance(second, OfflineJudge)
+    second.rater.prepare = None  # type: ignore[method-assign]  # a refit would need it
+    assert {kind: second.rater.calibrate(kind) for kind in cuts} == cuts
+    other = build_judge("offline", lm=tiny_lm, max_token_window_share=0.5)
+    assert isinstance(other, OfflineJudge)
+    assert other.rater.cuts_key != first.rater.cuts_key  # another identity: its own fit
