@@ -60,6 +60,8 @@ PAGE_SIZE = SEARCH_MAX_RESULTS_THRESHOLD
 # Run ids per ``attributes.run_id IN (...)`` query: well inside SQLite's bound-variable limit.
 RUN_ID_CHUNK = 200
 NO_SELECTION = "none"
+# The share of a steer run's targets whose concept the unsteered answers already carry.
+FREE_SHARE_METRIC = "free_concept_share"
 # The registry tag of a random-init control (project/import_sae.py).
 BASELINE_TAG = "baseline"
 # The judge's full identity (model, endpoint, rules), where a run logged it; else its name.
@@ -500,7 +502,12 @@ def _collect(
     # The none score the selection's gain was measured against: steer logs it on the
     # selection run as none_<metric> (the none run of the selection run's own config).
     companions = (companion_metric,) if companion_metric else ()
-    optional = (*companions, f"none_{utility_metric}", *(f"none_{m}" for m in companions))
+    optional = (
+        *companions,
+        f"none_{utility_metric}",
+        *(f"none_{m}" for m in companions),
+        FREE_SHARE_METRIC,
+    )
     steer_records = _records(
         _iter_chosen_runs(
             client,
@@ -568,6 +575,10 @@ def _collect(
             row[prefix] = score
             row[f"{prefix}_none"] = base
             row[f"{prefix}_gain" if prefix != "g" else "gain"] = _gain(score, base)
+        # How much of g a concept already present unsteered could have earned (issue 18).
+        row[FREE_SHARE_METRIC] = (
+            g_run.metrics.get(FREE_SHARE_METRIC, math.nan) if g_run else math.nan
+        )
         lacks = [
             what
             for what, value in (
@@ -589,7 +600,7 @@ def _collect(
     columns = [
         "registered_model", "version", "model_uri", "lm_name", "layer", "d_sae", "architecture",
         "target_l0", "l0", "is_control", "mu", "g", "g_none", "gain",
-        *(c for m in companions for c in (m, f"{m}_none", f"{m}_gain")),
+        *(c for m in companions for c in (m, f"{m}_none", f"{m}_gain")), FREE_SHARE_METRIC,
         "eval_run_id", "steer_run_id", TRAINING_RUN_TAG,
     ]  # fmt: skip
     everything = pd.DataFrame(rows, columns=columns)

@@ -141,6 +141,10 @@ def _write(client: MlflowClient, experiment: str, study: SyntheticStudy) -> list
                     metrics = {"steering_score": base * lift}
                     if study.log_lift:
                         metrics["steering_score_lift"] = base_lift * lift
+                        # Free credit where the score by lift falls short of the paper's.
+                        metrics["free_concept_share"] = round(
+                            max(0.0, 1 - base_lift / max(base, 1e-9)), 4
+                        )
                     _log(
                         client,
                         run_id,

@@ -416,6 +416,13 @@ def test_the_lift_score_is_reported_beside_the_steering_score(tracking_uri: str)
     ]  # fmt: skip
     page = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="report.html")
     assert "τ_b per steering score" in Path(page).read_text()
+    # Per SAE, beside g and g by lift: the share of its targets steered toward a concept the
+    # unsteered answers already carried (read from its own steer run).
+    for row in table.itertuples():
+        logged = client.get_run(row.steer_run_id).data.metrics["free_concept_share"]
+        assert row.free_concept_share == logged
+    assert table["free_concept_share"].nunique() > 1
+    assert "<th>free_concept_share</th>" in Path(page).read_text()
 
     # Correlating the lift score instead: the gain by lift is over none_steering_score_lift
     # where the selection run logged it, and the AxBench score is the companion.
