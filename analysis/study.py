@@ -378,6 +378,8 @@ class StudyResult:
     headline: dict[str, float]
     psi: dict[str, dict[str, float]]
     failures: list[str] = field(default_factory=list)
+    # τ_b of µ against each steering score the runs logged (the paper's, then by concept lift).
+    scores: list[dict[str, object]] = field(default_factory=list)
 
     def new_runs(self, step: str) -> list[StepRun]:
         return [r for r in self.runs if r.step == step and not r.reused]
@@ -635,6 +637,16 @@ def _log_pooled_lift(study: _Study) -> None:
             pooled["pooled_steering_score_lift_ci_high"],
             100 * pooled["pooled_free_concept_share"],
         )
+        if "pooled_steering_score_lift_minus_random" in pooled:
+            log.info(
+                "  random floor at the latents' norm and α*: by lift %.3f; SAE − floor %.3f "
+                "[%.3f, %.3f] over %d targets",
+                pooled["pooled_random_steering_score_lift"],
+                pooled["pooled_steering_score_lift_minus_random"],
+                pooled["pooled_steering_score_lift_minus_random_ci_low"],
+                pooled["pooled_steering_score_lift_minus_random_ci_high"],
+                int(pooled["pooled_n_floor_targets"]),
+            )
 
 
 def _log_runs(study: _Study) -> None:
@@ -644,7 +656,9 @@ def _log_runs(study: _Study) -> None:
     )
 
 
-def _analyze(study: _Study) -> tuple[dict[str, str], dict[str, float], dict[str, dict]]:
+def _analyze(
+    study: _Study,
+) -> tuple[dict[str, str], dict[str, float], dict[str, dict], list[dict[str, object]]]:
     config = study.config
     # The analysis reads exactly the eval and steer runs the study used (reused ones
     # included), from the list logged now; nothing else in the store is pooled in.
@@ -652,6 +666,7 @@ def _analyze(study: _Study) -> tuple[dict[str, str], dict[str, float], dict[str,
     paths: dict[str, str] = {}
     headline: dict[str, float] = {}
     psi: dict[str, dict[str, float]] = {}
+    scores: list[dict[str, object]] = []
     for selection in ["none", *_split(config.analyze_selections)]:
         analysis = AnalyzeConfig(
             study_run_id=study.run_id,
@@ -673,7 +688,8 @@ def _analyze(study: _Study) -> tuple[dict[str, str], dict[str, float], dict[str,
         paths[selection] = result.report_path
         if selection == "none":
             headline, psi = result.report.headline, result.report.psi
-    return paths, headline, psi
+            scores = result.report.side_by_side
+    return paths, headline, psi, scores
 
 
 # ---------------------------------------------------------------------------------------------
@@ -757,7 +773,7 @@ def run_study(config: StudyConfig) -> StudyResult:
             with study.step("tune"):
                 _tune(study, tuned)
         with study.step("analyze"):
-            paths, headline, psi = _analyze(study)
+            paths, headline, psi, scores = _analyze(study)
         total = time.perf_counter() - started
         study.client.log_metric(run_id, "seconds_total", total)
         study.client.log_metric(run_id, "cpu_seconds_total", time.process_time() - cpu_started)
@@ -781,6 +797,7 @@ def run_study(config: StudyConfig) -> StudyResult:
             headline=headline,
             psi=psi,
             failures=study.failures,
+            scores=scores,
         )
         if study.failures:
             study.client.set_terminated(run_id, "FAILED")
@@ -844,6 +861,10 @@ def main() -> None:
         f"(95% CI {h['tau_b_ci_low']:.3f} – {h['tau_b_ci_high']:.3f}); "
         + ", ".join(f"{k} = {v['value']:.3f}" for k, v in result.psi.items())
     )
+    for row in result.scores:
+        print(
+            f"  µ vs {row['g']}: τ_b = {row['τ_b']:.3f} (95% CI {row['95% CI']}), p {row['p']:.3f}"
+        )
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items()))
     for selection, path in result.report_paths.items():
         print(f"report ({'headline' if selection == 'none' else 'gain of ' + selection}): {path}")

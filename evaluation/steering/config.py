@@ -46,6 +46,10 @@ class SteerConfig:
       explains 1,000 latents and samples 100); 0 means ``2 · n_concepts``. Explanations whose
       tokens ordinary text already holds are skipped (:mod:`evaluation.steering.latent_targets`).
     - ``n_examples``: positive (and negative) texts per concept, cut to ``example_tokens``.
+    - ``random_floor`` (latent mode): after the SAE's rows are rated, steer each target's
+      seeded random direction at the latent's own norm (``α·m_i``) and the SAE's own α* (by
+      the score and by lift) on the same test instructions: the floor of its test score and
+      concept lift (a concept that any push of that size writes is not the latent's doing).
     """
 
     mode: str = "concept"
@@ -64,6 +68,7 @@ class SteerConfig:
     n_examples: int = 16
     example_tokens: int = 64
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    random_floor: bool = True
     stats: LatentStatsConfig = field(default_factory=LatentStatsConfig)
 
     def __post_init__(self) -> None:
@@ -87,6 +92,8 @@ class SteerConfig:
             ("explain_pool", 0),
         ):
             check_int(name, getattr(self, name), low)
+        if not isinstance(self.random_floor, bool):
+            raise ValueError(f"random_floor={self.random_floor!r} must be true or false")
         if not self.factors:
             raise ValueError("factors is empty; give at least one steering factor")
         for f in self.factors:

@@ -91,6 +91,9 @@ class Target:
     auroc: float = math.nan  # concept mode: the latent's max-pooled AUROC on the examples
     diffmean_D: Tensor | None = None
     random_D: Tensor | None = None
+    # The random direction's norm per unit factor: the run's reference scale s (concept mode,
+    # DiffMean's norm) unless set; latent mode sets m_i, the steered latent's own norm.
+    random_scale: float | None = None
     split: InstructionSplit = field(default_factory=lambda: InstructionSplit(()))
 
 
@@ -268,6 +271,8 @@ def _vector(row: Row, target: Target, sae_rows: dict[int, Tensor], scale: float)
         return row.factor * target.max_activation * sae_rows[target.latent]
     direction = target.diffmean_D if row.method == DIFFMEAN else target.random_D
     assert direction is not None
+    if row.method == RANDOM and target.random_scale is not None:
+        scale = target.random_scale
     return row.factor * scale * direction
 
 
@@ -428,6 +433,9 @@ def summarize(
     metrics: dict[str, float] = {}
     per_concept: dict[str, list[Any]] = defaultdict(list)
     chosen_by_method: dict[str, list[dict[str, float]]] = {}
+    # Per target, the SAE's (α*, α* by lift): a method generated on the test half only (the
+    # latent-mode floor, :func:`latent_floor_rows`) is read at them.
+    sae_alphas: dict[int, tuple[float, float]] = {}
     # Each target's mean concept rating on its unsteered answers (both halves).
     unsteered_concepts: dict[int, list[float]] = defaultdict(list)
     for row, r in zip(rows, ratings, strict=True):
@@ -446,8 +454,12 @@ def summarize(
                 f: _mean([r["score_lift"] for r in cells[(method, t_index, f, "dev")]])
                 for f in factors
             }
-            alpha = best_factor(dev)
-            alpha_lift = best_factor(dev_lift)
+            if any(cells.get((method, t_index, f, "dev")) for f in factors):
+                alpha, alpha_lift = best_factor(dev), best_factor(dev_lift)
+            else:
+                alpha, alpha_lift = sae_alphas[t_index]
+            if method == SAE:
+                sae_alphas[t_index] = (alpha, alpha_lift)
             test = cells[(method, t_index, alpha, "test")]
             chosen = {k: _mean([r[k] for r in test]) for k in (*RATING_KINDS, "score")}
             test_lift = cells[(method, t_index, alpha_lift, "test")]
@@ -462,13 +474,13 @@ def summarize(
             )
             per_concept["auroc"].append(target.auroc if method == SAE else math.nan)
             per_concept["alpha_star"].append(alpha)
-            per_concept["dev_score"].append(dev[alpha])
+            per_concept["dev_score"].append(dev.get(alpha, math.nan))
             per_concept["test_score"].append(chosen["score"])
             for kind in RATING_KINDS:
                 per_concept[f"test_{kind}"].append(chosen[kind])
             per_concept["unsteered_concept"].append(unsteered_by_target[t_index])
             per_concept["alpha_star_lift"].append(alpha_lift)
-            per_concept["dev_score_lift"].append(dev_lift[alpha_lift])
+            per_concept["dev_score_lift"].append(dev_lift.get(alpha_lift, math.nan))
             per_concept["test_score_lift"].append(chosen["score_lift"])
             per_concept["test_concept_lift"].append(chosen["concept_lift"])
         prefix = "" if method == SAE else f"{method}_"
@@ -543,6 +555,9 @@ def per_factor_table(
     by_factor: dict[tuple[str, float], list[tuple[int, dict[str, float]]]] = defaultdict(list)
     for row, r in zip(rows, ratings, strict=True):
         by_factor[(row.method, row.factor)].append((row.target, r))
+    # Concept mode's random direction runs at every factor on both halves; latent mode's floor
+    # only at the SAE's α* on the test half, which no per-factor lead can be paired with.
+    floor_per_factor = any(row.method == RANDOM and row.split == "dev" for row in rows)
 
     def target_means(cell: list[tuple[int, dict[str, float]]], kind: str) -> dict[int, float]:
         per_target: dict[int, list[float]] = defaultdict(list)
@@ -578,7 +593,7 @@ def per_factor_table(
             table[f"{k}_ci_low"].append(low)
             table[f"{k}_ci_high"].append(high)
         steered = method in FACTOR_METHODS and factor != 0
-        floor = by_factor.get((RANDOM, factor))
+        floor = by_factor.get((RANDOM, factor)) if floor_per_factor else None
         lead = (
             concept_lead(cell, floor)
             if steered and method != RANDOM and floor is not None
@@ -636,6 +651,34 @@ def judge_steering_prompts(targets: list[Target], judge: Judge) -> dict[str, str
     return written
 
 
+def latent_floor_rows(
+    rows: list[Row], ratings: list[dict[str, float]], targets: list[Target]
+) -> list[Row]:
+    """The latent-mode floor: per target with a random direction, one row per test
+    instruction at each of the SAE's α* (by the score and by lift, chosen on the dev half as
+    :func:`summarize` chooses them), for the random method."""
+    add_concept_lift(rows, ratings)
+    dev: dict[tuple[int, float], list[dict[str, float]]] = defaultdict(list)
+    for row, r in zip(rows, ratings, strict=True):
+        if row.method == SAE and row.split == "dev":
+            dev[(row.target, row.factor)].append(r)
+    out = []
+    for t_index, target in enumerate(targets):
+        if target.random_D is None:
+            continue
+        factors = sorted(f for t, f in dev if t == t_index)
+        if not factors:
+            continue
+        alphas = [
+            best_factor({f: _mean([r[key] for r in dev[(t_index, f)]]) for f in factors})
+            for key in ("score", "score_lift")
+        ]
+        for alpha in dict.fromkeys(alphas):
+            for instruction in target.split.test:
+                out.append(Row(RANDOM, t_index, instruction, "test", alpha, instruction.text))
+    return out
+
+
 def run_protocol(
     targets: list[Target],
     sae: SparseAutoencoder,
@@ -652,6 +695,15 @@ def run_protocol(
     texts = run_generations(rows, targets, sae, lm, layer, config, reference_scale)
     generated = time.perf_counter()
     ratings, unparsable = rate_rows(rows, texts, targets, judge)
+    floor_seconds = 0.0
+    if config.mode == "latent" and config.random_floor:
+        floor_started = time.perf_counter()
+        floor = latent_floor_rows(rows, ratings, targets)
+        floor_texts = run_generations(floor, targets, sae, lm, layer, config, reference_scale)
+        floor_ratings, floor_unparsable = rate_rows(floor, floor_texts, targets, judge)
+        rows, texts = rows + floor, texts + floor_texts
+        ratings, unparsable = ratings + floor_ratings, unparsable + floor_unparsable
+        floor_seconds = time.perf_counter() - floor_started
     rated = time.perf_counter()
     result = summarize(rows, ratings, targets, config.seed)
     result.tables["generations"] = generations_table(rows, texts, ratings, targets)
@@ -661,7 +713,8 @@ def run_protocol(
             "n_generations": float(len(rows)),
             "unparsable_ratings": float(unparsable),
             "generation_seconds": generated - started,
-            "judge_seconds": rated - generated,
+            "judge_seconds": rated - generated - floor_seconds,
+            "floor_seconds": floor_seconds,
             "reference_scale": reference_scale,
             "judge_written_prompts": float(len(steering_prompts)),
         }

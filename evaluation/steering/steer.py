@@ -33,6 +33,7 @@ Everything that can be wrong with the input fails before any generation (exit co
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -155,10 +156,21 @@ def _latent_targets(
             genre=None,
             latent=latent,
             max_activation=float(max_activation_F[latent]),
+            # The floor (config.random_floor): a direction of its own per SAE and latent, at
+            # the latent's norm.
+            random_D=_random_unit(lm.d_model, config.seed, sae_key, latent),
+            random_scale=float(max_activation_F[latent]),
         )
         for latent in latents
     ]
     return targets, pool
+
+
+def _random_unit(d_model: int, seed: int, sae_key: str, latent: int) -> torch.Tensor:
+    digest = hashlib.sha256(f"{seed}:{sae_key}:{latent}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    vector = torch.randn(d_model, generator=generator)
+    return vector / vector.norm()
 
 
 def steer_version(
@@ -442,13 +454,18 @@ def pooled_lift(run_ids: list[str], seed: int = 0) -> dict[str, float]:
     """The steering evidence of several steer runs pooled over their targets: the mean
     per-target test score by the paper's rule and by concept lift (each target at its own α*),
     a bootstrap interval of each over all targets of all runs, and the share of targets whose
-    concept the unsteered answers already carry. Per SAE there are only a few targets; pooled
-    over a study's SAEs, the lift interval says whether steering was measured at all."""
+    concept the unsteered answers already carry. Where the runs steered the random floor
+    (``random_floor``), also its lift score and the SAE's lead over it, paired by target:
+    lift that a random push of the same norm also earns is no evidence of the latent. Per SAE
+    there are only a few targets; pooled over a study's SAEs, the lift interval says whether
+    steering was measured at all."""
     from project.statistics import bootstrap_interval
 
     scores: list[float] = []
     lifts: list[float] = []
     free: list[float] = []
+    floor_lifts: list[float] = []
+    over_floor: list[float] = []  # per target with a floor: SAE lift − floor lift
     for run_id in run_ids:
         table = mlflow.load_table("tables/per_concept.json", run_ids=[run_id])
         sae = table[table["method"] == "sae"]
@@ -457,8 +474,24 @@ def pooled_lift(run_ids: list[str], seed: int = 0) -> dict[str, float]:
         scores += sae["test_score"].astype(float).tolist()
         lifts += sae["test_score_lift"].astype(float).tolist()
         free += (sae["unsteered_concept"].astype(float) > 0).astype(float).tolist()
+        # The random direction at the latent's norm and α* (random_floor), in target order.
+        floor = table[table["method"] == "random"]
+        if len(floor) == len(sae):
+            floor_values = floor["test_score_lift"].astype(float).tolist()
+            floor_lifts += floor_values
+            over_floor += [
+                a - b
+                for a, b in zip(sae["test_score_lift"].astype(float), floor_values, strict=True)
+            ]
     out = {"pooled_n_targets": float(len(lifts)), "pooled_n_runs": float(len(run_ids))}
-    for name, values in (("steering_score", scores), ("steering_score_lift", lifts)):
+    pooled = [("steering_score", scores), ("steering_score_lift", lifts)]
+    if over_floor:
+        pooled += [
+            ("random_steering_score_lift", floor_lifts),
+            ("steering_score_lift_minus_random", over_floor),
+        ]
+        out["pooled_n_floor_targets"] = float(len(over_floor))
+    for name, values in pooled:
         finite = [v for v in values if not math.isnan(v)]
         low, high = bootstrap_interval(finite, seed)
         out[f"pooled_{name}"] = float(sum(finite) / len(finite)) if finite else math.nan
@@ -490,6 +523,7 @@ def main() -> None:
     parser.add_argument("--instructions", default=defaults.instructions)
     parser.add_argument("--n_examples", type=parse_int, default=defaults.n_examples)
     parser.add_argument("--explain_pool", type=parse_int, default=defaults.explain_pool)
+    parser.add_argument("--random_floor", type=parse_bool, default=defaults.random_floor)
     parser.add_argument("--stats_n_tokens", type=parse_int, default=defaults.stats.n_tokens)
     parser.add_argument("--force", type=parse_bool, default=False)
     args, extra = parser.parse_known_args()
@@ -508,6 +542,7 @@ def main() -> None:
         instructions=args.instructions,
         n_examples=args.n_examples,
         explain_pool=args.explain_pool,
+        random_floor=args.random_floor,
         stats=replace(LatentStatsConfig(), n_tokens=args.stats_n_tokens),
     )
     judge_options = parse_prefixed_options(extra)

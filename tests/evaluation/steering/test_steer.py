@@ -9,6 +9,7 @@ import json
 import math
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -24,9 +25,11 @@ from evaluation.steering.interventions import ClampLatent
 from evaluation.steering.protocol import (
     Row,
     Target,
+    _vector,
     auroc_per_column,
     best_factor,
     harmonic_mean,
+    latent_floor_rows,
     rate_rows,
     rating_value,
     summarize,
@@ -34,6 +37,7 @@ from evaluation.steering.protocol import (
 from evaluation.steering.steer import STEER_RUN_TYPE, pooled_lift, steer
 from project.concepts import (
     Instruction,
+    InstructionSplit,
     load_concepts,
     load_instructions,
     read_concepts_file,
@@ -474,7 +478,8 @@ def test_latent_mode_on_tiny_model(tiny_lm_dir: str, tracking_uri: str) -> None:
     sae_rows = [p for p in per_concept if p["method"] == "sae"]
     assert len(sae_rows) == 2
     assert all(p["concept"] and p["latent"] >= 0 for p in sae_rows)
-    generations = load_table(result.run_id, "generations")
+    generations_all = load_table(result.run_id, "generations")
+    generations = [g for g in generations_all if g["method"] != "random"]
     assert len(generations) == 2 * 2 * (1 + 2)
     # The run logs the lift beside the paper's score, and the explained pool it sampled from.
     assert 0.0 <= metrics["steering_score_lift"] <= 2.0
@@ -485,6 +490,50 @@ def test_latent_mode_on_tiny_model(tiny_lm_dir: str, tracking_uri: str) -> None:
     assert pooled["pooled_n_targets"] == 4
     mean = sum(p["test_score_lift"] for p in sae_rows) / 2
     assert pooled["pooled_steering_score_lift"] == pytest.approx(mean)
+    # The floor: a random direction per target at the SAE's own α* (by score and by lift), on
+    # the test instructions only, and the SAE's lead over it paired by target.
+    floor_rows = [p for p in per_concept if p["method"] == "random"]
+    assert [p["alpha_star"] for p in floor_rows] == [p["alpha_star"] for p in sae_rows]
+    assert [p["alpha_star_lift"] for p in floor_rows] == [p["alpha_star_lift"] for p in sae_rows]
+    floor_generations = [g for g in generations_all if g["method"] == "random"]
+    assert floor_generations and all(g["split"] == "test" for g in floor_generations)
+    stars = {p["concept"]: {p["alpha_star"], p["alpha_star_lift"]} for p in sae_rows}
+    assert all(g["factor"] in stars[g["concept"]] for g in floor_generations)
+    assert len(floor_generations) == sum(len(a) for a in stars.values())  # 1 test instruction
+    assert "sae_minus_random_steering_lift_ci_low" in metrics
+    lead = sum(
+        a["test_score_lift"] - b["test_score_lift"]
+        for a, b in zip(sae_rows, floor_rows, strict=True)
+    )
+    assert pooled["pooled_n_floor_targets"] == 4
+    assert pooled["pooled_steering_score_lift_minus_random"] == pytest.approx(lead / 2)
+    (without,) = steer(uri, replace(config, random_floor=False), "offline")
+    assert not [g for g in load_table(without.run_id, "generations") if g["method"] == "random"]
+
+
+def test_latent_floor_rows_steer_at_the_sae_alpha_stars_with_the_latent_norm() -> None:
+    """latent_floor_rows: per target, the test instructions at the SAE's dev α* by score
+    and by lift (here 2 and 1: factor 2 earns a concept the unsteered answer has); the random
+    vector's norm is factor · m_i, the latent's own, not the run's reference scale."""
+    dev, test = Instruction("Say a.", "text"), Instruction("Say b.", "text")
+    target = Target("t", "t", None, latent=3, max_activation=5.0, random_D=torch.ones(4) / 2)
+    target.random_scale = 5.0
+    target.split = InstructionSplit((dev,), (test,))
+    rows, ratings = [], []
+    for split, instruction in (("dev", dev), ("test", test)):
+        rows.append(Row("unsteered", 0, instruction, split, 0.0, instruction.text))
+        ratings.append({"concept": 1.0, "instruct": 2.0, "fluency": 2.0})
+        for factor, concept in ((1.0, 1.5), (2.0, 2.0)):
+            rows.append(Row("sae", 0, instruction, split, factor, instruction.text))
+            ratings.append({"concept": concept, "instruct": 2.0, "fluency": 2.0 - factor / 2})
+    for r in ratings:
+        r["score"] = harmonic_mean(r["concept"], r["instruct"], r["fluency"])
+    floor = latent_floor_rows(rows, ratings, [target])
+    assert {(r.method, r.split, r.instruction, r.factor) for r in floor} == {
+        ("random", "test", test, 1.0), ("random", "test", test, 2.0)
+    }  # fmt: skip
+    vector = _vector(floor[0], target, {}, scale=100.0)
+    assert vector is not None and float(vector.norm()) == pytest.approx(floor[0].factor * 5.0)
 
 
 def test_command_line_bad_input_exits_2_before_any_run(tiny_lm_dir: str, tracking_uri: str) -> None:
