@@ -32,8 +32,10 @@ What each rating is computed from (issue 13):
 
 Each score is cut into 0/1/2 at two thresholds fit (best accuracy) on the labelled examples in
 ``calibration.json``: short completions written for saeflow and rated by careful reading,
-none taken from any benchmark file. The cuts are fit when a judge is built, with its own LM,
-so the fluency cuts match the LM's scale. Empty text rates 0 on every scale.
+none taken from any benchmark file. The cuts are fit with the judge's own LM, so the fluency
+cuts match the LM's scale, once per judge identity and LM weights (kept in memory and in
+``$SAEFLOW_CACHE_DIR/judge_cuts``). Empty text rates 0 on every scale. Many ratings at once
+(:meth:`OfflineRater.rate_many`) batch the embeddings and the LM's passes, same ratings.
 """
 
 from __future__ import annotations
@@ -332,7 +334,7 @@ class OfflineRater:
         self.lexicon = lexicon
         self.fluency_lm = fluency_lm
         # The cuts depend only on what ``cuts_key`` names (embedding model, fluency LM,
-        # calibration file, rule): judges built alike in one process fit them once.
+        # calibration file, rule): judges built alike fit them once (memory, then disk).
         self.cuts_key = cuts_key
         self.cuts: dict[str, tuple[float, float, float]] = {}
         self._baselines: dict[str, float] = {}
