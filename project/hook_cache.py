@@ -58,6 +58,23 @@ def default_hook_cache_dir() -> Path:
     return saeflow_cache_dir() / "hook_activations"
 
 
+_SHARED: HookCache | None = None
+# Entries the process-wide cache keeps in memory before it drops them (disk copies stay).
+_SHARED_MEMORY_ENTRIES = 4
+
+
+def shared_hook_cache() -> HookCache:
+    """One process-wide :class:`HookCache` over the user's hook-cache directory, for the scans
+    every SAE of a site repeats (latent statistics, autointerp): the first SAE's LM pass serves
+    the others, in this process and later ones. Its memory keeps the last few entries."""
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = HookCache(default_hook_cache_dir())
+    if len(_SHARED) > _SHARED_MEMORY_ENTRIES:
+        _SHARED.clear_memory()
+    return _SHARED
+
+
 def _digest_tensors(*tensors: Tensor | None) -> str:
     h = hashlib.sha256()
     for t in tensors:
@@ -162,11 +179,13 @@ class HookCache:
         attention_mask_NT: Tensor | None = None,
         *,
         desc: str = "hook activations",
+        batch_size: int | None = None,
     ) -> Tensor:
         """Residual stream after block ``layer`` for every token, [N, T, D] float32 on CPU.
 
-        The LM runs only up to the hook. With an attention mask (right padding), each batch is
-        trimmed to its longest row and padded positions are returned as zeros.
+        The LM runs only up to the hook, ``batch_size`` rows at a time (default: the cache's).
+        With an attention mask (right padding), each batch is trimmed to its longest row and
+        padded positions are returned as zeros.
         """
         check_layer(lm, layer)
         key = self.key(_ACTIVATIONS, lm, layer, tokens_NT, attention_mask_NT)
@@ -179,13 +198,14 @@ class HookCache:
             return entry[_ACTIVATIONS]
         n, t = tokens_NT.shape
         acts_NTD = torch.zeros(n, t, lm.d_model, dtype=torch.float32)
+        step = batch_size or self.batch_size
         with tqdm(total=n, desc=desc, unit="seq", leave=False) as bar:
-            for start in range(0, n, self.batch_size):
-                ids_BT = tokens_NT[start : start + self.batch_size]
+            for start in range(0, n, step):
+                ids_BT = tokens_NT[start : start + step]
                 mask_BT = None
                 width = t
                 if attention_mask_NT is not None:
-                    mask_BT = attention_mask_NT[start : start + self.batch_size]
+                    mask_BT = attention_mask_NT[start : start + step]
                     width = max(1, int(mask_BT.sum(dim=1).max()))
                     ids_BT, mask_BT = ids_BT[:, :width], mask_BT[:, :width]
                 acts_BTD = residual_activations(lm, ids_BT, layer, mask_BT).float().cpu()

@@ -58,7 +58,7 @@ from project.corpus import (
     resolve_corpus,
     token_windows,
 )
-from project.hook_cache import HookCache, check_sae_fits, default_hook_cache_dir
+from project.hook_cache import check_sae_fits, shared_hook_cache
 from project.judges import Judge
 from project.lm import LoadedLM
 from project.saes.base import SparseAutoencoder
@@ -215,8 +215,9 @@ def _scan(lm: LoadedLM, layer: int, config: AutointerpConfig) -> tuple[Tensor, T
         mask_WT &= ids_WT != token_id
     # The same windows' activations serve every SAE at this site, in this process and (from the
     # user's hook cache) in later ones: evaluate and steer both scan them.
-    cache = HookCache(default_hook_cache_dir(), batch_size=config.lm_batch_size)
-    acts_WTD = cache.activations(lm, layer, ids_WT, desc="autointerp: LM scan")
+    acts_WTD = shared_hook_cache().activations(
+        lm, layer, ids_WT, desc="autointerp: LM scan", batch_size=config.lm_batch_size
+    )
     _SCAN_CACHE.clear()
     _SCAN_CACHE[key] = (ids_WT, mask_WT, acts_WTD)
     return _SCAN_CACHE[key]

@@ -27,7 +27,7 @@ from project.corpus import (
     region_description,
     resolve_corpus,
 )
-from project.hook_cache import HookCache, check_sae_fits, default_hook_cache_dir
+from project.hook_cache import check_sae_fits, shared_hook_cache
 from project.lm import LoadedLM
 from project.runs import config_hash, find_finished_run, run_tags
 from project.saes import SparseAutoencoder
@@ -41,21 +41,8 @@ VERSION_LINK_TAG = "latent_stats.run_id"
 _ENCODE_CHUNK = 4096
 
 
-# The residual stream of the held-out windows depends on the LM and layer only: every SAE of
-# a study's grid at that site is measured on one LM pass (and, across processes, on its copy in
-# the user's hook cache).
-_HOOK_ACTIVATIONS: HookCache | None = None
+# Reading and tokenising a corpus takes seconds: the held-out windows once a process.
 _WINDOWS: dict[tuple[str, str, str, int, int], Tensor] = {}
-
-
-def _hook_activations(batch_size: int) -> HookCache:
-    global _HOOK_ACTIVATIONS
-    if _HOOK_ACTIVATIONS is None:
-        _HOOK_ACTIVATIONS = HookCache(default_hook_cache_dir())
-    if len(_HOOK_ACTIVATIONS) > 4:  # a study over many sites: bound the memory
-        _HOOK_ACTIVATIONS.clear_memory()
-    _HOOK_ACTIVATIONS.batch_size = batch_size
-    return _HOOK_ACTIVATIONS
 
 
 def _held_out_windows(lm: LoadedLM, config: LatentStatsConfig) -> Tensor:
@@ -66,7 +53,7 @@ def _held_out_windows(lm: LoadedLM, config: LatentStatsConfig) -> Tensor:
         config.context_size,
         config.n_tokens,
     )
-    if key not in _WINDOWS:  # reading and tokenising a corpus takes seconds: once a process
+    if key not in _WINDOWS:
         _WINDOWS.clear()
         _WINDOWS[key] = eval_windows(
             config.corpus,
@@ -94,8 +81,12 @@ def measure_latent_stats(
     keep_WT = torch.ones_like(ids_WT, dtype=torch.bool)
     for t in special:
         keep_WT &= ids_WT != t
-    cache = _hook_activations(config.lm_batch_size)
-    acts_ND = cache.activations(lm, layer, ids_WT, desc="latent stats: LM")[keep_WT]
+    # The residual stream of the held-out windows depends on the LM and layer only: every SAE
+    # of a study's grid at that site is measured on one LM pass.
+    acts_WTD = shared_hook_cache().activations(
+        lm, layer, ids_WT, desc="latent stats: LM", batch_size=config.lm_batch_size
+    )
+    acts_ND = acts_WTD[keep_WT]
     F = sae.cfg.d_sae
     max_F = torch.zeros(F)
     fired_F = torch.zeros(F, dtype=torch.long)

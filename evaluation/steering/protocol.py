@@ -407,6 +407,30 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
+# A generation cell: (method, target, factor, split) -> its rated rows.
+Cells = dict[tuple[str, int, float, str], list[dict[str, float]]]
+# What α* maximises on the dev half: the paper's score, and the score by concept lift.
+_ALPHA_KEYS = ("score", "score_lift")
+
+
+def _cells(rows: list[Row], ratings: list[dict[str, float]]) -> Cells:
+    cells: Cells = defaultdict(list)
+    for row, r in zip(rows, ratings, strict=True):
+        cells[(row.method, row.target, row.factor, row.split)].append(r)
+    return cells
+
+
+def _factors(cells: Cells, method: str, target: int) -> list[float]:
+    return sorted({f for (m, t, f, _s) in cells if m == method and t == target})
+
+
+def _dev_means(
+    cells: Cells, method: str, target: int, factors: list[float], key: str
+) -> dict[float, float]:
+    """Per factor, the mean of ``key`` over the target's dev rows (NaN where it has none)."""
+    return {f: _mean([r[key] for r in cells.get((method, target, f, "dev"), [])]) for f in factors}
+
+
 def best_factor(dev_means: dict[float, float]) -> float:
     """α*: the factor with the largest dev mean; ties go to the smaller factor."""
     return min(dev_means, key=lambda f: (-dev_means[f], f))
@@ -426,9 +450,7 @@ def summarize(
     share of targets whose concept the unsteered answers already carry (``free_concept_share``):
     where it is high, the paper's score credits text that no steering wrote."""
     add_concept_lift(rows, ratings)
-    cells: dict[tuple[str, int, float, str], list[dict[str, float]]] = defaultdict(list)
-    for row, r in zip(rows, ratings, strict=True):
-        cells[(row.method, row.target, row.factor, row.split)].append(r)
+    cells = _cells(rows, ratings)
     methods = list(dict.fromkeys(row.method for row in rows))
     metrics: dict[str, float] = {}
     per_concept: dict[str, list[Any]] = defaultdict(list)
@@ -446,14 +468,8 @@ def summarize(
         per_target: list[dict[str, float]] = []
         chosen_by_method[method] = per_target
         for t_index, target in enumerate(targets):
-            factors = sorted({f for (m, t, f, _s) in cells if m == method and t == t_index})
-            dev = {
-                f: _mean([r["score"] for r in cells[(method, t_index, f, "dev")]]) for f in factors
-            }
-            dev_lift = {
-                f: _mean([r["score_lift"] for r in cells[(method, t_index, f, "dev")]])
-                for f in factors
-            }
+            factors = _factors(cells, method, t_index)
+            dev, dev_lift = (_dev_means(cells, method, t_index, factors, k) for k in _ALPHA_KEYS)
             if any(cells.get((method, t_index, f, "dev")) for f in factors):
                 alpha, alpha_lift = best_factor(dev), best_factor(dev_lift)
             else:
@@ -658,21 +674,13 @@ def latent_floor_rows(
     instruction at each of the SAE's α* (by the score and by lift, chosen on the dev half as
     :func:`summarize` chooses them), for the random method."""
     add_concept_lift(rows, ratings)
-    dev: dict[tuple[int, float], list[dict[str, float]]] = defaultdict(list)
-    for row, r in zip(rows, ratings, strict=True):
-        if row.method == SAE and row.split == "dev":
-            dev[(row.target, row.factor)].append(r)
+    cells = _cells(rows, ratings)
     out = []
     for t_index, target in enumerate(targets):
-        if target.random_D is None:
+        factors = _factors(cells, SAE, t_index)
+        if target.random_D is None or not factors:
             continue
-        factors = sorted(f for t, f in dev if t == t_index)
-        if not factors:
-            continue
-        alphas = [
-            best_factor({f: _mean([r[key] for r in dev[(t_index, f)]]) for f in factors})
-            for key in ("score", "score_lift")
-        ]
+        alphas = [best_factor(_dev_means(cells, SAE, t_index, factors, k)) for k in _ALPHA_KEYS]
         for alpha in dict.fromkeys(alphas):
             for instruction in target.split.test:
                 out.append(Row(RANDOM, t_index, instruction, "test", alpha, instruction.text))
