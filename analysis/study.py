@@ -117,7 +117,8 @@ class StudyConfig:
       test), ``max_new_tokens``; ``stats_n_tokens`` held-out tokens of the latent table (m_i),
       shared by steering and tuning.
     - ``tune_n_trials`` (0: no tuning) on ``tune_sae`` (``auto``: TopK at the lowest target L0
-      of the first LM, else the first SAE; or ``ARCH:L0``), steering ``tune_n_concepts``.
+      of the first LM, else the first SAE; or ``ARCH:L0``), steering ``tune_n_concepts``
+      latents per trial on ``tune_n_instructions`` instructions each (half dev, half test).
     - ``n_resamples``: bootstrap/permutation draws of the analysis; ``analyze_selections``:
       the selections whose steering gain is analysed beside the headline (``none``);
       ``interp_metric`` (µ, an eval metric) and ``utility_metric`` (g, a steer metric).
@@ -156,6 +157,9 @@ class StudyConfig:
     tune_sae: str = "auto"
     # Two latents per trial scored 0.0 in all three trials of a default study: four.
     tune_n_concepts: int = 4
+    # A trial's score is the dev mean of a few latents' lift: with 2 dev instructions per
+    # latent it was 0.0 in every trial of a default study; 4 dev instructions each.
+    tune_n_instructions: int = 8
     tune_storage: str = "auto"
     n_resamples: int = 1000
     analyze_selections: str = "dtc"
@@ -287,7 +291,7 @@ class StudyConfig:
             alphas=(10.0,),
             dtc_ks=(1,),
             n_concepts=self.tune_n_concepts,
-            n_instructions=self.n_instructions,
+            n_instructions=self.tune_n_instructions,
             factors=parse_factors(self.factors),
             max_new_tokens=self.max_new_tokens,
             seed=self.seed,
@@ -397,6 +401,8 @@ class _Study:
         self.runs: list[StepRun] = []
         self.failures: list[str] = []
         self.lms: dict[str, LoadedLM] = {}  # by canonical name (the versions' lm_name tag)
+        # One judge per LM for every steer run (its embedding and NLL memos carry over).
+        self.judges: dict[str, Any] = {}
         self.layers: dict[str, int] = {}  # LM as given → layer
         self.versions: dict[tuple[str, str, int], ModelVersion] = {}  # (LM, arch, L0)
 
@@ -537,7 +543,9 @@ def _steer(study: _Study, uri: str, selection: str) -> None:
 
     config = study.config
     try:
-        (result,) = steer(uri, config.steer_config(selection), config.judge, lms=study.lms)
+        (result,) = steer(
+            uri, config.steer_config(selection), config.judge, lms=study.lms, judges=study.judges
+        )
     except Exception as err:  # noqa: BLE001 - this version's run is FAILED; the others go on
         study.fail(f"steering {uri} (selection {selection})", err)
         return
@@ -577,16 +585,21 @@ def _tune(study: _Study, mv: ModelVersion) -> None:
 
     uri = f"models:/{mv.name}/{mv.version}"
     tune_config = study.config.tune_config()
-    judge = build_judge(
-        tune_config.judge, lm=study.lms[str(lm_of(mv.tags or {}))], **tune_config.judge_options
-    )
+    lm_name = str(lm_of(mv.tags or {}))
+    if lm_name not in study.judges:
+        study.judges[lm_name] = build_judge(
+            tune_config.judge, lm=study.lms[lm_name], **tune_config.judge_options
+        )
+    judge = study.judges[lm_name]
     existing = find_finished_tune(uri, tune_config, study_name(mv, tune_config, judge))
     if existing is not None:
         log.info("tune_dtc on %s: reusing FINISHED run %s", uri, existing)
         study.record(StepRun("tune", existing, uri, "", reused=True))
         return
     try:
-        result = tune(uri, tune_config, study.config.tune_storage, lms=study.lms)
+        result = tune(
+            uri, tune_config, study.config.tune_storage, lms=study.lms, judges=study.judges
+        )
     except Exception as err:  # noqa: BLE001 - the analysis does not need the tuned choice
         study.fail(f"tuning DTC on {uri}", err)
         return

@@ -787,8 +787,12 @@ def tune(
     storage: str = "auto",
     *,
     lms: dict[str, LoadedLM] | None = None,
+    judges: dict[str, Judge] | None = None,
 ) -> TuneResult:
     """Run (or join, or resume) the study on the one version ``model_uri`` names.
+
+    ``lms`` and ``judges`` (by LM name, as :func:`evaluation.steering.steer.steer` takes them)
+    reuse a caller's loaded LM and built judge.
 
     Raises:
         ValueError: bad input (config, storage, URI, LM, judge), before any work.
@@ -808,7 +812,10 @@ def tune(
     sites, lms = load_sites(versions, lms)
     lm_name, layer = sites[mv.version]
     lm = lms[lm_name]
-    judge = build_judge(config.judge, lm=lm, **config.judge_options)
+    judges = judges if judges is not None else {}
+    if lm_name not in judges:
+        judges[lm_name] = build_judge(config.judge, lm=lm, **config.judge_options)
+    judge = judges[lm_name]
     name = study_name(mv, config, judge)
     mark_work_started()
 

@@ -1,11 +1,20 @@
-"""Batched generation (project/generation.py) against one prompt at a time, same greedy outputs.
+"""Steered generation (project/generation.py) against the LM's own ceiling and one prompt at a time.
 
     .venv/bin/python bench/bench_generation.py [--prompts 32] [--new-tokens 32] [--batch-size 32]
 
-Both sides run `generate_token_ids` on the embedded SmolLM2 with a steering vector added at
-block 4 (every prompt position and every decode step), greedy, on the first prompts of
-saeflow's instruction pool; the batched side left-pads batches of `--batch-size`. The ratio of
-wall times is the figure; the script also reports how many continuations are token-identical.
+Three sides on the embedded SmolLM2, the same prompts (spread over saeflow's instruction pool),
+the same batch size and number of new tokens:
+
+- *ceiling*: the LM's own batched forward — a left-padded prefill, then one-token decode steps
+  under the KV cache taking the argmax, no hook, no logits processor, no stopping: what the
+  weights cost at these shapes, the most any generation loop can reach;
+- *steered*: `generate_token_ids` with a different vector per prompt added at block 4 (every
+  prompt position, every decode step), greedy and sampled at temperature 1 with one seeded
+  generator per row (the steering protocol's setting);
+- *one at a time*: the steered greedy side with batch size 1.
+
+The figures are ratios within one run: steered tokens/s as a share of the ceiling's, batched over
+one at a time, and how many greedy continuations are token-identical batched and alone.
 """
 
 from __future__ import annotations
@@ -18,8 +27,41 @@ from importlib import resources
 
 import torch
 
-from project.generation import AddVectors, GenerationConfig, generate_token_ids
-from project.lm import DEFAULT_LM, load_lm
+from project.generation import AddVectors, GenerationConfig, generate_token_ids, prompt_token_ids
+from project.lm import DEFAULT_LM, LoadedLM, load_lm
+
+
+@torch.inference_mode()
+def ceiling_seconds(lm: LoadedLM, prompts: list[str], new_tokens: int, batch_size: int) -> float:
+    """Wall time of the LM's plain batched decode (module docstring) over ``prompts``."""
+    ids = [prompt_token_ids(lm, p) for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    pad = lm.tokenizer.pad_token_id or 0
+    started = time.perf_counter()
+    for start in range(0, len(order), batch_size):
+        batch = [ids[i] for i in order[start : start + batch_size]]
+        width = max(map(len, batch))
+        input_BT = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask_BT = torch.zeros((len(batch), width), dtype=torch.long)
+        for b, row in enumerate(batch):
+            input_BT[b, width - len(row) :] = torch.tensor(row)
+            mask_BT[b, width - len(row) :] = 1
+        positions_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)
+        out = lm.model(input_ids=input_BT, attention_mask=mask_BT, position_ids=positions_BT)
+        past = out.past_key_values
+        for _ in range(new_tokens - 1):
+            next_B1 = out.logits[:, -1].argmax(-1, keepdim=True)
+            mask_BT = torch.cat([mask_BT, torch.ones_like(next_B1)], dim=1)
+            positions_BT = positions_BT[:, -1:] + 1
+            out = lm.model(
+                input_ids=next_B1,
+                attention_mask=mask_BT,
+                position_ids=positions_BT,
+                past_key_values=past,
+                use_cache=True,
+            )
+            past = out.past_key_values
+    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -46,29 +88,39 @@ def main() -> None:
     vectors_ND = direction_D * torch.linspace(0.0, 8.0, len(prompts))[:, None]
     intervention = AddVectors(vectors_ND)
 
-    def run(batch_size: int) -> tuple[list[list[int]], float]:
+    def run(batch_size: int, temperature: float = 0.0) -> tuple[list[list[int]], float]:
         config = GenerationConfig(
-            max_new_tokens=args.new_tokens, temperature=0.0, batch_size=batch_size
+            max_new_tokens=args.new_tokens, temperature=temperature, batch_size=batch_size
         )
         started = time.perf_counter()
         out = generate_token_ids(lm, prompts, config, layer=args.layer, intervention=intervention)
         return out, time.perf_counter() - started
 
     run(args.batch_size)  # warm-up (allocator, first-call overheads)
+    t_ceiling = ceiling_seconds(lm, prompts, args.new_tokens, args.batch_size)
+    ceiling_rate = len(prompts) * args.new_tokens / t_ceiling
     batched, t_batched = run(args.batch_size)
+    sampled, t_sampled = run(args.batch_size, temperature=1.0)
     single, t_single = run(1)
     identical = sum(a == b for a, b in zip(batched, single, strict=True))
-    n_tokens = sum(map(len, batched))
     print(
-        f"{len(prompts)} prompts x {args.new_tokens} new tokens, greedy, steering at block "
-        f"{args.layer}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"{len(prompts)} prompts x {args.new_tokens} new tokens, batch {args.batch_size}, "
+        f"steering at block {args.layer}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
     )
-    print(f"batched (batch {args.batch_size}): {t_batched:.1f}s, {n_tokens / t_batched:.0f} tok/s")
+    print(f"LM ceiling (plain batched decode): {t_ceiling:.1f}s, {ceiling_rate:.0f} tok/s")
+    for name, out, seconds in (
+        ("steered, greedy", batched, t_batched),
+        ("steered, sampled (T=1)", sampled, t_sampled),
+        ("steered, one at a time", single, t_single),
+    ):
+        rate = sum(map(len, out)) / seconds
+        print(
+            f"{name:24s} {seconds:.1f}s, {rate:.0f} tok/s = {rate / ceiling_rate:.2f} of the ceiling"
+        )
     print(
-        f"one at a time:            {t_single:.1f}s, {sum(map(len, single)) / t_single:.0f} tok/s"
-    )
-    print(
-        f"speed-up {t_single / t_batched:.1f}x; identical continuations {identical}/{len(prompts)}"
+        f"batched speed-up {t_single / t_batched:.1f}x; identical greedy continuations "
+        f"batched and alone {identical}/{len(prompts)}"
     )
 
 

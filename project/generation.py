@@ -18,6 +18,12 @@ pass: all prompt positions in the first pass, and the single new position of eve
 under the KV cache (hooks that skip one-token steps stop steering after the prompt, a bug
 reported against several steering tools). It receives the batch's row indices into the prompt
 list, so one batch can mix prompts steered differently.
+
+:func:`generate_added` is the steering path: each prompt with its own added vector (a zero
+vector: unsteered). Its continuations are remembered for the life of the process, keyed by
+everything that decides them (LM weights, layer, decoding settings, prompt, sampling seed, the
+vector's bytes), so a study that steers thirty runs on one LM generates each unsteered answer
+once, not once per run.
 """
 
 from __future__ import annotations
@@ -210,6 +216,67 @@ def generate_token_ids(
     return results
 
 
+# (LM fingerprint, layer, decoding settings, prompt, seed, vector digest) -> continuation.
+_ADDED_MEMO: dict[tuple[object, ...], str] = {}
+_ADDED_MEMO_LIMIT = 200_000  # continuations; a few hundred bytes each
+
+
+def _vector_digest(vector_D: Tensor) -> str:
+    data = vector_D.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def generate_added(
+    lm: LoadedLM,
+    prompts: Sequence[str],
+    vectors_ND: Tensor,
+    config: GenerationConfig,
+    *,
+    layer: int,
+    progress: str | None = None,
+) -> list[str]:
+    """:func:`generate` with ``vectors_ND[i]`` added at block ``layer`` for prompt ``i`` (a zero
+    row: unsteered), reusing continuations this process already generated for the same
+    (LM, layer, settings, prompt, seed, vector). A prompt's continuation does not depend on its
+    batch neighbours (per-prompt seeds), so a remembered one is the one a new batch would give.
+    """
+    if len(prompts) != vectors_ND.shape[0]:
+        raise ValueError(f"{vectors_ND.shape[0]} vectors for {len(prompts)} prompts")
+    from project.lm import lm_fingerprint
+
+    settings = (
+        lm_fingerprint(lm),
+        layer,
+        config.max_new_tokens,
+        float(config.temperature),
+        config.chat_template,
+        config.use_cache,
+    )
+    keys = [
+        (*settings, prompt, prompt_seed(config.seed, prompt), _vector_digest(vector))
+        for prompt, vector in zip(prompts, vectors_ND, strict=True)
+    ]
+    missing: dict[tuple[object, ...], int] = {}
+    for i, key in enumerate(keys):
+        if key not in _ADDED_MEMO and key not in missing:
+            missing[key] = i
+    if missing:
+        rows = list(missing.values())
+        texts = generate(
+            lm,
+            [prompts[i] for i in rows],
+            config,
+            layer=layer,
+            intervention=AddVectors(vectors_ND[rows]),
+            progress=progress,
+        )
+        if len(_ADDED_MEMO) + len(texts) > _ADDED_MEMO_LIMIT:
+            _ADDED_MEMO.clear()
+        _ADDED_MEMO.update(zip(missing, texts, strict=True))
+    logger.info("steered generation: %d asked, %d generated", len(prompts), len(missing))
+    return [_ADDED_MEMO[key] for key in keys]
+
+
 def generate(
     lm: LoadedLM,
     prompts: Sequence[str],
@@ -239,6 +306,7 @@ __all__ = [
     "GenerationConfig",
     "Intervention",
     "generate",
+    "generate_added",
     "generate_token_ids",
     "prompt_seed",
     "prompt_token_ids",

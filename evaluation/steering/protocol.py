@@ -40,9 +40,9 @@ from scipy.stats import rankdata
 from torch import Tensor
 
 from evaluation.steering.config import SteerConfig
-from evaluation.steering.interventions import AddVectors, ClampLatent, unit_decoder_rows
+from evaluation.steering.interventions import ClampLatent, unit_decoder_rows
 from project.concepts import Concept, Instruction, InstructionSplit
-from project.generation import GenerationConfig, generate
+from project.generation import GenerationConfig, generate, generate_added
 from project.judges import Judge
 from project.lm import LoadedLM, residual_activations
 from project.saes import SparseAutoencoder
@@ -323,12 +323,12 @@ def run_generations(
             add_vectors.append(vector.float())
     texts: dict[str, list[str]] = {"add": [], "clamp": []}
     if add_prompts:
-        texts["add"] = generate(
+        texts["add"] = generate_added(
             lm,
             add_prompts,
+            torch.stack(add_vectors),
             generation,
             layer=layer,
-            intervention=AddVectors(torch.stack(add_vectors)),
             progress="steer: generate",
         )
     if clamp_prompts:

@@ -402,6 +402,7 @@ def steer(
     judge_options: dict[str, Any] | None = None,
     force: bool = False,
     lms: dict[str, LoadedLM] | None = None,
+    judges: dict[str, Judge] | None = None,
 ) -> list[SteerRunResult]:
     """Steer every version ``model_uri`` names; one MLflow run per version (reused by hash).
 
@@ -410,6 +411,10 @@ def steer(
     computed first as a run of its own, and the selection's run logs its steering gain over
     it (:func:`steering_gain`). ``force`` recomputes the runs asked for, not that baseline.
     Returns the asked-for runs only (their ``none_run_id`` names the baseline).
+
+    ``lms`` and ``judges`` (by LM name; a judge built here is added to ``judges``) let a
+    caller that steers many runs load each LM and build each judge once: the offline judge
+    keeps its embeddings and fluency NLLs between runs.
 
     Raises:
         ValueError: bad input (URI, LM, config, judge, concept or instruction files), before
@@ -430,7 +435,10 @@ def steer(
         else []
     )
     sites, lms = load_sites(versions, lms)
-    judges = {name: build_judge(judge, lm=lm, **(judge_options or {})) for name, lm in lms.items()}
+    judges = judges if judges is not None else {}
+    for name, lm in lms.items():
+        if name not in judges:
+            judges[name] = build_judge(judge, lm=lm, **(judge_options or {}))
 
     results = []
     launcher = os.environ.get("MLFLOW_RUN_ID")

@@ -10,6 +10,7 @@ from project.generation import (
     AddVectors,
     GenerationConfig,
     generate,
+    generate_added,
     generate_token_ids,
     prompt_token_ids,
 )
@@ -91,6 +92,43 @@ def test_batched_equals_one_at_a_time(tiny_lm: LoadedLM, temperature: float) -> 
         tiny_lm, PROMPTS, GenerationConfig(max_new_tokens=8, temperature=temperature)
     )
     assert all(a != b for a, b in zip(outs[0], plain, strict=True))
+
+
+def test_added_vectors_are_generated_once_per_process(
+    tiny_lm: LoadedLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import project.generation as generation
+
+    config = GenerationConfig(max_new_tokens=6, temperature=1.0, seed=11)
+    vectors = _vectors(tiny_lm)
+    vectors[1] = 0.0  # an unsteered row among steered ones
+    expected = generate(tiny_lm, PROMPTS, config, layer=LAYER, intervention=AddVectors(vectors))
+    asked: list[int] = []
+    real = generation.generate
+
+    def counting(lm, prompts, *args, **kwargs):  # type: ignore[no-untyped-def]
+        asked.append(len(prompts))
+        return real(lm, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", counting)
+    monkeypatch.setattr(generation, "_ADDED_MEMO", {})
+    assert generate_added(tiny_lm, PROMPTS, vectors, config, layer=LAYER) == expected
+    # The same rows again (and a duplicate inside one call): nothing new is generated.
+    again = torch.cat([vectors, vectors[:1]])
+    assert generate_added(tiny_lm, [*PROMPTS, PROMPTS[0]], again, config, layer=LAYER) == [
+        *expected,
+        expected[0],
+    ]
+    assert asked == [len(PROMPTS)]
+    # Another vector, seed or layer is another continuation: generated, not remembered.
+    moved = vectors.clone()
+    moved[0] *= 2
+    generate_added(tiny_lm, PROMPTS, moved, config, layer=LAYER)
+    generate_added(
+        tiny_lm, PROMPTS, vectors, GenerationConfig(max_new_tokens=6, seed=12), layer=LAYER
+    )
+    generate_added(tiny_lm, PROMPTS, vectors, config, layer=0)
+    assert asked == [len(PROMPTS), 1, len(PROMPTS), len(PROMPTS)]
 
 
 def test_zero_vector_reproduces_the_unsteered_model(tiny_lm: LoadedLM) -> None:
