@@ -9,7 +9,8 @@
 tail ``quantile`` q. Every choice is categorical, so the space is finite and enumerable.
 
 **Objective**: the dev-split steering score of the trial's candidate set in latent mode
-(METHODS §3): ``n_concepts`` latents sampled from the set's informatively explained ones are
+(METHODS §3): ``n_concepts`` latents sampled from the set's informatively explained ones
+(explained in one seeded order of the SAE's latents, so they are drawn from all of the set) are
 each steered toward their own explanation, exactly as ``steer -P mode=latent`` does
 (:func:`~evaluation.steering.protocol.run_protocol`), and the score is the mean over them of
 the dev mean at each latent's best factor α* — by default (``objective=lift``) the steering
@@ -59,6 +60,7 @@ a study visits the space is not reproducible, each trial's score is (steering is
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
 import os
@@ -468,6 +470,7 @@ class DTCStudy:
         self._tables: dict[tuple[float, int], dict[str, Tensor]] = {}
         self._explanations: dict[int, str] = {}
         self._results: dict[tuple[int, str], dict[str, Any]] = {}
+        self._rank: list[int] | None = None  # the seeded explaining order (explained())
         self.storage: optuna.storages.RDBStorage | None = None
         self.study: optuna.Study | None = None
         self.exhausted = False
@@ -538,9 +541,26 @@ class DTCStudy:
             return {i: self._explanations[i] for i in ask}
 
         want = self.config.n_concepts
-        pool = explained_pool(candidates, pool_size(0, want), explain, self.judge)
         sae_key = self.mv.run_id or f"{self.mv.name}/{self.mv.version}"
+        # Explained in one seeded order of all latents, not the set's best-first order: a
+        # quantile set is then represented by latents drawn from all of it, and two sets
+        # share steered latents only as far as they share members. (Best first, every trial
+        # of a default study steered nearly the same top latents and scored alike.)
+        rank = self._sampling_rank(sae_key)
+        spread = sorted(candidates, key=lambda latent: rank[latent])
+        pool = explained_pool(spread, pool_size(0, want), explain, self.judge)
         return sample_latents(pool, want, self.config.seed, sae_key)
+
+    def _sampling_rank(self, sae_key: str) -> list[int]:
+        """Each latent's place in one order seeded by the study's seed and the SAE."""
+        if self._rank is None:
+            digest = hashlib.sha256(f"{self.config.seed}:{sae_key}:tune".encode()).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+            order = torch.randperm(len(self.max_F), generator=generator)
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(len(order))
+            self._rank = rank.tolist()
+        return self._rank
 
     def latent_results(self, latents: list[int], split: str) -> list[dict[str, Any]]:
         """Each latent's protocol result on the ``dev`` half or on both halves (``full``),
