@@ -580,17 +580,19 @@ def find_finished_tune(uri: str, tune_config: Any, study_name: str) -> str | Non
 
 def _tune(study: _Study, mv: ModelVersion) -> None:
     from analysis.tune_dtc import study_name, tune
-    from project.judges import build_judge
+    from project.judges import judge_for
     from project.tracking import lm_of
 
     uri = f"models:/{mv.name}/{mv.version}"
     tune_config = study.config.tune_config()
     lm_name = str(lm_of(mv.tags or {}))
-    if lm_name not in study.judges:
-        study.judges[lm_name] = build_judge(
-            tune_config.judge, lm=study.lms[lm_name], **tune_config.judge_options
-        )
-    judge = study.judges[lm_name]
+    judge = judge_for(
+        study.judges,
+        lm_name,
+        tune_config.judge,
+        lm=study.lms[lm_name],
+        **tune_config.judge_options,
+    )
     existing = find_finished_tune(uri, tune_config, study_name(mv, tune_config, judge))
     if existing is not None:
         log.info("tune_dtc on %s: reusing FINISHED run %s", uri, existing)

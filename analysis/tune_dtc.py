@@ -104,7 +104,7 @@ from project.concepts import (
     load_instructions,
     sample_instructions,
 )
-from project.judges import JUDGE_NAMES, Judge, build_judge
+from project.judges import JUDGE_NAMES, Judge, judge_for
 from project.lm import LoadedLM
 from project.registry import load_version
 from project.runs import config_hash, load_sites, resolve_versions, run_tags
@@ -832,10 +832,9 @@ def tune(
     sites, lms = load_sites(versions, lms)
     lm_name, layer = sites[mv.version]
     lm = lms[lm_name]
-    judges = judges if judges is not None else {}
-    if lm_name not in judges:
-        judges[lm_name] = build_judge(config.judge, lm=lm, **config.judge_options)
-    judge = judges[lm_name]
+    judge = judge_for(
+        judges if judges is not None else {}, lm_name, config.judge, lm=lm, **config.judge_options
+    )
     name = study_name(mv, config, judge)
     mark_work_started()
 

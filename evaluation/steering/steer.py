@@ -66,7 +66,7 @@ from project.concepts import (
     load_instructions,
     sample_instructions,
 )
-from project.judges import JUDGE_NAMES, Judge, build_judge
+from project.judges import JUDGE_NAMES, Judge, judge_for
 from project.judges.agreement import measured_agreement
 from project.lm import LoadedLM
 from project.registry import load_version
@@ -437,8 +437,7 @@ def steer(
     sites, lms = load_sites(versions, lms)
     judges = judges if judges is not None else {}
     for name, lm in lms.items():
-        if name not in judges:
-            judges[name] = build_judge(judge, lm=lm, **(judge_options or {}))
+        judge_for(judges, name, judge, lm=lm, **(judge_options or {}))
 
     results = []
     launcher = os.environ.get("MLFLOW_RUN_ID")

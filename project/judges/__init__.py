@@ -245,7 +245,24 @@ def measure_agreement(
     return result
 
 
+def judge_for(
+    judges: dict[str, Judge],
+    lm_name: str,
+    name: str = "offline",
+    *,
+    lm: LoadedLM | None = None,
+    **options: Any,
+) -> Judge:
+    """The judge ``judges`` keeps for ``lm_name``, built by :func:`build_judge` (and kept) the
+    first time: a caller that rates many runs on one LM builds its judge once, and the
+    offline judge's embedding and NLL memos carry over between runs."""
+    if lm_name not in judges:
+        judges[lm_name] = build_judge(name, lm=lm, **options)
+    return judges[lm_name]
+
+
 __all__ = [
+    "judge_for",
     "AGREEMENT",
     "EMBEDDING_PACKAGE",
     "HF_JUDGE_MODEL_ENV",
