@@ -52,7 +52,8 @@ Both checks count every other trial whatever its number, so when two trials race
 sees the other: the outcome may be that both are pruned, never that both run. A set whose rule
 selects nothing (K above the live latents) or no explainable latent is PRUNED as *infeasible*
 and never proposed again. RUNNING trials of a killed worker are failed by Optuna's heartbeat
-after ``grace_seconds``; a FAILED trial's set may be tried again. Each worker's TPE sampler is
+after ``grace_seconds``, and so is one never claimed after that long (a worker stopped before
+its first heartbeat); a FAILED trial's set may be tried again. Each worker's TPE sampler is
 seeded by ``seed`` and its process id, so that workers propose different sets: the order in which
 a study visits the space is not reproducible, each trial's score is (steering is seeded).
 """
@@ -60,6 +61,7 @@ a study visits the space is not reproducible, each trial's score is (steering is
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import logging
 import math
@@ -896,6 +898,7 @@ def _optimize(worker: DTCStudy, study: optuna.Study, config: TuneConfig) -> None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # a killed worker's trials
+        _fail_orphans(study, config.grace_seconds)
         complete, running = trial_counts(
             worker.storage.get_all_trials(study._study_id, deepcopy=False)
         )
@@ -915,6 +918,20 @@ def _optimize(worker: DTCStudy, study: optuna.Study, config: TuneConfig) -> None
             complete,
             config.n_trials,
         )
+
+
+def _fail_orphans(study: optuna.Study, grace_seconds: int) -> None:
+    """FAIL RUNNING trials never claimed and older than the grace period. A worker stopped
+    between Optuna creating its trial and the heartbeat thread's first beat leaves a trial with
+    no heartbeat, which ``fail_stale_trials`` never fails; a live worker claims its trial within
+    a moment of creating it (the sampler's suggestion is all that comes between)."""
+    now = datetime.datetime.now()
+    for t in study._storage.get_all_trials(study._study_id, deepcopy=False):
+        if t.state != TrialState.RUNNING or t.user_attrs.get("claimed"):
+            continue
+        if t.datetime_start and (now - t.datetime_start).total_seconds() > grace_seconds:
+            log.info("trial %d was never claimed within %ds: failed", t.number, grace_seconds)
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
 
 
 def _configure_tracking() -> str:

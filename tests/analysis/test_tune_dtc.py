@@ -28,6 +28,8 @@ from analysis.tune_dtc import (
     TUNE_RUN_TYPE,
     VERSION_LINK_TAG,
     TuneConfig,
+    _fail_orphans,
+    open_storage,
     resolve_storage,
     tune,
 )
@@ -293,6 +295,25 @@ def test_two_workers_complete_exactly_n_distinct_trials(
     assert "test_score_difference" in parents[0].data.metrics
     pruned = study.get_trials(states=(TrialState.PRUNED,))
     assert all(t.user_attrs.get("outcome") in ("duplicate", "surplus", INFEASIBLE) for t in pruned)
+
+
+def test_a_trial_never_claimed_is_failed_after_the_grace_period(tmp_path: Path) -> None:
+    # A worker stopped between Optuna creating its trial and the first heartbeat leaves a
+    # RUNNING trial with no heartbeat: Optuna's stale check never fails it (seen in CI).
+    config = TuneConfig(**{**SMALL, "n_trials": 2})
+    storage = open_storage(f"sqlite:///{tmp_path / 'orphans.db'}", config)
+    study = optuna.create_study(study_name="orphans", storage=storage)
+    orphan, claimed, young = study.ask(), study.ask(), None
+    claimed.set_user_attr("claimed", True)
+    time.sleep(1.2)
+    young = study.ask()
+    _fail_orphans(study, grace_seconds=1)
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states == {
+        orphan.number: TrialState.FAIL,
+        claimed.number: TrialState.RUNNING,  # its worker's heartbeat decides, not its age
+        young.number: TrialState.RUNNING,  # may be about to claim
+    }
 
 
 def test_resume_after_interruption_adds_only_missing_trials(
