@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import logging
 import math
 import os
@@ -90,7 +89,13 @@ from evaluation.selection.latent_stats import latent_stats_for_version
 from evaluation.selection.rules import check_direction, quantile, top_k
 from evaluation.selection.table import scores_for_version
 from evaluation.steering.config import SteerConfig, parse_factors
-from evaluation.steering.latent_targets import explained_pool, pool_size, sample_latents
+from evaluation.steering.latent_targets import (
+    explained_pool,
+    instructions_without_echo,
+    pool_size,
+    sample_latents,
+    seeded_order,
+)
 from evaluation.steering.protocol import SAE, Target, run_protocol
 from project.checks import check_int
 from project.cli import (
@@ -104,7 +109,6 @@ from project.concepts import (
     Instruction,
     InstructionSplit,
     load_instructions,
-    sample_instructions,
 )
 from project.judges import JUDGE_NAMES, Judge, judge_for
 from project.lm import LoadedLM
@@ -472,7 +476,6 @@ class DTCStudy:
         self._tables: dict[tuple[float, int], dict[str, Tensor]] = {}
         self._explanations: dict[int, str] = {}
         self._results: dict[tuple[int, str], dict[str, Any]] = {}
-        self._rank: list[int] | None = None  # the seeded explaining order (explained())
         self.storage: optuna.storages.RDBStorage | None = None
         self.study: optuna.Study | None = None
         self.exhausted = False
@@ -548,28 +551,16 @@ class DTCStudy:
         # quantile set is then represented by latents drawn from all of it, and two sets
         # share steered latents only as far as they share members. (Best first, every trial
         # of a default study steered nearly the same top latents and scored alike.)
-        rank = self._sampling_rank(sae_key)
-        spread = sorted(candidates, key=lambda latent: rank[latent])
+        spread = seeded_order(candidates, len(self.max_F), self.config.seed, sae_key, "tune")
         pool = explained_pool(spread, pool_size(0, want), explain, self.judge)
         return sample_latents(pool, want, self.config.seed, sae_key)
-
-    def _sampling_rank(self, sae_key: str) -> list[int]:
-        """Each latent's place in one order seeded by the study's seed and the SAE."""
-        if self._rank is None:
-            digest = hashlib.sha256(f"{self.config.seed}:{sae_key}:tune".encode()).digest()
-            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
-            order = torch.randperm(len(self.max_F), generator=generator)
-            rank = torch.empty_like(order)
-            rank[order] = torch.arange(len(order))
-            self._rank = rank.tolist()
-        return self._rank
 
     def latent_results(self, latents: list[int], split: str) -> list[dict[str, Any]]:
         """Each latent's protocol result on the ``dev`` half or on both halves (``full``),
         running the protocol only for latents not seen yet in this process."""
         missing = [i for i in latents if (i, split) not in self._results]
+        targets: list[Target] = []
         if missing:
-            targets = []
             for latent in missing:
                 key = f"latent {latent}"
                 target = Target(
@@ -579,11 +570,21 @@ class DTCStudy:
                     latent=latent,
                     max_activation=float(self.max_F[latent]),
                 )
-                both = sample_instructions(
-                    key, self.pool, self.steer_config.n_instructions, None, self.steer_config.seed
+                both, _ = instructions_without_echo(
+                    key,
+                    target.concept,
+                    self.pool,
+                    self.steer_config.n_instructions,
+                    None,
+                    self.steer_config.seed,
+                    self.judge,
                 )
+                if both is None:  # its concept is in nearly every instruction: not steered
+                    log.warning("%s: too few instructions without its concept", key)
+                    continue
                 target.split = both if split == "full" else InstructionSplit(both.dev)
                 targets.append(target)
+        if targets:
             result = run_protocol(
                 targets,
                 self.sae,
@@ -610,7 +611,7 @@ class DTCStudy:
                     ),
                     "unsteered_concept": float(table["unsteered_concept"][row]),
                 }
-        return [dict(self._results[(i, split)]) for i in latents]
+        return [dict(self._results[(i, split)]) for i in latents if (i, split) in self._results]
 
     # -- the objective --------------------------------------------------------------------
 

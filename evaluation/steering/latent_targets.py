@@ -11,6 +11,15 @@ common in ordinary text — present in more than the judge's set share of refere
 would be "present" in almost any answer, steered or not; such a latent is skipped as
 unexplainable and the next candidate is explained instead. Skips are counted and each kept
 explanation's token rates are logged.
+
+Candidates are explained in an order seeded by the SAE (:func:`seeded_order`), not best first
+or by latent id: with one fixed order the same few latent ids were steered in most SAEs of a
+width (at stop 19 latent 786 in six of ten runs, 2101 in five).
+
+Nor is an instruction used for a concept it already holds (:func:`echoes_concept`): an
+explanation token written in the instruction ("keeping the order" for a latent about
+``" order"``) comes back in any on-topic answer, steered or not. At stop 19 eight of the
+default study's 18 credited SAE rows were that echo.
 """
 
 from __future__ import annotations
@@ -21,7 +30,11 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
+from project.concepts import Instruction, InstructionSplit, sample_instructions
 from project.judges import Judge
+from project.judges.rating import token_in_text
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +126,51 @@ def sample_latents(pool: ExplainedPool, n: int, seed: int, sae_key: str) -> list
     digest = hashlib.sha256(f"{seed}:{sae_key}".encode()).digest()
     chosen = set(random.Random(int.from_bytes(digest[:8], "big")).sample(latents, n))
     return [i for i in latents if i in chosen]
+
+
+def seeded_order(
+    candidates: Sequence[int], n_latents: int, seed: int, sae_key: str, salt: str
+) -> list[int]:
+    """``candidates`` in one order drawn from all ``n_latents`` latents, seeded by (seed, the SAE,
+    ``salt``): a subset of candidates is a uniform draw from all of them, and another SAE (or
+    purpose) draws other latents."""
+    digest = hashlib.sha256(f"{seed}:{sae_key}:{salt}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+    order = torch.randperm(n_latents, generator=generator)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(n_latents)
+    ranks = rank.tolist()
+    return sorted(candidates, key=lambda latent: ranks[latent])
+
+
+def evidence_tokens(judge: Judge, concept: str) -> list[str]:
+    """The tokens of a token-list explanation that the judge counts as evidence (its
+    informative ones); empty for a prose concept or a judge without token rates."""
+    informative_of = getattr(judge, "informative_tokens", None)
+    return list(informative_of(concept)) if informative_of is not None else []
+
+
+def echoes_concept(tokens: Sequence[str], instruction: str) -> bool:
+    """Whether the instruction already holds one of the concept's evidence tokens, matched as
+    the judge matches a completion (as written, never inside a word)."""
+    return any(token_in_text(token, instruction) for token in tokens)
+
+
+def instructions_without_echo(
+    key: str,
+    concept: str,
+    pool: Sequence[Instruction],
+    n: int,
+    genre: str | None,
+    seed: int,
+    judge: Judge,
+) -> tuple[InstructionSplit | None, int]:
+    """(the target's seeded dev/test sample from the instructions that do not already hold
+    its concept's evidence, how many of the pool did); None when fewer than ``n`` are left.
+    Where none echoes, the sample is exactly ``sample_instructions``' on the whole pool."""
+    tokens = evidence_tokens(judge, concept)
+    usable = [i for i in pool if not echoes_concept(tokens, i.text)]
+    excluded = len(pool) - len(usable)
+    if len(usable) < n:
+        return None, excluded
+    return sample_instructions(key, list(usable), n, genre, seed), excluded

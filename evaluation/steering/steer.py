@@ -54,8 +54,10 @@ from evaluation.steering.config import SteerConfig, parse_factors
 from evaluation.steering.latent_targets import (
     ExplainedPool,
     explained_pool,
+    instructions_without_echo,
     pool_size,
     sample_latents,
+    seeded_order,
 )
 from evaluation.steering.protocol import Target, concept_targets, run_protocol
 from project.cli import parse_bool, parse_int, parse_prefixed_options, run_entry_point
@@ -64,7 +66,6 @@ from project.concepts import (
     Instruction,
     load_concepts,
     load_instructions,
-    sample_instructions,
 )
 from project.judges import JUDGE_NAMES, Judge, judge_for
 from project.judges.agreement import measured_agreement
@@ -133,8 +134,10 @@ def _latent_targets(
     explain_config = AutointerpConfig(
         corpus=config.stats.corpus, text_column=config.stats.text_column, seed=config.seed
     )
+    # Explained in an order seeded by the SAE (see latent_targets): not the same ids per width.
+    spread = seeded_order(candidates, len(max_activation_F), config.seed, sae_key, "steer")
     pool = explained_pool(
-        candidates,
+        spread,
         pool_size(config.explain_pool, config.n_concepts),
         lambda ask: explain_latents(sae, lm, layer, ask, judge, explain_config),
         judge,
@@ -164,6 +167,47 @@ def _latent_targets(
         for latent in latents
     ]
     return targets, pool
+
+
+def _split_instructions(
+    targets: list[Target], pool: list[Instruction], judge: Judge, config: SteerConfig
+) -> tuple[list[Target], dict[str, float]]:
+    """Each target's dev/test instructions, none of which already holds its concept's
+    evidence (:func:`instructions_without_echo`); a target with too few such instructions is
+    dropped. Returns the kept targets and the counts (metrics)."""
+    kept: list[Target] = []
+    excluded_total = 0
+    for target in targets:
+        split, excluded = instructions_without_echo(
+            target.key,
+            target.concept,
+            pool,
+            config.n_instructions,
+            target.genre,
+            config.seed,
+            judge,
+        )
+        excluded_total += excluded
+        if split is None:
+            log.warning(
+                "%s dropped: %d of %d instructions already hold its concept %r",
+                target.key,
+                excluded,
+                len(pool),
+                target.concept,
+            )
+            continue
+        target.split = split
+        kept.append(target)
+    if not kept:
+        raise RuntimeError(
+            f"every target's concept is already in all but fewer than n_instructions="
+            f"{config.n_instructions} of the {len(pool)} instructions"
+        )
+    return kept, {
+        "echo_excluded_instructions": float(excluded_total),
+        "echo_dropped_targets": float(len(targets) - len(kept)),
+    }
 
 
 def _random_unit(d_model: int, seed: int, sae_key: str, latent: int) -> torch.Tensor:
@@ -203,11 +247,9 @@ def steer_version(
         targets, explained = _latent_targets(
             sae, lm, layer, candidates, max_F, judge, config, sae_key
         )
-    for target in targets:
-        target.split = sample_instructions(
-            target.key, pool, config.n_instructions, target.genre, config.seed
-        )
+    targets, echo = _split_instructions(targets, pool, judge, config)
     result = run_protocol(targets, sae, lm, layer, judge, config, reference_scale)
+    result.metrics.update(echo)
     extra = {"latent_stats_run_id": stats_run, "n_candidates": len(candidates)}
     if explained is not None:
         result.metrics.update(explained.metrics())

@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from evaluation.selection.config import LatentStatsConfig
 from evaluation.steering.config import SteerConfig, parse_factors
 from evaluation.steering.interventions import ClampLatent
+from evaluation.steering.latent_targets import echoes_concept
 from evaluation.steering.protocol import (
     Row,
     Target,
@@ -43,7 +44,7 @@ from project.concepts import (
     read_concepts_file,
     sample_instructions,
 )
-from project.judges import ChatJudge, parse_rating
+from project.judges import ChatJudge, build_judge, parse_rating
 from project.saes import SAEConfig, build_sae
 from project.tracking import RUN_TYPE_TAG
 
@@ -486,6 +487,11 @@ def test_latent_mode_on_tiny_model(tiny_lm_dir: str, tracking_uri: str) -> None:
     assert 0.0 <= metrics["free_concept_share"] <= 1.0
     assert metrics["explain_pool_size"] >= 2 and metrics["explain_asked"] >= 2
     assert all(json.loads(p["explanation_token_rates"]) is not None for p in sae_rows)
+    # No target is steered on an instruction that already holds its concept's evidence.
+    assert metrics["echo_dropped_targets"] == 0 and metrics["echo_excluded_instructions"] >= 0
+    judge = build_judge("offline")
+    for g in generations_all:
+        assert not echoes_concept(judge.informative_tokens(g["concept"]), g["instruction"]), g
     pooled = pooled_lift([result.run_id, result.run_id])
     assert pooled["pooled_n_targets"] == 4
     mean = sum(p["test_score_lift"] for p in sae_rows) / 2
