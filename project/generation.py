@@ -108,7 +108,12 @@ def prompt_token_ids(lm: LoadedLM, prompt: str, chat_template: bool = True) -> l
 
 class _RowSampler(LogitsProcessor):
     """Samples each row with its own generator and leaves only that token finite, so that the
-    greedy step of ``generate`` picks it (HF's own sampling draws from one global RNG)."""
+    greedy step of ``generate`` picks it (HF's own sampling draws from one global RNG).
+
+    By the inverse CDF: one uniform per row and step from the row's generator, located in the
+    row's cumulative distribution (float64), all rows at once. The same distribution as
+    ``torch.multinomial`` per row, which cost ~8× more a step at the study's shapes (48 rows,
+    a 49k vocabulary): that loop was most of what sampled generation lost to greedy."""
 
     def __init__(self, generators: list[torch.Generator], temperature: float) -> None:
         self.generators = generators
@@ -116,11 +121,11 @@ class _RowSampler(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         probs_BV = torch.softmax(scores.float() / self.temperature, dim=-1)
-        chosen = [
-            torch.multinomial(probs_BV[b], 1, generator=g) for b, g in enumerate(self.generators)
-        ]
+        cdf_BV = probs_BV.cumsum(dim=-1, dtype=torch.float64)
+        u_B1 = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
+        u_B1 = u_B1[:, None].to(cdf_BV.device) * cdf_BV[:, -1:]
+        index = torch.searchsorted(cdf_BV, u_B1, right=True).clamp_(max=scores.shape[-1] - 1)
         out = torch.full_like(scores, float("-inf"))
-        index = torch.stack(chosen).to(scores.device)
         return out.scatter(1, index, 0.0)
 
 

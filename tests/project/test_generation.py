@@ -180,3 +180,29 @@ def test_intervention_needs_a_layer(tiny_lm: LoadedLM) -> None:
         generate(tiny_lm, PROMPTS, intervention=AddVectors(_vectors(tiny_lm)))
     with pytest.raises(ValueError, match="out of range"):
         generate(tiny_lm, PROMPTS, layer=99, intervention=AddVectors(_vectors(tiny_lm)))
+
+
+def test_row_sampler_draws_from_the_softmax_with_each_rows_own_generator() -> None:
+    from project.generation import _RowSampler
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, float("-inf")], [2.0, 0.0, -1.0, 0.5]])
+    n = 20_000
+    generators = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    sampler = _RowSampler(generators, temperature=1.0)
+    counts = torch.zeros_like(logits)
+    for _ in range(n):
+        out = sampler(torch.zeros(2, 1, dtype=torch.long), logits.clone())
+        assert ((out == 0).sum(-1) == 1).all()  # one finite token per row, for greedy to take
+        counts[torch.arange(2), out.argmax(-1)] += 1
+    expected = torch.softmax(logits, -1)
+    # Within 4 binomial standard deviations of the softmax; a masked token is never drawn.
+    sd = (expected * (1 - expected) / n).sqrt()
+    assert ((counts / n - expected).abs() <= 4 * sd + 1e-9).all(), counts / n
+    assert counts[0, 3] == 0
+    # A row's draws depend on its generator alone, not on the rows beside it.
+    alone = _RowSampler([torch.Generator().manual_seed(2)], temperature=1.0)
+    pair = _RowSampler([torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)], 1.0)
+    for _ in range(50):
+        a = alone(torch.zeros(1, 1, dtype=torch.long), logits[1:].clone()).argmax(-1)
+        b = pair(torch.zeros(2, 1, dtype=torch.long), logits.clone()).argmax(-1)
+        assert a.item() == b[1].item()
