@@ -166,6 +166,11 @@ class StudyConfig:
     interp_metric: str = "autointerp_score"
     utility_metric: str = "steering_score"
     seed: int = 0
+    # Where each SAE trains (TrainConfig's device / precision / compile; the LM's passes stay
+    # on the CPU in this version).
+    device: str = "cpu"
+    precision: str = "32-true"
+    compile: bool = False
     # --<eval>.<field> VALUE on the command line; never a flag of its own.
     eval_options: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -215,6 +220,9 @@ class StudyConfig:
             lr=self.lr,
             training_tokens=self.training_tokens,
             seed=self.seed,
+            device=self.device,
+            precision=self.precision,
+            compile=self.compile,
         )
         config.validate()
         return config

@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import torch
+
 from project.corpus import DEFAULT_CORPUS
 from project.lm import DEFAULT_LM
 from project.saes import ARCHITECTURES
@@ -23,6 +25,11 @@ L1_ARCHITECTURES = frozenset({"relu", "gated"})
 # The inference threshold of BatchTopK/Matryoshka: METHODS' running mean, or calibrated
 # after training on a sample of training activations (exact L0 = k there).
 THRESHOLD_CHOICES = ("running_mean", "calibrated")
+# Where and how the SAE trains (issue 19's GPU path): Lightning's accelerator and precision.
+# "auto" is CUDA when torch sees a GPU, else the CPU; bf16-mixed autocasts the SAE's matmuls
+# to bfloat16 with fp32 weights and optimiser state (Lightning's "bf16-mixed").
+DEVICE_CHOICES = ("cpu", "cuda", "auto")
+PRECISION_CHOICES = ("32-true", "bf16-mixed")
 # Auto dead-latent window: this fraction of the training tokens, within [2 batches, 10M]. The
 # libraries' windows are 0.2-3% of their typical runs (SAELens 1000 steps, dictionary_learning
 # 10M tokens of ~500M); 10M is Gao et al.'s window.
@@ -64,6 +71,11 @@ class TrainConfig:
     dead_tokens_window: int = 0
     batchtopk_threshold: str = "running_mean"  # or "calibrated" (see THRESHOLD_CHOICES)
     log_every_n_steps: int = 10
+    device: str = "cpu"  # see DEVICE_CHOICES
+    precision: str = "32-true"  # see PRECISION_CHOICES
+    # torch.compile the SAE's training loss (and its inference encode/decode); the first steps
+    # pay the compilation, later ones run the fused graph.
+    compile: bool = False
 
     def validate(self) -> None:
         """Fail on values that are wrong whatever the LM, naming the value and the choices."""
@@ -97,6 +109,19 @@ class TrainConfig:
             raise ValueError(
                 f"dead_tokens_window={self.dead_tokens_window} must be >= 0 (0 = auto)"
             )
+        if self.device not in DEVICE_CHOICES:
+            raise ValueError(
+                f"device={self.device!r} is not supported; valid: {list(DEVICE_CHOICES)}"
+            )
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                "device='cuda' but torch sees no CUDA GPU (torch.cuda.is_available() is False); "
+                "use device=cpu or device=auto"
+            )
+        if self.precision not in PRECISION_CHOICES:
+            raise ValueError(
+                f"precision={self.precision!r} is not supported; valid: {list(PRECISION_CHOICES)}"
+            )
         if self.batchtopk_threshold not in THRESHOLD_CHOICES:
             raise ValueError(
                 f"batchtopk_threshold={self.batchtopk_threshold!r} is not supported; "
@@ -111,6 +136,12 @@ class TrainConfig:
                 f"target_l0={self.target_l0} must be < d_sae={d_sae} "
                 f"(expansion {self.expansion} x d_in {d_in})"
             )
+
+    def resolved_device(self) -> str:
+        """``cpu`` or ``cuda``: what ``auto`` means on this machine."""
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
 
     def resolved_training_tokens(self) -> int:
         """Auto: at least 500k activation vectors (several passes over a small cache), or one pass."""

@@ -164,8 +164,9 @@ def fit_sae(
         every_n_train_steps=max(50, total_steps // 10),
     )
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=config.resolved_device(),
         devices=1,
+        precision=config.precision,
         max_steps=total_steps,
         logger=logger,
         callbacks=[checkpoints],
@@ -179,8 +180,15 @@ def fit_sae(
     ckpt_path = str(last) if resume and last.exists() else None
     if resume and ckpt_path is None:
         log.warning("no checkpoint in %s: training from the start", checkpoint_dir)
+    if config.compile:
+        # The loss is the whole training step's forward; an instance attribute shadows the
+        # method for this fit only (removed below, so the registered SAE is the plain module).
+        sae.loss = torch.compile(sae.loss)  # type: ignore[method-assign]
     started = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    finally:
+        sae.__dict__.pop("loss", None)
     elapsed = time.perf_counter() - started
     steps_done = trainer.global_step
     mlflow.log_metric("train_tokens_per_second", steps_done * data.batch_size / max(elapsed, 1e-9))

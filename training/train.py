@@ -39,7 +39,7 @@ def prepare(config: TrainConfig) -> LoadedLM:
     """Every check that can fail on the user's input, before any harvest or training."""
     config.validate()
     resolve_corpus(config.dataset, text_column=config.text_column)
-    lm = load_lm(config.model)
+    lm = load_lm(config.model, device=config.resolved_device())
     check_layer(lm, config.layer)
     config.validate_for_width(lm.d_model)
     return lm

@@ -91,6 +91,9 @@ class BatchTopKSAE(TopKSAE):
         short_run_start = int(self.cfg.threshold_start_fraction * total_steps)
         return min(self.cfg.threshold_start_step, short_run_start)
 
+    # Run eagerly under torch.compile: compiled, the float64 running mean's in-place update
+    # was lost (θ stayed 0 while the update count rose; torch 2.13, measured).
+    @torch.compiler.disable
     @torch.no_grad()
     def after_selection(self, val_N: Tensor, step: TrainStep) -> dict[str, Tensor]:
         positive_N = val_N[val_N > 0]

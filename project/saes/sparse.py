@@ -72,8 +72,14 @@ class SparseLatents:
 
     def decode(self, val_N: Tensor, W_dec_FD: Tensor) -> Tensor:
         """``Σ_n val_n W_dec[col_n]`` per token, without the decoder bias."""
+        # In the decoder's dtype: under bf16 autocast the values come from a bf16 matmul while
+        # the weights stay fp32, and embedding_bag (not autocast) wants one dtype.
         return F.embedding_bag(
-            self.col_N, W_dec_FD, self.offsets_B, mode="sum", per_sample_weights=val_N
+            self.col_N,
+            W_dec_FD,
+            self.offsets_B,
+            mode="sum",
+            per_sample_weights=val_N.to(W_dec_FD.dtype),
         )
 
 
@@ -96,6 +102,7 @@ class GatherPreacts(torch.autograd.Function):
     ) -> Tensor:
         ctx.save_for_backward(xc_BD, W_enc_DF)
         ctx.latents = latents
+        ctx.b_dtype = b_enc_F.dtype
         return pre_BF[latents.row_N, latents.col_N]
 
     @staticmethod
@@ -110,8 +117,8 @@ class GatherPreacts(torch.autograd.Function):
                 W_enc_DF.t().contiguous(),
                 lat.offsets_B,
                 mode="sum",
-                per_sample_weights=grad_N,
-            )
+                per_sample_weights=grad_N.to(W_enc_DF.dtype),
+            ).to(xc_BD.dtype)
         if ctx.needs_input_grad[1]:
             # Column f of the gradient is Σ_{n: col_n = f} g_n xc[row_n]: bags per latent.
             order_N = torch.argsort(lat.col_N, stable=True)
@@ -121,12 +128,12 @@ class GatherPreacts(torch.autograd.Function):
                 xc_BD,
                 torch.cumsum(counts_F, 0) - counts_F,
                 mode="sum",
-                per_sample_weights=grad_N[order_N],
+                per_sample_weights=grad_N[order_N].to(xc_BD.dtype),
             )
-            grad_W = grad_FD.t().contiguous()
+            grad_W = grad_FD.t().contiguous().to(W_enc_DF.dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(lat.d_sae, dtype=grad_N.dtype, device=grad_N.device)
-            grad_b.index_add_(0, lat.col_N, grad_N)
+            grad_b = torch.zeros(lat.d_sae, dtype=ctx.b_dtype, device=grad_N.device)
+            grad_b.index_add_(0, lat.col_N, grad_N.to(ctx.b_dtype))
         return grad_xc, grad_W, grad_b, None, None
 
 
