@@ -47,7 +47,14 @@ def ceiling_seconds(lm: LoadedLM, prompts: list[str], new_tokens: int, batch_siz
             input_BT[b, width - len(row) :] = torch.tensor(row)
             mask_BT[b, width - len(row) :] = 1
         positions_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)
-        out = lm.model(input_ids=input_BT, attention_mask=mask_BT, position_ids=positions_BT)
+        # Only the last position's logits, as generate computes them (all of a 48-row prefill's
+        # would be a [B, T, 49k] head product that no decoder needs).
+        out = lm.model(
+            input_ids=input_BT,
+            attention_mask=mask_BT,
+            position_ids=positions_BT,
+            logits_to_keep=1,
+        )
         past = out.past_key_values
         for _ in range(new_tokens - 1):
             next_B1 = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -59,6 +66,7 @@ def ceiling_seconds(lm: LoadedLM, prompts: list[str], new_tokens: int, batch_siz
                 position_ids=positions_BT,
                 past_key_values=past,
                 use_cache=True,
+                logits_to_keep=1,
             )
             past = out.past_key_values
     return time.perf_counter() - started
