@@ -546,18 +546,32 @@ def _evaluate(study: _Study, uri: str) -> None:
             study.record(StepRun("evaluate", r.run_id, uri, r.eval_name, r.reused))
 
 
-def _steer(study: _Study, uri: str, selection: str) -> None:
-    from evaluation.steering.steer import steer
+def _steer(study: _Study, uris: list[str], selection: str) -> None:
+    """Every version's steer run for ``selection``, staged together (their generations share
+    batches, their ratings one judge call: ``steer``); a version that fails is recorded as a
+    failure and the others go on."""
+    from evaluation.steering.steer import SteeringFailed, steer
 
     config = study.config
     try:
-        (result,) = steer(
-            uri, config.steer_config(selection), config.judge, lms=study.lms, judges=study.judges
+        results = steer(
+            uris, config.steer_config(selection), config.judge, lms=study.lms, judges=study.judges
         )
-    except Exception as err:  # noqa: BLE001 - this version's run is FAILED; the others go on
-        study.fail(f"steering {uri} (selection {selection})", err)
+    except SteeringFailed as failed:
+        results = failed.results
+    except Exception as err:  # noqa: BLE001 - the study goes on to the other selections
+        study.fail(f"steering {len(uris)} versions (selection {selection})", err)
         return
-    study.record(StepRun("steer", result.run_id, uri, selection, result.reused))
+    for result in results:
+        if result.error:
+            study.fail(
+                f"steering {result.model_uri} (selection {selection})",
+                RuntimeError(result.error),
+            )
+        else:
+            study.record(
+                StepRun("steer", result.run_id, result.model_uri, selection, result.reused)
+            )
 
 
 def find_finished_tune(uri: str, tune_config: Any, study_name: str) -> str | None:
@@ -785,8 +799,7 @@ def run_study(config: StudyConfig) -> StudyResult:
                     _evaluate(study, uri)
             with study.step("steer"):
                 for selection in config.selection_names():
-                    for uri in uris:
-                        _steer(study, uri, selection)
+                    _steer(study, uris, selection)
                 _log_pooled_lift(study)
         # tune and analyze start their runs as top-level runs: the study's must not be active.
         target = config.tune_target()

@@ -276,6 +276,64 @@ def _vector(row: Row, target: Target, sae_rows: dict[int, Tensor], scale: float)
     return row.factor * scale * direction
 
 
+@dataclass
+class GenerationPlan:
+    """A run's unique generations: ``add`` (prompt, added vector; a zero vector for an unsteered
+    or prompting row) and ``clamp`` (prompt, (latent, value)) requests, and where each row's
+    continuation is found (``where[i]`` = (kind, index))."""
+
+    add_prompts: list[str] = field(default_factory=list)
+    add_vectors: list[Tensor] = field(default_factory=list)
+    clamp_prompts: list[str] = field(default_factory=list)
+    clamp_specs: list[tuple[int, float]] = field(default_factory=list)
+    where: list[tuple[str, int]] = field(default_factory=list)
+
+
+def _generation_config(config: SteerConfig) -> GenerationConfig:
+    return GenerationConfig(
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        seed=config.seed,
+        batch_size=config.batch_size,
+    )
+
+
+def plan_generations(
+    rows: list[Row],
+    targets: list[Target],
+    sae: SparseAutoencoder,
+    d_model: int,
+    config: SteerConfig,
+    reference_scale: float,
+) -> GenerationPlan:
+    """The unique generations behind ``rows``: rows without a steering vector (unsteered,
+    prompting, α = 0) once per distinct prompt, every steered row its own."""
+    latents = sorted({t.latent for t in targets})
+    sae_rows = dict(zip(latents, unit_decoder_rows(sae, latents), strict=True))
+    clamp = config.intervention == "clamp"
+    plan = GenerationPlan()
+    plain: dict[str, int] = {}
+    for row in rows:
+        target = targets[row.target]
+        if clamp and row.method == SAE and row.factor != 0:
+            plan.where.append(("clamp", len(plan.clamp_prompts)))
+            plan.clamp_prompts.append(row.prompt)
+            plan.clamp_specs.append((target.latent, row.factor * target.max_activation))
+            continue
+        vector = _vector(row, target, sae_rows, reference_scale)
+        if vector is None:
+            if row.prompt not in plain:
+                plain[row.prompt] = len(plan.add_prompts)
+                plan.add_prompts.append(row.prompt)
+                plan.add_vectors.append(torch.zeros(d_model))
+            plan.where.append(("add", plain[row.prompt]))
+        else:
+            plan.where.append(("add", len(plan.add_prompts)))
+            plan.add_prompts.append(row.prompt)
+            plan.add_vectors.append(vector.float())
+    return plan
+
+
 def run_generations(
     rows: list[Row],
     targets: list[Target],
@@ -287,84 +345,82 @@ def run_generations(
 ) -> list[str]:
     """The continuation of every row. Rows without a steering vector (unsteered, prompting,
     α = 0) are generated once per distinct prompt; all rows run in shared batches."""
-    generation = GenerationConfig(
-        max_new_tokens=config.max_new_tokens,
-        temperature=config.temperature,
-        seed=config.seed,
-        batch_size=config.batch_size,
-    )
-    latents = sorted({t.latent for t in targets})
-    sae_rows = dict(zip(latents, unit_decoder_rows(sae, latents), strict=True))
-    clamp = config.intervention == "clamp"
-    # Unique generations: (prompt, None) for plain ones, else one per steered row.
-    plain: dict[str, int] = {}
-    add_prompts: list[str] = []
-    add_vectors: list[Tensor] = []
-    clamp_prompts: list[str] = []
-    clamp_specs: list[tuple[int, float]] = []
-    where: list[tuple[str, int]] = []
-    for row in rows:
-        target = targets[row.target]
-        if clamp and row.method == SAE and row.factor != 0:
-            where.append(("clamp", len(clamp_prompts)))
-            clamp_prompts.append(row.prompt)
-            clamp_specs.append((target.latent, row.factor * target.max_activation))
-            continue
-        vector = _vector(row, target, sae_rows, reference_scale)
-        if vector is None:
-            if row.prompt not in plain:
-                plain[row.prompt] = len(add_prompts)
-                add_prompts.append(row.prompt)
-                add_vectors.append(torch.zeros(lm.d_model))
-            where.append(("add", plain[row.prompt]))
-        else:
-            where.append(("add", len(add_prompts)))
-            add_prompts.append(row.prompt)
-            add_vectors.append(vector.float())
+    plan = plan_generations(rows, targets, sae, lm.d_model, config, reference_scale)
+    return _plan_texts(plan, sae, lm, layer, config)
+
+
+def _plan_texts(
+    plan: GenerationPlan,
+    sae: SparseAutoencoder,
+    lm: LoadedLM,
+    layer: int,
+    config: SteerConfig,
+) -> list[str]:
+    generation = _generation_config(config)
     texts: dict[str, list[str]] = {"add": [], "clamp": []}
-    if add_prompts:
+    if plan.add_prompts:
         texts["add"] = generate_added(
             lm,
-            add_prompts,
-            torch.stack(add_vectors),
+            plan.add_prompts,
+            torch.stack(plan.add_vectors),
             generation,
             layer=layer,
             progress="steer: generate",
         )
-    if clamp_prompts:
+    if plan.clamp_prompts:
         texts["clamp"] = generate(
             lm,
-            clamp_prompts,
+            plan.clamp_prompts,
             generation,
             layer=layer,
             intervention=ClampLatent(
                 sae,
-                torch.tensor([s[0] for s in clamp_specs]),
-                torch.tensor([s[1] for s in clamp_specs]),
+                torch.tensor([s[0] for s in plan.clamp_specs]),
+                torch.tensor([s[1] for s in plan.clamp_specs]),
             ),
             progress="steer: generate (clamp)",
         )
-    return [texts[kind][i] for kind, i in where]
+    return [texts[kind][i] for kind, i in plan.where]
 
 
 # ---------------------------------------------------------------------------------------------
 # ratings and scores
 
 
-def rate_rows(
-    rows: list[Row], texts: list[str], targets: list[Target], judge: Judge
-) -> tuple[list[dict[str, float]], int]:
-    """Per row: the three ratings (unparsable → 0) and the harmonic-mean ``score``; and the
-    number of unparsable ratings. Identical (kind, text, reference) questions are asked once."""
-    questions: dict[tuple[str, str, str], None] = {}
+Question = tuple[str, str, str]  # (rating kind, continuation, reference)
+
+
+def rating_questions(rows: list[Row], texts: list[str], targets: list[Target]) -> list[Question]:
+    """The judge's questions behind ``rows``, each once."""
+    questions: dict[Question, None] = {}
     for row, text in zip(rows, texts, strict=True):
         concept = targets[row.target].concept
         for kind, reference in zip(RATING_KINDS, (concept, row.instruction.text, ""), strict=True):
             questions[(kind, text, reference)] = None
-    keys = list(questions)
+    return list(questions)
+
+
+def ask_judge(questions: list[Question], judge: Judge) -> dict[Question, float | None]:
+    """Every question's rating in [0, 2], None where unparsable or off the scale; identical
+    questions are asked once, all in one :meth:`Judge.rate_many` call (batched)."""
+    keys = list(dict.fromkeys(questions))
     answers = judge.rate_many(keys)
-    values = {k: rating_value(a) for k, a in zip(keys, answers, strict=True)}
-    unparsable = sum(v is None for v in values.values())
+    return {k: rating_value(a) for k, a in zip(keys, answers, strict=True)}
+
+
+def rate_rows(
+    rows: list[Row],
+    texts: list[str],
+    targets: list[Target],
+    judge: Judge,
+    answers: dict[Question, float | None] | None = None,
+) -> tuple[list[dict[str, float]], int]:
+    """Per row: the three ratings (unparsable → 0) and the harmonic-mean ``score``; and the
+    number of unparsable ratings. Identical (kind, text, reference) questions are asked once;
+    ``answers`` (from :func:`ask_judge`, shared by several runs) are not asked again."""
+    keys = rating_questions(rows, texts, targets)
+    values = answers if answers is not None else ask_judge(keys, judge)
+    unparsable = sum(values[k] is None for k in keys)
     if unparsable:
         logger.warning("%d of %d ratings were unparsable and count as 0", unparsable, len(keys))
     out = []
@@ -687,6 +743,141 @@ def latent_floor_rows(
     return out
 
 
+@dataclass
+class ProtocolJob:
+    """One SAE's steering run carried through the protocol's stages (rows, generations,
+    ratings, floor, scores) beside other runs on the same LM and layer: :func:`run_protocols`
+    takes each stage for every job at once, so their generations share batches and their
+    ratings one judge call (a study's ten SAEs: one batched pass where there were ten)."""
+
+    targets: list[Target]
+    sae: SparseAutoencoder
+    config: SteerConfig
+    reference_scale: float
+    steering_prompts: dict[str, str] = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    ratings: list[dict[str, float]] = field(default_factory=list)
+    unparsable: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+def _generate_jobs(
+    jobs: list[ProtocolJob], rows_per_job: list[list[Row]], lm: LoadedLM, layer: int
+) -> list[list[str]]:
+    """Every job's continuations; the added-vector generations of all jobs with one generation
+    config run as one batched :func:`generate_added` call (its memo then serves each job's
+    own call). Each job's ``generation`` seconds get the shared call's time in proportion to
+    its rows."""
+    plans = [
+        plan_generations(rows, job.targets, job.sae, lm.d_model, job.config, job.reference_scale)
+        for job, rows in zip(jobs, rows_per_job, strict=True)
+    ]
+    by_settings: dict[GenerationConfig, list[int]] = defaultdict(list)
+    for i, job in enumerate(jobs):
+        by_settings[_generation_config(job.config)].append(i)
+    for generation, members in by_settings.items():
+        prompts = [p for i in members for p in plans[i].add_prompts]
+        if len(members) < 2 or not prompts:
+            continue
+        started = time.perf_counter()
+        vectors = torch.stack([v for i in members for v in plans[i].add_vectors])
+        generate_added(
+            lm, prompts, vectors, generation, layer=layer, progress="steer: generate (batched)"
+        )
+        shared = time.perf_counter() - started
+        for i in members:
+            jobs[i].seconds["generation"] += shared * len(plans[i].add_prompts) / len(prompts)
+    out = []
+    for job, plan in zip(jobs, plans, strict=True):
+        started = time.perf_counter()
+        out.append(_plan_texts(plan, job.sae, lm, layer, job.config))
+        job.seconds["generation"] += time.perf_counter() - started
+    return out
+
+
+def _rate_jobs(
+    jobs: list[ProtocolJob],
+    rows_per_job: list[list[Row]],
+    texts_per_job: list[list[str]],
+    judge: Judge,
+) -> list[tuple[list[dict[str, float]], int]]:
+    """Every job's ratings from one judge call over all their questions."""
+    started = time.perf_counter()
+    per_job = [
+        rating_questions(rows, texts, job.targets)
+        for job, rows, texts in zip(jobs, rows_per_job, texts_per_job, strict=True)
+    ]
+    answers = ask_judge([q for questions in per_job for q in questions], judge)
+    shared = time.perf_counter() - started
+    total = max(1, sum(map(len, per_job)))
+    out = []
+    for job, rows, texts, questions in zip(jobs, rows_per_job, texts_per_job, per_job, strict=True):
+        job.seconds["judge"] += shared * len(questions) / total
+        out.append(rate_rows(rows, texts, job.targets, judge, answers))
+    return out
+
+
+def run_protocols(
+    jobs: list[ProtocolJob], lm: LoadedLM, layer: int, judge: Judge
+) -> list[SteeringResult]:
+    """Generate, rate and score every row of every job (their targets' splits already set),
+    each stage for all jobs at once; a job's result is the one it would get alone (per-prompt
+    sampling seeds: a continuation does not depend on its batch neighbours)."""
+    for job in jobs:
+        config = job.config
+        if config.mode == "concept":
+            job.steering_prompts = judge_steering_prompts(job.targets, judge)
+        job.rows = build_rows(job.targets, config, config.mode, job.steering_prompts)
+    texts = _generate_jobs(jobs, [job.rows for job in jobs], lm, layer)
+    rated = _rate_jobs(jobs, [job.rows for job in jobs], texts, judge)
+    for job, job_texts, (ratings, unparsable) in zip(jobs, texts, rated, strict=True):
+        job.texts, job.ratings, job.unparsable = job_texts, ratings, unparsable
+    floored = [job for job in jobs if job.config.mode == "latent" and job.config.random_floor]
+    if floored:
+        floor_rows = [latent_floor_rows(job.rows, job.ratings, job.targets) for job in floored]
+        before = {id(job): (job.seconds["generation"], job.seconds["judge"]) for job in floored}
+        floor_texts = _generate_jobs(floored, floor_rows, lm, layer)
+        floor_rated = _rate_jobs(floored, floor_rows, floor_texts, judge)
+        for job, rows, job_texts, (ratings, unparsable) in zip(
+            floored, floor_rows, floor_texts, floor_rated, strict=True
+        ):
+            job.rows, job.texts = job.rows + rows, job.texts + job_texts
+            job.ratings, job.unparsable = job.ratings + ratings, job.unparsable + unparsable
+            # The floor's generation and rating are counted apart (``floor_seconds``).
+            generation, judging = before[id(job)]
+            job.seconds["floor"] += (
+                job.seconds["generation"] - generation + job.seconds["judge"] - judging
+            )
+            job.seconds["generation"], job.seconds["judge"] = generation, judging
+    results = []
+    for job in jobs:
+        result = summarize(job.rows, job.ratings, job.targets, job.config.seed)
+        result.tables["generations"] = generations_table(
+            job.rows, job.texts, job.ratings, job.targets
+        )
+        result.metrics.update(
+            {
+                "n_targets": float(len(job.targets)),
+                "n_generations": float(len(job.rows)),
+                "unparsable_ratings": float(job.unparsable),
+                "generation_seconds": job.seconds["generation"],
+                "judge_seconds": job.seconds["judge"],
+                "floor_seconds": job.seconds["floor"],
+                "reference_scale": job.reference_scale,
+                "judge_written_prompts": float(len(job.steering_prompts)),
+                "batched_runs": float(len(jobs)),
+            }
+        )
+        results.append(result)
+    logger.info(
+        "steering: %d runs, %d generations",
+        len(jobs),
+        sum(len(job.rows) for job in jobs),
+    )
+    return results
+
+
 def run_protocol(
     targets: list[Target],
     sae: SparseAutoencoder,
@@ -696,41 +887,9 @@ def run_protocol(
     config: SteerConfig,
     reference_scale: float,
 ) -> SteeringResult:
-    """Generate, rate and score every row for ``targets`` (their splits already set)."""
-    steering_prompts = judge_steering_prompts(targets, judge) if config.mode == "concept" else {}
-    rows = build_rows(targets, config, config.mode, steering_prompts)
-    started = time.perf_counter()
-    texts = run_generations(rows, targets, sae, lm, layer, config, reference_scale)
-    generated = time.perf_counter()
-    ratings, unparsable = rate_rows(rows, texts, targets, judge)
-    floor_seconds = 0.0
-    if config.mode == "latent" and config.random_floor:
-        floor_started = time.perf_counter()
-        floor = latent_floor_rows(rows, ratings, targets)
-        floor_texts = run_generations(floor, targets, sae, lm, layer, config, reference_scale)
-        floor_ratings, floor_unparsable = rate_rows(floor, floor_texts, targets, judge)
-        rows, texts = rows + floor, texts + floor_texts
-        ratings, unparsable = ratings + floor_ratings, unparsable + floor_unparsable
-        floor_seconds = time.perf_counter() - floor_started
-    rated = time.perf_counter()
-    result = summarize(rows, ratings, targets, config.seed)
-    result.tables["generations"] = generations_table(rows, texts, ratings, targets)
-    result.metrics.update(
-        {
-            "n_targets": float(len(targets)),
-            "n_generations": float(len(rows)),
-            "unparsable_ratings": float(unparsable),
-            "generation_seconds": generated - started,
-            "judge_seconds": rated - generated - floor_seconds,
-            "floor_seconds": floor_seconds,
-            "reference_scale": reference_scale,
-            "judge_written_prompts": float(len(steering_prompts)),
-        }
-    )
-    logger.info(
-        "steering: %d generations in %.1fs, rated in %.1fs",
-        len(rows),
-        generated - started,
-        rated - generated,
+    """Generate, rate and score every row for ``targets`` (their splits already set): one
+    job of :func:`run_protocols`."""
+    (result,) = run_protocols(
+        [ProtocolJob(targets, sae, config, reference_scale)], lm, layer, judge
     )
     return result

@@ -59,7 +59,13 @@ from evaluation.steering.latent_targets import (
     sample_latents,
     seeded_order,
 )
-from evaluation.steering.protocol import Target, concept_targets, run_protocol
+from evaluation.steering.protocol import (
+    ProtocolJob,
+    SteeringResult,
+    Target,
+    concept_targets,
+    run_protocols,
+)
 from project.cli import parse_bool, parse_int, parse_prefixed_options, run_entry_point
 from project.concepts import (
     Concept,
@@ -110,6 +116,8 @@ class SteerRunResult:
     # Selection runs only: the gain over the version's selection=none run (None: undefined).
     gain: float | None = None
     none_run_id: str | None = None
+    # Set where the run failed (no run logged): why.
+    error: str | None = None
 
 
 def _judge_identity(judge: Judge) -> dict[str, Any]:
@@ -217,7 +225,19 @@ def _random_unit(d_model: int, seed: int, sae_key: str, latent: int) -> torch.Te
     return vector / vector.norm()
 
 
-def steer_version(
+@dataclass
+class _Prepared:
+    """A version's steering set-up: its targets (latent table, selection, explanations and
+    instruction splits done) and what the run logs beside the protocol's results."""
+
+    job: ProtocolJob
+    extra: dict[str, Any]
+    echo: dict[str, float]
+    explained: ExplainedPool | None
+    setup_seconds: float
+
+
+def _prepare(
     mv: ModelVersion,
     sae: SparseAutoencoder,
     lm: LoadedLM,
@@ -228,9 +248,10 @@ def steer_version(
     pool: list[Instruction],
     *,
     force: bool = False,
-) -> tuple[dict[str, float], dict[str, dict[str, list[Any]]], dict[str, Any]]:
-    """(metrics, tables, extra params) of steering one SAE; the latent table is read from (or
-    logged to) the version's ``latent_stats`` run."""
+) -> _Prepared:
+    """Everything before generation for one SAE; the latent table is read from (or logged to)
+    the version's ``latent_stats`` run."""
+    started = time.perf_counter()
     stats, stats_run, _ = latent_stats_for_version(mv, sae, lm, layer, config.stats, force=force)
     max_F, freq_F = stats["max_activation"], stats["firing_frequency"]
     live = (freq_F > 0) & (max_F > 0)
@@ -248,9 +269,22 @@ def steer_version(
             sae, lm, layer, candidates, max_F, judge, config, sae_key
         )
     targets, echo = _split_instructions(targets, pool, judge, config)
-    result = run_protocol(targets, sae, lm, layer, judge, config, reference_scale)
-    result.metrics.update(echo)
-    extra = {"latent_stats_run_id": stats_run, "n_candidates": len(candidates)}
+    return _Prepared(
+        ProtocolJob(targets, sae, config, reference_scale),
+        {"latent_stats_run_id": stats_run, "n_candidates": len(candidates)},
+        echo,
+        explained,
+        time.perf_counter() - started,
+    )
+
+
+def _finish(
+    prepared: _Prepared, result: SteeringResult
+) -> tuple[dict[str, float], dict[str, dict[str, list[Any]]], dict[str, Any]]:
+    """(metrics, tables, extra params) of one SAE's run from its protocol result."""
+    result.metrics.update(prepared.echo)
+    result.metrics["setup_seconds"] = prepared.setup_seconds
+    explained = prepared.explained
     if explained is not None:
         result.metrics.update(explained.metrics())
         # Per steered latent: how common its explanation's tokens are in ordinary text.
@@ -259,7 +293,26 @@ def steer_version(
             json.dumps(explained.token_rates.get(latent, {})) if latent >= 0 else ""
             for latent in table["latent"]
         ]
-    return result.metrics, result.tables, extra
+    return result.metrics, result.tables, prepared.extra
+
+
+def steer_version(
+    mv: ModelVersion,
+    sae: SparseAutoencoder,
+    lm: LoadedLM,
+    layer: int,
+    judge: Judge,
+    config: SteerConfig,
+    concepts: list[Concept],
+    pool: list[Instruction],
+    *,
+    force: bool = False,
+) -> tuple[dict[str, float], dict[str, dict[str, list[Any]]], dict[str, Any]]:
+    """(metrics, tables, extra params) of steering one SAE, untracked apart from its latent
+    table (read from or logged to the version's ``latent_stats`` run)."""
+    prepared = _prepare(mv, sae, lm, layer, judge, config, concepts, pool, force=force)
+    (result,) = run_protocols([prepared.job], lm, layer, judge)
+    return _finish(prepared, result)
 
 
 def _params(config: SteerConfig, judge_name: str) -> dict[str, str]:
@@ -312,82 +365,115 @@ def _log_gain(run_id: str, metrics: dict[str, float], baseline: SteerRunResult) 
     return gain
 
 
-def _steer_one(
-    mv: ModelVersion,
-    config: SteerConfig,
-    judge: str,
-    judge_options: dict[str, Any] | None,
-    judge_obj: Judge,
-    lm: LoadedLM,
-    layer: int,
-    concepts: list[Concept],
-    pool: list[Instruction],
-    *,
-    force: bool,
-    baseline: SteerRunResult | None = None,
-) -> SteerRunResult:
-    """One version's steer run for ``config`` (reused by hash unless ``force``); with a
-    ``baseline`` (its ``selection=none`` run) the run gets its steering gain."""
-    uri = f"models:/{mv.name}/{mv.version}"
-    identity = _judge_identity(judge_obj)
-    digest = config_hash(
+@dataclass
+class _Site:
+    """What every steer run on one LM shares: the judge (its name, options and object), the LM,
+    the hook layer, the concepts and the instruction pool."""
+
+    judge: str
+    judge_options: dict[str, Any] | None
+    judge_obj: Judge
+    lm: LoadedLM
+    layer: int
+    concepts: list[Concept]
+    pool: list[Instruction]
+
+
+class SteeringFailed(RuntimeError):
+    """Some steer runs failed; ``results`` holds every outcome (``error`` set on the failed)."""
+
+    def __init__(self, results: list[SteerRunResult]) -> None:
+        self.results = results
+        failed = [f"{r.model_uri}: {r.error}" for r in results if r.error]
+        super().__init__(f"{len(failed)} steer run(s) failed: " + "; ".join(failed))
+
+
+def _digest(mv: ModelVersion, config: SteerConfig, site: _Site) -> str:
+    identity = _judge_identity(site.judge_obj)
+    return config_hash(
         f"{STEER_RUN_TYPE}:{config.mode}",
         asdict(config),
         json.dumps(
-            {"judge": judge, "identity": identity, "options": judge_options or {}},
+            {"judge": site.judge, "identity": identity, "options": site.judge_options or {}},
             sort_keys=True,
             default=str,
         ),
         mv,
     )
-    link = VERSION_LINK_TAG.format(mode=config.mode)
-    existing = None if force else find_finished_run(mv, STEER_RUN_TYPE, digest)
-    if existing is not None:
-        run_id = existing.info.run_id
-        log.info(
-            "steer %s (selection %s) on %s: reusing FINISHED run %s (force=true recomputes)",
-            config.mode,
-            config.selection,
-            uri,
-            run_id,
-        )
-        set_version_tag(mv.name, mv.version, link, run_id)
-        metrics = dict(existing.data.metrics)
-        result = SteerRunResult(uri, run_id, metrics, True)
-        if baseline is not None:
-            # A run from before the gain existed, or one whose baseline was recomputed since,
-            # gets the gain over the current none run; an up-to-date one is left as it is.
-            tags = existing.data.tags
-            if tags.get(GAIN_NONE_RUN_TAG) != baseline.run_id or GAIN_STATUS_TAG not in tags:
-                result.gain = _log_gain(run_id, metrics, baseline)
-            else:
-                result.gain = metrics.get(GAIN_METRIC)
-            result.none_run_id = baseline.run_id
-        return result
-    started = time.perf_counter()
-    sae = load_version(mv)
+
+
+def _reused(
+    mv: ModelVersion, config: SteerConfig, digest: str, baseline: SteerRunResult | None
+) -> SteerRunResult | None:
+    """The version's FINISHED run with this hash, as a result (with its gain over
+    ``baseline`` brought up to date), or None."""
+    existing = find_finished_run(mv, STEER_RUN_TYPE, digest)
+    if existing is None:
+        return None
+    uri = f"models:/{mv.name}/{mv.version}"
+    run_id = existing.info.run_id
+    log.info(
+        "steer %s (selection %s) on %s: reusing FINISHED run %s (force=true recomputes)",
+        config.mode,
+        config.selection,
+        uri,
+        run_id,
+    )
+    set_version_tag(mv.name, mv.version, VERSION_LINK_TAG.format(mode=config.mode), run_id)
+    metrics = dict(existing.data.metrics)
+    result = SteerRunResult(uri, run_id, metrics, True)
+    if baseline is not None:
+        # A run from before the gain existed, or one whose baseline was recomputed since,
+        # gets the gain over the current none run; an up-to-date one is left as it is.
+        tags = existing.data.tags
+        if tags.get(GAIN_NONE_RUN_TAG) != baseline.run_id or GAIN_STATUS_TAG not in tags:
+            result.gain = _log_gain(run_id, metrics, baseline)
+        else:
+            result.gain = metrics.get(GAIN_METRIC)
+        result.none_run_id = baseline.run_id
+    return result
+
+
+def _log_run(
+    mv: ModelVersion,
+    config: SteerConfig,
+    digest: str,
+    site: _Site,
+    prepared: _Prepared,
+    result: SteeringResult,
+    baseline: SteerRunResult | None,
+) -> SteerRunResult:
+    """One version's steer run: params, metrics, tables and judge record in one MLflow run
+    (nested under the caller's), the version's link tag, and the gain over ``baseline``."""
+    uri = f"models:/{mv.name}/{mv.version}"
+    identity = _judge_identity(site.judge_obj)
     tags = run_tags(mv, STEER_RUN_TYPE, digest)
     tags.update(
         {
             RUN_TYPE_TAG: STEER_RUN_TYPE,
             "steer_mode": config.mode,
             "selection": config.selection,
-            "judge": judge,
+            "judge": site.judge,
             # What makes two judges' ratings comparable (kind, model, endpoint, rule version):
             # the analysis groups runs by it.
             "judge_identity": json.dumps(identity, sort_keys=True, default=str),
         }
+    )
+    metrics, tables, extra = _finish(prepared, result)
+    # This run's share of the batched stages plus its own set-up.
+    seconds = (
+        prepared.setup_seconds
+        + metrics.get("generation_seconds", 0.0)
+        + metrics.get("judge_seconds", 0.0)
+        + metrics.get("floor_seconds", 0.0)
     )
     with mlflow.start_run(
         run_name=f"steer-{config.mode}-{config.selection}-{mv.name}-v{mv.version}",
         nested=mlflow.active_run() is not None,
         tags=tags,
     ) as run:
-        mlflow.log_params(_params(config, judge))
+        mlflow.log_params(_params(config, site.judge))
         mlflow.log_dict(asdict(config), "steer_config.json")
-        metrics, tables, extra = steer_version(
-            mv, sae, lm, layer, judge_obj, config, concepts, pool, force=force
-        )
         mlflow.log_params({k: str(v) for k, v in extra.items()})
         finite = {k: v for k, v in metrics.items() if not math.isnan(v)}
         mlflow.log_metrics(finite)
@@ -405,12 +491,13 @@ def _steer_one(
                     if key.endswith(("_kappa", "_spearman"))
                 }
             )
+        judge_obj = site.judge_obj
         mlflow.log_dict(
             {
                 "identity": identity,
                 "agreement": agreement,
                 "describe": judge_obj.describe(),
-                "options": judge_options or {},
+                "options": site.judge_options or {},
                 "parse_failures": judge_obj.parse_failures,
                 "failure_log": judge_obj.failure_log,
             },
@@ -419,9 +506,8 @@ def _steer_one(
         gain = None
         if baseline is not None:
             gain = _log_gain(run.info.run_id, metrics, baseline)
-        seconds = time.perf_counter() - started
         mlflow.log_metric("steer_seconds", seconds)
-    set_version_tag(mv.name, mv.version, link, run.info.run_id)
+    set_version_tag(mv.name, mv.version, VERSION_LINK_TAG.format(mode=config.mode), run.info.run_id)
     log.info(
         "steer %s (selection %s) on %s finished in %.1fs (run %s)",
         config.mode,
@@ -430,14 +516,68 @@ def _steer_one(
         seconds,
         run.info.run_id,
     )
-    result = SteerRunResult(uri, run.info.run_id, metrics, False, seconds)
+    out = SteerRunResult(uri, run.info.run_id, metrics, False, seconds)
     if baseline is not None:
-        result.gain, result.none_run_id = gain, baseline.run_id
-    return result
+        out.gain, out.none_run_id = gain, baseline.run_id
+    return out
+
+
+def _steer_batch(
+    versions: list[ModelVersion],
+    config: SteerConfig,
+    sites: dict[str, _Site],
+    site_of: dict[tuple[str, str], str],
+    *,
+    force: bool,
+    baselines: dict[str, SteerRunResult] | None = None,
+) -> list[SteerRunResult]:
+    """One steer run per version for ``config`` (reused by hash unless ``force``), the new
+    ones staged together: every version's set-up, then one batched generation and one judge
+    call per LM site for all of them (:func:`run_protocols`), then each run logged. With
+    ``baselines`` (a version's ``selection=none`` run by URI) each run gets its steering gain.
+    A version whose set-up fails gets ``error`` and no run; the others go on."""
+    baselines = baselines or {}
+    results: dict[str, SteerRunResult] = {}
+    todo: dict[str, list[tuple[ModelVersion, str, _Prepared]]] = {}
+    for mv in versions:
+        uri = f"models:/{mv.name}/{mv.version}"
+        site = sites[site_of[(mv.name, mv.version)]]
+        digest = _digest(mv, config, site)
+        reused = None if force else _reused(mv, config, digest, baselines.get(uri))
+        if reused is not None:
+            results[uri] = reused
+            continue
+        try:
+            sae = load_version(mv)
+            prepared = _prepare(
+                mv,
+                sae,
+                site.lm,
+                site.layer,
+                site.judge_obj,
+                config,
+                site.concepts,
+                site.pool,
+                force=force,
+            )
+        except Exception as err:  # noqa: BLE001 - this version fails, the others go on
+            log.exception("steering %s (selection %s): set-up failed", uri, config.selection)
+            results[uri] = SteerRunResult(uri, "", error=f"{type(err).__name__}: {err}")
+            continue
+        todo.setdefault(site_of[(mv.name, mv.version)], []).append((mv, digest, prepared))
+    for site_name, members in todo.items():
+        site = sites[site_name]
+        outcomes = run_protocols(
+            [prepared.job for _, _, prepared in members], site.lm, site.layer, site.judge_obj
+        )
+        for (mv, digest, prepared), outcome in zip(members, outcomes, strict=True):
+            uri = f"models:/{mv.name}/{mv.version}"
+            results[uri] = _log_run(mv, config, digest, site, prepared, outcome, baselines.get(uri))
+    return [results[f"models:/{mv.name}/{mv.version}"] for mv in versions]
 
 
 def steer(
-    model_uri: str,
+    model_uri: str | list[str],
     config: SteerConfig | None = None,
     judge: str = "offline",
     *,
@@ -446,13 +586,19 @@ def steer(
     lms: dict[str, LoadedLM] | None = None,
     judges: dict[str, Judge] | None = None,
 ) -> list[SteerRunResult]:
-    """Steer every version ``model_uri`` names; one MLflow run per version (reused by hash).
+    """Steer every version ``model_uri`` names (one URI or a list); one MLflow run per
+    version (reused by hash).
+
+    The new runs are staged together: each version's set-up, then the generations of all of
+    them on one LM and layer in shared batches and their ratings in one judge call, then each
+    run logged. A run's numbers are those it would get alone (per-prompt sampling seeds).
 
     With a selection other than ``none``, each version's ``selection=none`` run with the same
     config otherwise (mode, concepts, factors, instructions, judge, seed, ...) is found, or
-    computed first as a run of its own, and the selection's run logs its steering gain over
-    it (:func:`steering_gain`). ``force`` recomputes the runs asked for, not that baseline.
-    Returns the asked-for runs only (their ``none_run_id`` names the baseline).
+    computed first (all versions' together) as a run of its own, and the selection's run logs
+    its steering gain over it (:func:`steering_gain`). ``force`` recomputes the runs asked
+    for, not that baseline. Returns the asked-for runs only (their ``none_run_id`` names the
+    baseline).
 
     ``lms`` and ``judges`` (by LM name; a judge built here is added to ``judges``) let a
     caller that steers many runs load each LM and build each judge once: the offline judge
@@ -461,6 +607,7 @@ def steer(
     Raises:
         ValueError: bad input (URI, LM, config, judge, concept or instruction files), before
             any generation.
+        SteeringFailed: after every version was tried, if any failed (``results`` holds all).
     """
     config = config or SteerConfig()
     if judge not in JUDGE_NAMES:
@@ -470,32 +617,62 @@ def steer(
         raise ValueError(
             f"n_instructions={config.n_instructions} but the instruction pool has {len(pool)}"
         )
-    versions = resolve_versions(model_uri)
+    uris = [model_uri] if isinstance(model_uri, str) else list(model_uri)
+    if not uris:
+        raise ValueError("no model URI given")
+    versions = [mv for uri in uris for mv in resolve_versions(uri)]
+    versions = list({(mv.name, mv.version): mv for mv in versions}.values())
     concepts = (
         load_concepts(config.concepts, config.n_concepts, config.n_examples, config.seed)
         if config.mode == "concept"
         else []
     )
-    sites, lms = load_sites(versions, lms)
+    # load_sites keys by version number, unique only within one registered model.
+    site_layers: dict[tuple[str, str], tuple[str, int]] = {}
+    for name in dict.fromkeys(mv.name for mv in versions):
+        group = [mv for mv in versions if mv.name == name]
+        layers, lms = load_sites(group, lms)
+        site_layers.update({(name, version): site for version, site in layers.items()})
     judges = judges if judges is not None else {}
     for name, lm in lms.items():
         judge_for(judges, name, judge, lm=lm, **(judge_options or {}))
+    sites: dict[str, _Site] = {}
+    site_of: dict[tuple[str, str], str] = {}
+    for (name, version), (lm_name, layer) in site_layers.items():
+        key = f"{lm_name}@{layer}"
+        site_of[(name, version)] = key
+        if key not in sites:
+            sites[key] = _Site(
+                judge, judge_options, judges[lm_name], lms[lm_name], layer, concepts, pool
+            )
 
-    results = []
     launcher = os.environ.get("MLFLOW_RUN_ID")
     with parent_run():
         active = mlflow.active_run()
         if launcher and active is not None and active.info.run_id == launcher:
             mlflow.set_tag(RUN_TYPE_TAG, BATCH_RUN_TYPE)  # the `mlflow run` launcher run
-        for mv in versions:
-            lm_name, layer = sites[mv.version]
-            common = (judge, judge_options, judges[lm_name], lms[lm_name], layer, concepts, pool)
-            baseline = None
-            if config.selection != NO_SELECTION:
-                baseline = _steer_one(
-                    mv, replace(config, selection=NO_SELECTION), *common, force=False
-                )
-            results.append(_steer_one(mv, config, *common, force=force, baseline=baseline))
+        baselines: dict[str, SteerRunResult] = {}
+        if config.selection != NO_SELECTION:
+            none_runs = _steer_batch(
+                versions, replace(config, selection=NO_SELECTION), sites, site_of, force=False
+            )
+            baselines = {r.model_uri: r for r in none_runs if not r.error}
+            failed = {r.model_uri: r for r in none_runs if r.error}
+        else:
+            failed = {}
+        ready = [mv for mv in versions if f"models:/{mv.name}/{mv.version}" not in failed]
+        batch = _steer_batch(ready, config, sites, site_of, force=force, baselines=baselines)
+    by_uri = {r.model_uri: r for r in batch}
+    results = []
+    for mv in versions:
+        uri = f"models:/{mv.name}/{mv.version}"
+        if uri in failed:
+            error = f"its selection=none baseline failed: {failed[uri].error}"
+            results.append(SteerRunResult(uri, "", error=error))
+        else:
+            results.append(by_uri[uri])
+    if any(r.error for r in results):
+        raise SteeringFailed(results)
     return results
 
 

@@ -723,3 +723,46 @@ def test_zero_baseline_logs_no_gain_and_says_why(
         "undefined: the selection=none steering score is 0"
     )
     assert sel_run.data.tags["none_run_id"] == none_run.info.run_id
+
+
+def test_versions_steered_together_get_the_runs_they_get_alone(
+    tiny_lm_dir: str, tracking_uri: str
+) -> None:
+    """steer() over two versions stages them together (one batched generation and one judge
+    call for both, the floor too): each run's generations, ratings and scores equal those of
+    the same version steered alone, sampled at temperature 1 (per-prompt seeds)."""
+    from project import generation
+
+    uris = [register_tiny_sae(tiny_lm_dir)]
+    torch.manual_seed(1)
+    other = build_sae(SAEConfig(architecture="topk", d_in=64, d_sae=128, k=8))
+    version = register_as_trained(
+        other, registered_model=NAME, lm_name=tiny_lm_dir, layer=LAYER, target_l0=8
+    )
+    uris.append(f"models:/{NAME}/{version.version}")
+    config = small_config(mode="latent", factors=(1.0, 4.0), batch_size=5)
+    together = steer(uris, config, "offline")
+    assert [r.model_uri for r in together] == uris
+    alone = []
+    for uri in uris:
+        generation._ADDED_MEMO.clear()  # nothing remembered from the batched pass
+        (result,) = steer(uri, config, "offline", force=True)
+        alone.append(result)
+    client = MlflowClient()
+    for a, b in zip(together, alone, strict=True):
+        assert a.run_id != b.run_id
+        assert client.get_run(a.run_id).data.metrics["batched_runs"] == 2
+        assert client.get_run(b.run_id).data.metrics["batched_runs"] == 1
+        rows_a, rows_b = load_table(a.run_id, "generations"), load_table(b.run_id, "generations")
+        assert any(g["method"] == "random" for g in rows_a)  # the floor was batched too
+        assert rows_a == rows_b
+        tables = [json.dumps(load_table(r.run_id, "per_concept"), sort_keys=True) for r in (a, b)]
+        assert tables[0] == tables[1]  # as text: NaN cells compare equal
+        for key in ("steering_score", "steering_score_lift", "random_steering_score_lift"):
+            assert a.metrics[key] == pytest.approx(b.metrics[key], nan_ok=True)
+    # The two SAEs steer different latents: the batch mixed different vectors.
+    latents = [
+        {p["latent"] for p in load_table(r.run_id, "per_concept") if p["method"] == "sae"}
+        for r in together
+    ]
+    assert latents[0] != latents[1]
