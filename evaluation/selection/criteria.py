@@ -74,6 +74,7 @@ def _scores(context: Any, column: str) -> Tensor:
                 context.layer,
                 SelectionConfig(),
                 max_activation_F=context.max_activation_F,
+                scores=(column,),  # one intervened pass per latent, not three
             )
         cached.update({k: v for k, v in computed.items() if k != "lens_FL"})
     return cached[column]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,9 +188,15 @@ def intervened_scores(
     lens_FL: Tensor | None = None,
     hook_cache: HookCache | None = None,
     progress: bool = True,
+    scores: Sequence[str] = INTERVENED_SCORES,
 ) -> dict[str, Tensor]:
     """``output_score``, ``dtc_in_place`` and ``dtc_decoded_alone`` (float64, one value per
-    entry of ``latents``, default all), batched over latents from the cached prefix."""
+    entry of ``latents``, default all), batched over latents from the cached prefix; ``scores``
+    names the ones to compute (each is its own intervened pass per latent: a caller that needs
+    one pays for one)."""
+    unknown = [name for name in scores if name not in INTERVENED_SCORES]
+    if unknown or not scores:
+        raise ValueError(f"scores={list(scores)!r}; valid: {', '.join(INTERVENED_SCORES)}")
     check_sae_fits(sae, lm, layer)
     F = sae.cfg.d_sae
     latents = torch.arange(F) if latents is None else torch.as_tensor(latents).long()
@@ -202,7 +209,7 @@ def intervened_scores(
     coef_TF = dtc_coefficients(config, state, max_activation_F)
     pos_P = _positions(config, T)
     s_max = config.output_scale * state.last_max_activation
-    out = {name: torch.empty(len(latents), dtype=torch.float64) for name in INTERVENED_SCORES}
+    out = {name: torch.empty(len(latents), dtype=torch.float64) for name in scores}
     ids_1T = state.ids_1T
     # Interventions only at the last position (the output score's, and DTC's by default) need
     # only that position past the hook; "all" positions run the whole prefix per latent.
@@ -230,26 +237,29 @@ def intervened_scores(
         B = len(chunk_B)
         rows_BD = W_dec_FD[chunk_B]
         lens_BL = lens_FL[chunk_B]
-        clean_P = lens_probability(clean_P_logits_V[None].expand(B, -1), lens_BL)
-        # Output score: latent i + s·max_j f_j at the last position, the error term kept.
-        h_BTD = state.x_TD.expand(B, -1, -1).clone()
-        h_BTD[:, -1] += s_max * rows_BD
-        logits_BV = run(h_BTD, only_last=True)
-        out["output_score"][start : start + B] = lens_probability(logits_BV, lens_BL) - clean_P
-        # DTC in place: code of latent i becomes α c_i, everything else (error too) kept.
+        if "output_score" in out:
+            clean_P = lens_probability(clean_P_logits_V[None].expand(B, -1), lens_BL)
+            # Output score: latent i + s·max_j f_j at the last position, the error term kept.
+            h_BTD = state.x_TD.expand(B, -1, -1).clone()
+            h_BTD[:, -1] += s_max * rows_BD
+            logits_BV = run(h_BTD, only_last=True)
+            out["output_score"][start : start + B] = lens_probability(logits_BV, lens_BL) - clean_P
         target_BP = config.alpha * coef_TF[pos_P][:, chunk_B].T
-        delta_BP = target_BP - state.f_TF[pos_P][:, chunk_B].T
-        h_BTD = state.x_TD.expand(B, -1, -1).clone()
-        h_BTD[:, pos_P] += delta_BP[..., None] * rows_BD[:, None, :]
-        logits_BV = run(h_BTD, only_last=dtc_last)
-        out["dtc_in_place"][start : start + B] = token_confidence(logits_BV, config.k) - clean_C
-        # DTC decoded alone: the residual is decode(α c_i e_i), all other codes zero.
-        h_BTD = state.x_TD.expand(B, -1, -1).clone()
-        h_BTD[:, pos_P] = target_BP[..., None] * rows_BD[:, None, :] + b_dec_D
-        logits_BV = run(h_BTD, only_last=dtc_last)
-        out["dtc_decoded_alone"][start : start + B] = (
-            token_confidence(logits_BV, config.k) - clean_C
-        )
+        if "dtc_in_place" in out:
+            # DTC in place: code of latent i becomes α c_i, everything else (error too) kept.
+            delta_BP = target_BP - state.f_TF[pos_P][:, chunk_B].T
+            h_BTD = state.x_TD.expand(B, -1, -1).clone()
+            h_BTD[:, pos_P] += delta_BP[..., None] * rows_BD[:, None, :]
+            logits_BV = run(h_BTD, only_last=dtc_last)
+            out["dtc_in_place"][start : start + B] = token_confidence(logits_BV, config.k) - clean_C
+        if "dtc_decoded_alone" in out:
+            # DTC decoded alone: the residual is decode(α c_i e_i), all other codes zero.
+            h_BTD = state.x_TD.expand(B, -1, -1).clone()
+            h_BTD[:, pos_P] = target_BP[..., None] * rows_BD[:, None, :] + b_dec_D
+            logits_BV = run(h_BTD, only_last=dtc_last)
+            out["dtc_decoded_alone"][start : start + B] = (
+                token_confidence(logits_BV, config.k) - clean_C
+            )
     return out
 
 

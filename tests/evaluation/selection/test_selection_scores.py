@@ -87,6 +87,23 @@ def test_batched_equals_direct(
     assert batched["output_score"].abs().max() > 0
 
 
+def test_each_score_alone_equals_it_computed_with_the_others(
+    tiny_lm: LoadedLM, sae: SparseAutoencoder
+) -> None:
+    """scores=(name,) runs only that score's intervened pass and gives the same values."""
+    config = SelectionConfig(batch_latents=7)
+    latents = torch.arange(0, 96, 3)
+    max_F = torch.rand(sae.cfg.d_sae, generator=torch.Generator().manual_seed(0)) * 3 + 0.5
+    common = {"latents": latents, "max_activation_F": max_F, "progress": False}
+    every = intervened_scores(sae, tiny_lm, LAYER, config, **common)
+    for name in every:
+        alone = intervened_scores(sae, tiny_lm, LAYER, config, **common, scores=(name,))
+        assert list(alone) == [name]
+        torch.testing.assert_close(alone[name], every[name], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="valid: output_score"):
+        intervened_scores(sae, tiny_lm, LAYER, config, **common, scores=("dtc",))
+
+
 def test_literal_dtc_leaves_silent_latents_unchanged(
     tiny_lm: LoadedLM, sae: SparseAutoencoder
 ) -> None:
