@@ -278,7 +278,12 @@ class OfflineJudge(Judge):
         """
         counts: Counter[str] = Counter()
         for example in examples:
-            counts.update({t for t in _MARK_RE.findall(example) if t.strip(" ↵")})
+            # Each example counts a token once; dict.fromkeys (not a set) keeps the tokens in
+            # the order they are written, so that ties in most_common break the same way in
+            # every process (a set's order follows the per-process string hash seed).
+            counts.update(
+                list(dict.fromkeys(t for t in _MARK_RE.findall(example) if t.strip(" ↵")))
+            )
         candidates = [t for t, _ in counts.most_common(_MAX_TOKEN_CANDIDATES)]
         if not candidates or not clean:
             return []
