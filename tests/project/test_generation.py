@@ -161,6 +161,21 @@ def test_chat_template_is_used(tiny_lm: LoadedLM) -> None:
     assert "<|im_start|>" not in tiny_lm.tokenizer.decode(plain)
 
 
+def test_no_system_prompt_of_the_templates_own(tiny_lm: LoadedLM) -> None:
+    """METHODS §3: no system prompt. SmolLM2's template inserts a default one when the
+    conversation has none; the prompt gets an empty system turn instead, so the instruction
+    is what the model reads (and the prefill is about half as long)."""
+    tokenizer = tiny_lm.tokenizer
+    default = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hello there"}], tokenize=False, add_generation_prompt=True
+    )
+    assert "You are a helpful AI assistant" in default  # the template's own system prompt
+    text = tokenizer.decode(prompt_token_ids(tiny_lm, "Hello there"))
+    assert "You are a helpful" not in text and "Hello there" in text
+    assert text.startswith("<|im_start|>system\n<|im_end|>")
+    assert len(text) < len(default)
+
+
 @pytest.mark.parametrize(
     ("field", "value", "match"),
     [
