@@ -22,6 +22,10 @@ reproduces the unsteered generation exactly. The judge rates each continuation t
 their harmonic mean, 0 when any is 0. Per target, α* is the argmax of the dev mean (ties: the
 smaller factor) and the target's score is the test mean at α*; a method's score is the mean over
 targets, with a bootstrap interval.
+
+Several SAEs' runs on one LM and layer go through the protocol together
+(:func:`run_protocols`, one :class:`ProtocolJob` each): each stage runs for all of them at
+once, so their generations share batches and their ratings one judge call.
 """
 
 from __future__ import annotations

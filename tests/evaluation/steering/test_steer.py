@@ -766,3 +766,28 @@ def test_versions_steered_together_get_the_runs_they_get_alone(
         for r in together
     ]
     assert latents[0] != latents[1]
+
+
+def test_a_version_whose_set_up_fails_leaves_the_others_logged(
+    tiny_lm_dir: str, tracking_uri: str
+) -> None:
+    """Staged steering: a version that cannot be set up (no latent ever fires) is reported
+    with its error and gets no run; the version beside it is steered and logged."""
+    from evaluation.steering.steer import SteeringFailed
+
+    good = register_tiny_sae(tiny_lm_dir)
+    torch.manual_seed(2)
+    dead = build_sae(SAEConfig(architecture="topk", d_in=64, d_sae=128, k=8))
+    with torch.no_grad():
+        dead.b_enc.fill_(-1e6)  # every pre-activation negative: nothing fires
+    version = register_as_trained(
+        dead, registered_model=NAME, lm_name=tiny_lm_dir, layer=LAYER, target_l0=8
+    )
+    dead_uri = f"models:/{NAME}/{version.version}"
+    with pytest.raises(SteeringFailed, match="1 steer run") as failed:
+        steer([good, dead_uri], small_config(mode="latent", factors=(1.0,)), "offline")
+    by_uri = {r.model_uri: r for r in failed.value.results}
+    assert by_uri[good].error is None and by_uri[good].run_id
+    assert "fired" in (by_uri[dead_uri].error or "") and not by_uri[dead_uri].run_id
+    logged = {r.data.tags["model_version"] for r in runs_of(STEER_RUN_TYPE)}
+    assert logged == {good.rsplit("/", 1)[1]}
