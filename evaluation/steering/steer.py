@@ -66,7 +66,13 @@ from evaluation.steering.protocol import (
     concept_targets,
     run_protocols,
 )
-from project.cli import parse_bool, parse_int, parse_prefixed_options, run_entry_point
+from project.cli import (
+    PartialFailureError,
+    parse_bool,
+    parse_int,
+    parse_prefixed_options,
+    run_entry_point,
+)
 from project.concepts import (
     Concept,
     Instruction,
@@ -379,13 +385,17 @@ class _Site:
     pool: list[Instruction]
 
 
-class SteeringFailed(RuntimeError):
-    """Some steer runs failed; ``results`` holds every outcome (``error`` set on the failed)."""
+class SteeringFailed(PartialFailureError):
+    """Some steer runs failed (exit code 3); ``results`` holds every outcome (``error`` set on
+    the failed ones, which logged no run)."""
 
     def __init__(self, results: list[SteerRunResult]) -> None:
         self.results = results
         failed = [f"{r.model_uri}: {r.error}" for r in results if r.error]
-        super().__init__(f"{len(failed)} steer run(s) failed: " + "; ".join(failed))
+        super().__init__(
+            f"{len(failed)} steer run(s) failed: " + "; ".join(failed),
+            [r.model_uri for r in results if r.error],
+        )
 
 
 def _digest(mv: ModelVersion, config: SteerConfig, site: _Site) -> str:
@@ -730,6 +740,33 @@ def pooled_lift(run_ids: list[str], seed: int = 0) -> dict[str, float]:
 # command line
 
 
+def _print_results(results: list[SteerRunResult], config: SteerConfig) -> None:
+    """One line per run: its state, scores and, for a selection, its gain over none."""
+    for r in results:
+        state = "reused" if r.reused else f"finished in {r.seconds:.0f}s"
+        m = r.metrics
+        line = (
+            f"steer {config.mode} {r.model_uri}: {state}, run {r.run_id}, steering_score "
+            f"{m.get('steering_score', math.nan):.3f} (by concept lift "
+            f"{m.get('steering_score_lift', math.nan):.3f}; concept free unsteered on "
+            f"{m.get('free_concept_share', math.nan):.0%} of targets)"
+        )
+        for ref in ("diffmean", "random", "prompt", "unsteered"):
+            if f"{ref}_steering_score" in m:
+                line += f", {ref} {m[f'{ref}_steering_score']:.3f}"
+        for method in ("sae", "diffmean", "prompt"):
+            lead = f"{method}_minus_random_concept"
+            if lead in m:
+                line += (
+                    f"; {method} − random concept {m[lead]:+.3f} "
+                    f"[{m[f'{lead}_ci_low']:+.3f}, {m[f'{lead}_ci_high']:+.3f}]"
+                )
+        if r.none_run_id is not None:
+            gain = "undefined (tag steering_gain_status)" if r.gain is None else f"{r.gain:+.1f}%"
+            line += f", gain over none {gain} (run {r.none_run_id})"
+        print(line)
+
+
 def main() -> None:
     defaults = SteerConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -774,32 +811,17 @@ def main() -> None:
     judge_options = parse_prefixed_options(extra)
     tracking_uri = configure_tracking(experiment=DEFAULT_EXPERIMENT)
     started = time.perf_counter()
-    results = steer(
-        args.model_uri, config, args.judge, judge_options=judge_options, force=args.force
-    )
-    for r in results:
-        state = "reused" if r.reused else f"finished in {r.seconds:.0f}s"
-        m = r.metrics
-        line = (
-            f"steer {config.mode} {r.model_uri}: {state}, run {r.run_id}, steering_score "
-            f"{m.get('steering_score', math.nan):.3f} (by concept lift "
-            f"{m.get('steering_score_lift', math.nan):.3f}; concept free unsteered on "
-            f"{m.get('free_concept_share', math.nan):.0%} of targets)"
+    try:
+        results = steer(
+            args.model_uri, config, args.judge, judge_options=judge_options, force=args.force
         )
-        for ref in ("diffmean", "random", "prompt", "unsteered"):
-            if f"{ref}_steering_score" in m:
-                line += f", {ref} {m[f'{ref}_steering_score']:.3f}"
-        for method in ("sae", "diffmean", "prompt"):
-            lead = f"{method}_minus_random_concept"
-            if lead in m:
-                line += (
-                    f"; {method} − random concept {m[lead]:+.3f} "
-                    f"[{m[f'{lead}_ci_low']:+.3f}, {m[f'{lead}_ci_high']:+.3f}]"
-                )
-        if r.none_run_id is not None:
-            gain = "undefined (tag steering_gain_status)" if r.gain is None else f"{r.gain:+.1f}%"
-            line += f", gain over none {gain} (run {r.none_run_id})"
-        print(line)
+    except SteeringFailed as failed:
+        _print_results([r for r in failed.results if not r.error], config)
+        for r in failed.results:
+            if r.error:
+                print(f"steer {config.mode} {r.model_uri}: FAILED ({r.error})")
+        raise
+    _print_results(results, config)
     print(f"total {time.perf_counter() - started:.0f}s; browse: {ui_hint(tracking_uri)}")
 
 

@@ -791,3 +791,34 @@ def test_a_version_whose_set_up_fails_leaves_the_others_logged(
     assert "fired" in (by_uri[dead_uri].error or "") and not by_uri[dead_uri].run_id
     logged = {r.data.tags["model_version"] for r in runs_of(STEER_RUN_TYPE)}
     assert logged == {good.rsplit("/", 1)[1]}
+    # The command line over every version: exit code 3 (partly failed), the finished run
+    # printed beside the failure.
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "evaluation.steering.steer",
+            "--model_uri",
+            f"models:/{NAME}",
+            "--mode",
+            "latent",
+            "--n_concepts",
+            "2",
+            "--factors",
+            "1",
+            "--n_instructions",
+            "2",
+            "--max_new_tokens",
+            "4",
+            "--stats_n_tokens",
+            "512",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[3],
+    )
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert f"{dead_uri}: FAILED" in done.stdout and f"{good}: finished" in done.stdout
