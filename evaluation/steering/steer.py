@@ -110,6 +110,10 @@ NO_SELECTION = "none"
 GAIN_METRIC = "steering_gain"
 GAIN_NONE_RUN_TAG = "none_run_id"
 GAIN_STATUS_TAG = "steering_gain_status"
+# Versions set up and generated together. Batches of 48 rows are already at the LM's decode
+# plateau on a CPU, so staging more only adds memory (every staged SAE stays loaded: a 16k
+# SAE of a 2,304-wide LM is ~300 MB).
+STAGED_VERSIONS = 10
 
 
 @dataclass
@@ -545,7 +549,21 @@ def _steer_batch(
     ones staged together: every version's set-up, then one batched generation and one judge
     call per LM site for all of them (:func:`run_protocols`), then each run logged. With
     ``baselines`` (a version's ``selection=none`` run by URI) each run gets its steering gain.
-    A version whose set-up fails gets ``error`` and no run; the others go on."""
+    A version whose set-up fails gets ``error`` and no run; the others go on. Versions are
+    staged :data:`STAGED_VERSIONS` at a time: each holds its SAE until its run is logged."""
+    if len(versions) > STAGED_VERSIONS:
+        return [
+            result
+            for start in range(0, len(versions), STAGED_VERSIONS)
+            for result in _steer_batch(
+                versions[start : start + STAGED_VERSIONS],
+                config,
+                sites,
+                site_of,
+                force=force,
+                baselines=baselines,
+            )
+        ]
     baselines = baselines or {}
     results: dict[str, SteerRunResult] = {}
     todo: dict[str, list[tuple[ModelVersion, str, _Prepared]]] = {}

@@ -822,3 +822,16 @@ def test_a_version_whose_set_up_fails_leaves_the_others_logged(
     )
     assert done.returncode == 3, done.stderr[-2000:]
     assert f"{dead_uri}: FAILED" in done.stdout and f"{good}: finished" in done.stdout
+
+
+def test_versions_are_staged_a_bounded_number_at_a_time(
+    tiny_lm_dir: str, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beyond STAGED_VERSIONS, versions are staged in groups (each staged SAE stays loaded)."""
+    from evaluation.steering import steer as steer_module
+
+    monkeypatch.setattr(steer_module, "STAGED_VERSIONS", 1)
+    uris = [register_tiny_sae(tiny_lm_dir), register_tiny_sae(tiny_lm_dir)]
+    results = steer(uris, small_config(mode="latent", factors=(1.0,)), "offline")
+    assert [r.model_uri for r in results] == uris
+    assert all(r.metrics["batched_runs"] == 1 for r in results)
