@@ -827,7 +827,8 @@ def run_protocols(
 ) -> list[SteeringResult]:
     """Generate, rate and score every row of every job (their targets' splits already set),
     each stage for all jobs at once; a job's result is the one it would get alone (per-prompt
-    sampling seeds: a continuation does not depend on its batch neighbours)."""
+    sampling seeds: a continuation does not depend on its batch neighbours, up to the float
+    rounding of a batch's shape, which on a real LM can flip a sampled token at a near-tie)."""
     for job in jobs:
         config = job.config
         if config.mode == "concept":
