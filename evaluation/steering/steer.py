@@ -306,25 +306,6 @@ def _finish(
     return result.metrics, result.tables, prepared.extra
 
 
-def steer_version(
-    mv: ModelVersion,
-    sae: SparseAutoencoder,
-    lm: LoadedLM,
-    layer: int,
-    judge: Judge,
-    config: SteerConfig,
-    concepts: list[Concept],
-    pool: list[Instruction],
-    *,
-    force: bool = False,
-) -> tuple[dict[str, float], dict[str, dict[str, list[Any]]], dict[str, Any]]:
-    """(metrics, tables, extra params) of steering one SAE, untracked apart from its latent
-    table (read from or logged to the version's ``latent_stats`` run)."""
-    prepared = _prepare(mv, sae, lm, layer, judge, config, concepts, pool, force=force)
-    (result,) = run_protocols([prepared.job], lm, layer, judge)
-    return _finish(prepared, result)
-
-
 def _params(config: SteerConfig, judge_name: str) -> dict[str, str]:
     values = asdict(config)
     stats = values.pop("stats")
