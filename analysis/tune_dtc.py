@@ -113,7 +113,7 @@ from project.concepts import (
 from project.judges import JUDGE_NAMES, Judge, judge_for
 from project.lm import LoadedLM
 from project.registry import load_version
-from project.runs import config_hash, load_sites, resolve_versions, run_tags
+from project.runs import config_hash, load_sites, resolve_versions, run_tags, version_uri
 from project.saes import SparseAutoencoder
 from project.tracking import (
     DEFAULT_EXPERIMENT,
@@ -833,7 +833,7 @@ def tune(
     pool = load_instructions(config.steer_config().instructions)
     rdb = open_storage(url, config)  # before the LM loads: a bad storage fails fast
     sites, lms = load_sites(versions, lms)
-    lm_name, layer = sites[mv.version]
+    lm_name, layer = sites[version_uri(mv)]
     lm = lms[lm_name]
     judge = judge_for(
         judges if judges is not None else {}, lm_name, config.judge, lm=lm, **config.judge_options

@@ -143,10 +143,11 @@ def judge_identity(judge: Any) -> dict[str, str] | str | None:
 def load_sites(
     versions: list[ModelVersion], lms: dict[str, LoadedLM] | None = None
 ) -> tuple[dict[str, tuple[str, int]], dict[str, LoadedLM]]:
-    """(version → (LM name, layer), LM name → loaded LM) for ``versions``: each LM loaded once
-    (``lms`` may hold some already), its layer checked, and each version's d_in checked against
-    the LM's width; ValueError before any work otherwise."""
-    sites = {mv.version: version_site(mv) for mv in versions}
+    """(version URI → (LM name, layer), LM name → loaded LM) for ``versions``: each LM loaded
+    once (``lms`` may hold some already), its layer checked, and each version's d_in checked
+    against the LM's width; ValueError before any work otherwise. Keyed by URI: version numbers
+    repeat across registered models."""
+    sites = {version_uri(mv): version_site(mv) for mv in versions}
     lms = dict(lms or {})
     for lm_name, layer in sites.values():
         if lm_name not in lms:
@@ -154,7 +155,7 @@ def load_sites(
         check_layer(lms[lm_name], layer)
     for mv in versions:
         d_in = (mv.tags or {}).get("d_in")
-        lm = lms[sites[mv.version][0]]
+        lm = lms[sites[version_uri(mv)][0]]
         if d_in is not None and int(d_in) != lm.d_model:
             raise ValueError(f"{version_uri(mv)} has d_in {d_in} but {lm.name} has {lm.d_model}")
     return sites, lms

@@ -330,7 +330,7 @@ def _evaluate_version(
     fingerprints: dict[str, str],
 ) -> list[EvalRunResult]:
     uri = version_uri(mv)
-    lm_name, layer = sites[mv.version]
+    lm_name, layer = sites[version_uri(mv)]
     results = []
     sae: SparseAutoencoder | None = None
     for name in names:

@@ -338,21 +338,6 @@ def plan_generations(
     return plan
 
 
-def run_generations(
-    rows: list[Row],
-    targets: list[Target],
-    sae: SparseAutoencoder,
-    lm: LoadedLM,
-    layer: int,
-    config: SteerConfig,
-    reference_scale: float,
-) -> list[str]:
-    """The continuation of every row. Rows without a steering vector (unsteered, prompting,
-    α = 0) are generated once per distinct prompt; all rows run in shared batches."""
-    plan = plan_generations(rows, targets, sae, lm.d_model, config, reference_scale)
-    return _plan_texts(plan, sae, lm, layer, config)
-
-
 def _plan_texts(
     plan: GenerationPlan,
     sae: SparseAutoencoder,

@@ -90,6 +90,7 @@ from project.runs import (
     parent_run,
     resolve_versions,
     run_tags,
+    version_uri,
 )
 from project.saes import SparseAutoencoder
 from project.tracking import (
@@ -405,7 +406,7 @@ def _reused(
     existing = find_finished_run(mv, STEER_RUN_TYPE, digest)
     if existing is None:
         return None
-    uri = f"models:/{mv.name}/{mv.version}"
+    uri = version_uri(mv)
     run_id = existing.info.run_id
     log.info(
         "steer %s (selection %s) on %s: reusing FINISHED run %s (force=true recomputes)",
@@ -440,7 +441,7 @@ def _log_run(
 ) -> SteerRunResult:
     """One version's steer run: params, metrics, tables and judge record in one MLflow run
     (nested under the caller's), the version's link tag, and the gain over ``baseline``."""
-    uri = f"models:/{mv.name}/{mv.version}"
+    uri = version_uri(mv)
     identity = _judge_identity(site.judge_obj)
     tags = run_tags(mv, STEER_RUN_TYPE, digest)
     tags.update(
@@ -521,7 +522,7 @@ def _steer_batch(
     versions: list[ModelVersion],
     config: SteerConfig,
     sites: dict[str, _Site],
-    site_of: dict[tuple[str, str], str],
+    site_of: dict[str, str],
     *,
     force: bool,
     baselines: dict[str, SteerRunResult] | None = None,
@@ -549,8 +550,8 @@ def _steer_batch(
     results: dict[str, SteerRunResult] = {}
     todo: dict[str, list[tuple[ModelVersion, str, _Prepared]]] = {}
     for mv in versions:
-        uri = f"models:/{mv.name}/{mv.version}"
-        site = sites[site_of[(mv.name, mv.version)]]
+        uri = version_uri(mv)
+        site = sites[site_of[uri]]
         digest = _digest(mv, config, site)
         reused = None if force else _reused(mv, config, digest, baselines.get(uri))
         if reused is not None:
@@ -573,16 +574,16 @@ def _steer_batch(
             log.exception("steering %s (selection %s): set-up failed", uri, config.selection)
             results[uri] = SteerRunResult(uri, "", error=f"{type(err).__name__}: {err}")
             continue
-        todo.setdefault(site_of[(mv.name, mv.version)], []).append((mv, digest, prepared))
+        todo.setdefault(site_of[uri], []).append((mv, digest, prepared))
     for site_name, members in todo.items():
         site = sites[site_name]
         outcomes = run_protocols(
             [prepared.job for _, _, prepared in members], site.lm, site.layer, site.judge_obj
         )
         for (mv, digest, prepared), outcome in zip(members, outcomes, strict=True):
-            uri = f"models:/{mv.name}/{mv.version}"
+            uri = version_uri(mv)
             results[uri] = _log_run(mv, config, digest, site, prepared, outcome, baselines.get(uri))
-    return [results[f"models:/{mv.name}/{mv.version}"] for mv in versions]
+    return [results[version_uri(mv)] for mv in versions]
 
 
 def steer(
@@ -636,20 +637,15 @@ def steer(
         if config.mode == "concept"
         else []
     )
-    # load_sites keys by version number, unique only within one registered model.
-    site_layers: dict[tuple[str, str], tuple[str, int]] = {}
-    for name in dict.fromkeys(mv.name for mv in versions):
-        group = [mv for mv in versions if mv.name == name]
-        layers, lms = load_sites(group, lms)
-        site_layers.update({(name, version): site for version, site in layers.items()})
+    site_layers, lms = load_sites(versions, lms)
     judges = judges if judges is not None else {}
     for name, lm in lms.items():
         judge_for(judges, name, judge, lm=lm, **(judge_options or {}))
     sites: dict[str, _Site] = {}
-    site_of: dict[tuple[str, str], str] = {}
-    for (name, version), (lm_name, layer) in site_layers.items():
+    site_of: dict[str, str] = {}  # version URI -> its site
+    for uri, (lm_name, layer) in site_layers.items():
         key = f"{lm_name}@{layer}"
-        site_of[(name, version)] = key
+        site_of[uri] = key
         if key not in sites:
             sites[key] = _Site(
                 judge, judge_options, judges[lm_name], lms[lm_name], layer, concepts, pool
@@ -669,12 +665,12 @@ def steer(
             failed = {r.model_uri: r for r in none_runs if r.error}
         else:
             failed = {}
-        ready = [mv for mv in versions if f"models:/{mv.name}/{mv.version}" not in failed]
+        ready = [mv for mv in versions if version_uri(mv) not in failed]
         batch = _steer_batch(ready, config, sites, site_of, force=force, baselines=baselines)
     by_uri = {r.model_uri: r for r in batch}
     results = []
     for mv in versions:
-        uri = f"models:/{mv.name}/{mv.version}"
+        uri = version_uri(mv)
         if uri in failed:
             error = f"its selection=none baseline failed: {failed[uri].error}"
             results.append(SteerRunResult(uri, "", error=error))
