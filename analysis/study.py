@@ -444,7 +444,10 @@ class _Study:
         self.client.set_tag(run_id, "mlflow.parentRunId", self.run_id)
 
     def fail(self, what: str, err: BaseException) -> None:
-        log.exception("%s failed; the study goes on", what)
+        # exc_info=err, not log.exception: a failure reported by a result (a steer version's
+        # error) is not the exception being handled, and its own traceback was logged where
+        # it happened.
+        log.error("%s failed; the study goes on", what, exc_info=err)
         self.failures.append(f"{what}: {type(err).__name__}: {err}"[:500])
 
 
