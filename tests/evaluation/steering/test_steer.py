@@ -8,7 +8,7 @@ import hashlib
 import json
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,7 +19,9 @@ import torch
 from conftest import register_as_trained
 from mlflow.tracking import MlflowClient
 
+import evaluation.steering.steer as steer_module
 from evaluation.selection.config import LatentStatsConfig
+from evaluation.steering import latent_targets
 from evaluation.steering.config import SteerConfig, parse_factors
 from evaluation.steering.interventions import ClampLatent
 from evaluation.steering.latent_targets import echoes_concept
@@ -640,11 +642,25 @@ def _steer_runs(selection: str) -> list:
     return [r for r in runs_of(STEER_RUN_TYPE) if r.data.tags["selection"] == selection]
 
 
+def _fixed_key(draw: Callable[..., list[int]]) -> Callable[..., list[int]]:
+    """``draw`` (seeded_order / sample_latents) with the SAE key fixed."""
+
+    def fixed(*args: object) -> list[int]:
+        return draw(*args[:3], "test-sae", *args[4:])
+
+    return fixed
+
+
 def test_selection_run_logs_gain_over_the_none_run(
     tiny_lm_dir: str, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     uri = register_tiny_sae(tiny_lm_dir)
     client = MlflowClient()
+    # Latents are drawn seeded by the SAE's training run id, a fresh UUID per test run; with
+    # it some draws give both selections equal mean ratings. A fixed key makes the draw (and
+    # so this test) the same every run.
+    monkeypatch.setattr(steer_module, "seeded_order", _fixed_key(latent_targets.seeded_order))
+    monkeypatch.setattr(steer_module, "sample_latents", _fixed_key(latent_targets.sample_latents))
     with rating_judge(monkeypatch) as options:
 
         def run(selection: str, force: bool = False) -> object:
