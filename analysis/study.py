@@ -691,6 +691,15 @@ def _log_pooled_lift(study: _Study) -> None:
                 pooled["pooled_steering_score_lift_minus_random_ci_high"],
                 int(pooled["pooled_n_floor_targets"]),
             )
+            log.info(
+                "  concept rating alone, lift over unsteered: SAE %.3f, floor %.3f; SAE − floor "
+                "%.3f [%.3f, %.3f]",
+                pooled["pooled_concept_lift"],
+                pooled["pooled_random_concept_lift"],
+                pooled["pooled_concept_lift_minus_random"],
+                pooled["pooled_concept_lift_minus_random_ci_low"],
+                pooled["pooled_concept_lift_minus_random_ci_high"],
+            )
 
 
 def _log_runs(study: _Study) -> None:

@@ -689,7 +689,12 @@ def pooled_lift(run_ids: list[str], seed: int = 0) -> dict[str, float]:
     (``random_floor``), also its lift score and the SAE's lead over it, paired by target:
     lift that a random push of the same norm also earns is no evidence of the latent. Per SAE
     there are only a few targets; pooled over a study's SAEs, the lift interval says whether
-    steering was measured at all."""
+    steering was measured at all.
+
+    The same for the concept rating alone (``concept_lift``: the test concept rating at α* by
+    lift minus the unsteered one, floored at 0): whether the latent wrote its concept into the
+    text at all, whatever became of the answer. A latent can steer (concept lift above the
+    floor's) while the score, which also needs the answer on topic and fluent, shows nothing."""
     from project.statistics import bootstrap_interval
 
     scores: list[float] = []
@@ -697,6 +702,9 @@ def pooled_lift(run_ids: list[str], seed: int = 0) -> dict[str, float]:
     free: list[float] = []
     floor_lifts: list[float] = []
     over_floor: list[float] = []  # per target with a floor: SAE lift − floor lift
+    concept: list[float] = []
+    floor_concept: list[float] = []
+    concept_over_floor: list[float] = []
     for run_id in run_ids:
         table = mlflow.load_table("tables/per_concept.json", run_ids=[run_id])
         sae = table[table["method"] == "sae"]
@@ -705,6 +713,8 @@ def pooled_lift(run_ids: list[str], seed: int = 0) -> dict[str, float]:
         scores += sae["test_score"].astype(float).tolist()
         lifts += sae["test_score_lift"].astype(float).tolist()
         free += (sae["unsteered_concept"].astype(float) > 0).astype(float).tolist()
+        sae_concept = sae["test_concept_lift"].astype(float).tolist()
+        concept += sae_concept
         # The random direction at the latent's norm and α* (random_floor), in target order.
         floor = table[table["method"] == "random"]
         if len(floor) == len(sae):
@@ -714,12 +724,23 @@ def pooled_lift(run_ids: list[str], seed: int = 0) -> dict[str, float]:
                 a - b
                 for a, b in zip(sae["test_score_lift"].astype(float), floor_values, strict=True)
             ]
+            floor_concept_values = floor["test_concept_lift"].astype(float).tolist()
+            floor_concept += floor_concept_values
+            concept_over_floor += [
+                a - b for a, b in zip(sae_concept, floor_concept_values, strict=True)
+            ]
     out = {"pooled_n_targets": float(len(lifts)), "pooled_n_runs": float(len(run_ids))}
-    pooled = [("steering_score", scores), ("steering_score_lift", lifts)]
+    pooled = [
+        ("steering_score", scores),
+        ("steering_score_lift", lifts),
+        ("concept_lift", concept),
+    ]
     if over_floor:
         pooled += [
             ("random_steering_score_lift", floor_lifts),
             ("steering_score_lift_minus_random", over_floor),
+            ("random_concept_lift", floor_concept),
+            ("concept_lift_minus_random", concept_over_floor),
         ]
         out["pooled_n_floor_targets"] = float(len(over_floor))
     for name, values in pooled:

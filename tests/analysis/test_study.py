@@ -124,6 +124,11 @@ def test_study_end_to_end_then_reused(tiny_lm_dir: str, tracking_uri: str, tmp_p
     assert pooled["pooled_n_runs_none"] == pooled["pooled_n_runs_dtc"] == 4
     assert 0.0 <= pooled["pooled_steering_score_lift"] <= 2.0
     assert 0.0 <= pooled["pooled_free_concept_share"] <= 1.0
+    # ... and the concept rating alone, the SAE's against the same-norm random floor's.
+    assert 0.0 <= pooled["pooled_concept_lift"] <= 2.0
+    assert pooled["pooled_concept_lift_minus_random"] == pytest.approx(
+        pooled["pooled_concept_lift"] - pooled["pooled_random_concept_lift"]
+    )
     # The steps' runs are findable from the study: children (nested or adopted) with its tag.
     children = client.search_runs(
         [study_run.info.experiment_id],

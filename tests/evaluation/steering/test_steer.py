@@ -515,6 +515,17 @@ def test_latent_mode_on_tiny_model(tiny_lm_dir: str, tracking_uri: str) -> None:
     )
     assert pooled["pooled_n_floor_targets"] == 4
     assert pooled["pooled_steering_score_lift_minus_random"] == pytest.approx(lead / 2)
+    # The concept rating alone, pooled the same way: did the push write the concept at all?
+    concept_lead = sum(
+        a["test_concept_lift"] - b["test_concept_lift"]
+        for a, b in zip(sae_rows, floor_rows, strict=True)
+    )
+    assert pooled["pooled_concept_lift"] == pytest.approx(
+        sum(p["test_concept_lift"] for p in sae_rows) / 2
+    )
+    assert pooled["pooled_concept_lift_minus_random"] == pytest.approx(concept_lead / 2)
+    low, high = (pooled[f"pooled_concept_lift_minus_random_ci_{e}"] for e in ("low", "high"))
+    assert low <= pooled["pooled_concept_lift_minus_random"] <= high
     (without,) = steer(uri, replace(config, random_floor=False), "offline")
     assert not [g for g in load_table(without.run_id, "generations") if g["method"] == "random"]
 
