@@ -15,6 +15,8 @@ chosen from ``pi0_grid`` by the held-out F1 of the latent it ranks first on the 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +80,8 @@ class SupervisedResult:
     support_F: Tensor  # TP: positive tokens the latent fires on
     pi0: float
     pi: float
+    # The same F1 before the support and output-score filters (what a fallback ranks by).
+    unfiltered_f1_F: Tensor | None = None
 
 
 def _counts(pos: list[Tensor], neg: list[Tensor], F: int) -> tuple[Tensor, Tensor, int, int]:
@@ -111,11 +115,40 @@ def supervised_scores(
         )
     if min_output_score is not None and output_score_F is None:
         raise ValueError("min_output_score needs the output scores (output_score_F)")
-    F = sae.cfg.d_sae
-    pos, neg = (
+    return score_firing(
         _firing(sae, lm, layer, positives, max_tokens),
         _firing(sae, lm, layer, negatives, max_tokens),
+        sae.cfg.d_sae,
+        pi0=pi0,
+        tune_pi0=tune_pi0,
+        pi0_grid=pi0_grid,
+        min_support=min_support,
+        output_score_F=output_score_F,
+        min_output_score=min_output_score,
     )
+
+
+def score_firing(
+    pos: list[Tensor],
+    neg: list[Tensor],
+    d_sae: int,
+    *,
+    pi0: float = DEFAULT_PI0,
+    tune_pi0: bool = True,
+    pi0_grid: tuple[float, ...] = PI0_GRID,
+    min_support: int = 50,
+    output_score_F: Tensor | None = None,
+    min_output_score: float | None = None,
+) -> SupervisedResult:
+    """Calibrated F1 of every latent from its firing ([T, F] bool per text) on a concept's
+    positive and negative texts; with ``tune_pi0``, π0 is the grid value whose top latent on
+    the even-indexed texts scores best (plain F1) on the odd-indexed ones, a held-out split."""
+    if len(pos) < 2 or len(neg) < 2:
+        raise ValueError(
+            f"supervised selection needs >= 2 positive and >= 2 negative texts, got "
+            f"{len(pos)} and {len(neg)}"
+        )
+    F = d_sae
     tp_F, fp_F, n_pos, n_neg = _counts(pos, neg, F)
     keep_F = tp_F >= min_support
     if output_score_F is not None and min_output_score is not None:
@@ -142,6 +175,98 @@ def supervised_scores(
             if held > best_f1:
                 best_f1, chosen = held, candidate
     pi = n_pos / (n_pos + n_neg)
-    f1_F = calibrated_f1(tp_F, fp_F, n_pos - tp_F, pi, chosen)
-    f1_F = torch.where(keep_F, f1_F, torch.full_like(f1_F, float("nan")))
-    return SupervisedResult(f1_F, tp_F, chosen, pi)
+    raw_F = calibrated_f1(tp_F, fp_F, n_pos - tp_F, pi, chosen)
+    f1_F = torch.where(keep_F, raw_F, torch.full_like(raw_F, float("nan")))
+    return SupervisedResult(f1_F, tp_F, chosen, pi, raw_F)
+
+
+def top_latents(
+    result: SupervisedResult, k: int, candidates: list[int] | None = None
+) -> tuple[list[int], bool]:
+    """The ``k`` best latents by calibrated F1 among ``candidates`` (all latents if None),
+    best first, ties to the smaller id; and whether the support filter had to be dropped
+    (no candidate had ``min_support`` positive supports: then the best by F1 over latents that
+    fire on any positive token, so a concept is never left without a latent silently)."""
+    if k < 1:
+        raise ValueError(f"K={k!r} must be >= 1 (latents steered together per concept)")
+    ids = torch.arange(len(result.f1_F)) if candidates is None else torch.tensor(candidates)
+    f1 = result.f1_F[ids].double()
+    fallback = not bool(torch.isfinite(f1).any())
+    if fallback:
+        if result.unfiltered_f1_F is None:
+            raise ValueError("no candidate passed the filters and no unfiltered F1 was kept")
+        raw = result.unfiltered_f1_F[ids].double()
+        f1 = torch.where(result.support_F[ids] > 0, raw, torch.full_like(raw, math.nan))
+    order = sorted(
+        (i for i in range(len(ids)) if math.isfinite(float(f1[i]))),
+        key=lambda i: (-float(f1[i]), int(ids[i])),
+    )
+    return [int(ids[i]) for i in order[:k]], fallback
+
+
+@dataclass(frozen=True)
+class ConceptLatents:
+    """Supervised select-and-label for one concept: the top latents by calibrated F1 against
+    its own labels (best first), named by the concept; with their F1, support and π0."""
+
+    concept: str
+    latents: tuple[int, ...]
+    f1: tuple[float, ...]
+    support: tuple[int, ...]
+    pi0: float
+    support_fallback: bool  # no candidate had min_support positive supports
+
+
+@torch.no_grad()
+def select_and_label(
+    sae: SparseAutoencoder,
+    acts_ND: Tensor,
+    text_N: Tensor,
+    concept: str,
+    positive_texts: Sequence[int],
+    negative_texts: Sequence[int],
+    k: int,
+    candidates: list[int] | None = None,
+    *,
+    min_support: int = 50,
+    tune_pi0: bool = True,
+) -> ConceptLatents:
+    """The ``k`` latents that best detect ``concept`` token by token: each latent's firing
+    (> 0) on the tokens of the concept's positive texts (label 1) and negative texts (label 0)
+    scored by calibrated F1 (π0 tuned on a held-out split), latents with fewer than
+    ``min_support`` positive supports left out, best first among ``candidates``.
+
+    ``acts_ND`` / ``text_N``: hook activations of every real token and the text each comes
+    from (as :func:`evaluation.steering.protocol.example_activations` returns them), so the
+    LM pass that DiffMean and the AUROC choice already made is reused."""
+    if not positive_texts:
+        raise ValueError(f"concept {concept!r} has no positive texts: nothing to select against")
+    if not negative_texts:
+        raise ValueError(f"concept {concept!r} has no negative texts: nothing to select against")
+    firing: dict[int, Tensor] = {}
+    wanted = torch.tensor(sorted({*positive_texts, *negative_texts}))
+    rows = torch.isin(text_N, wanted).nonzero()[:, 0]
+    codes = torch.cat(
+        [sae.encode(chunk.to(sae.W_dec.dtype)) > 0 for chunk in acts_ND[rows].split(4096)]
+    )
+    owners = text_N[rows]
+    for text in wanted.tolist():
+        firing[text] = codes[owners == text]
+    result = score_firing(
+        [firing[t] for t in positive_texts],
+        [firing[t] for t in negative_texts],
+        sae.cfg.d_sae,
+        min_support=min_support,
+        tune_pi0=tune_pi0,
+    )
+    latents, fallback = top_latents(result, k, candidates)
+    values = result.f1_F if not fallback else result.unfiltered_f1_F
+    assert values is not None
+    return ConceptLatents(
+        concept,
+        tuple(latents),
+        tuple(float(values[i]) for i in latents),
+        tuple(int(result.support_F[i]) for i in latents),
+        result.pi0,
+        fallback,
+    )

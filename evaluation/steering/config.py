@@ -46,6 +46,11 @@ class SteerConfig:
       explains 1,000 latents and samples 100); 0 means ``2 · n_concepts``. Explanations whose
       tokens ordinary text already holds are skipped (:mod:`evaluation.steering.latent_targets`).
     - ``n_examples``: positive (and negative) texts per concept, cut to ``example_tokens``.
+    - ``supervised_k`` (concept mode): for each K, the method ``sae_sup_k<K>`` steers the K
+      latents that supervised select-and-label picks for the concept (calibrated F1 of their
+      token-level firing against the concept's own positives and negatives, π0 tuned on a
+      held-out split, at least ``supervised_min_support`` positive supports; METHODS §4), all
+      at once: the sum of their ``α·m_i·v_i`` (always by addition). Empty: not run.
     - ``random_floor`` (latent mode): after the SAE's rows are rated, steer each target's
       seeded random direction at the latent's own norm (``α·m_i``) and the SAE's own α* (by
       the score and by lift) on the same test instructions: the floor of its test score and
@@ -69,6 +74,8 @@ class SteerConfig:
     example_tokens: int = 64
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     random_floor: bool = True
+    supervised_k: tuple[int, ...] = ()
+    supervised_min_support: int = 50
     stats: LatentStatsConfig = field(default_factory=LatentStatsConfig)
 
     def __post_init__(self) -> None:
@@ -92,6 +99,20 @@ class SteerConfig:
             ("explain_pool", 0),
         ):
             check_int(name, getattr(self, name), low)
+        check_int("supervised_min_support", self.supervised_min_support, 1)
+        for k in self.supervised_k:
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ValueError(
+                    f"supervised_k has K={k!r}; each K (latents steered together per concept) "
+                    "must be an integer >= 1"
+                )
+        if len(set(self.supervised_k)) != len(self.supervised_k):
+            raise ValueError(f"supervised_k {self.supervised_k} repeats a value")
+        if self.supervised_k and self.mode != "concept":
+            raise ValueError(
+                f"supervised_k={self.supervised_k} needs mode=concept (labelled concepts); "
+                f"mode is {self.mode!r}"
+            )
         if not isinstance(self.random_floor, bool):
             raise ValueError(f"random_floor={self.random_floor!r} must be true or false")
         if not self.factors:

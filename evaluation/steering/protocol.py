@@ -43,6 +43,7 @@ import torch
 from scipy.stats import rankdata
 from torch import Tensor
 
+from evaluation.selection.supervised import ConceptLatents, select_and_label
 from evaluation.steering.config import SteerConfig
 from evaluation.steering.interventions import ClampLatent, unit_decoder_rows
 from project.concepts import Concept, Instruction, InstructionSplit
@@ -61,6 +62,17 @@ PROMPT = "prompt"
 UNSTEERED = "unsteered"
 FACTOR_METHODS = (SAE, DIFFMEAN, RANDOM)
 RATING_KINDS = ("concept", "instruct", "fluency")
+SUPERVISED_PREFIX = "sae_sup_k"
+
+
+def supervised_method(k: int) -> str:
+    """The method that steers a concept's top-``k`` supervised latents together."""
+    return f"{SUPERVISED_PREFIX}{k}"
+
+
+def is_factor_method(method: str) -> bool:
+    """Whether ``method``'s factor scales its push (not so for unsteered and prompting)."""
+    return method in FACTOR_METHODS or method.startswith(SUPERVISED_PREFIX)
 
 
 def harmonic_mean(concept: float, instruct: float, fluency: float) -> float:
@@ -99,6 +111,10 @@ class Target:
     # DiffMean's norm) unless set; latent mode sets m_i, the steered latent's own norm.
     random_scale: float | None = None
     split: InstructionSplit = field(default_factory=lambda: InstructionSplit(()))
+    # Concept mode with supervised_k: K -> the concept's selected latents (select-and-label).
+    supervised: dict[int, ConceptLatents] = field(default_factory=dict)
+    # m_i of every latent a method of this target steers (the AUROC latent and the supervised).
+    latent_scales: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -191,8 +207,9 @@ def concept_targets(
     config: SteerConfig,
 ) -> list[Target]:
     """Per concept: the candidate latent with the best max-pooled AUROC on its examples, the
-    unit DiffMean direction (mean token activation on positives minus on negatives) and a
-    seeded random unit direction."""
+    unit DiffMean direction (mean token activation on positives minus on negatives), a
+    seeded random unit direction and, for each K of ``supervised_k``, the top-K latents by
+    supervised select-and-label on the same examples."""
     texts: list[str] = []
     spans = []
     for c in concepts:
@@ -215,18 +232,33 @@ def concept_targets(
         diff_D = acts_ND[pos_mask].mean(0) - acts_ND[neg_mask].mean(0)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + len(targets))
         random_D = torch.randn(lm.d_model, generator=generator)
-        targets.append(
-            Target(
-                key=c.concept,
-                concept=c.concept,
-                genre=c.genre,
-                latent=latent,
-                max_activation=float(max_activation_F[latent]),
-                auroc=float(auroc_C[best]),
-                diffmean_D=diff_D / diff_D.norm().clamp_min(1e-12),
-                random_D=random_D / random_D.norm(),
-            )
+        target = Target(
+            key=c.concept,
+            concept=c.concept,
+            genre=c.genre,
+            latent=latent,
+            max_activation=float(max_activation_F[latent]),
+            auroc=float(auroc_C[best]),
+            diffmean_D=diff_D / diff_D.norm().clamp_min(1e-12),
+            random_D=random_D / random_D.norm(),
         )
+        for k in config.supervised_k:
+            target.supervised[k] = select_and_label(
+                sae,
+                acts_ND,
+                text_N,
+                c.concept,
+                range(start, start + n_pos),
+                range(start + n_pos, start + n_pos + n_neg),
+                k,
+                candidates,
+                min_support=config.supervised_min_support,
+            )
+        target.latent_scales = {
+            i: float(max_activation_F[i])
+            for i in (latent, *(i for sel in target.supervised.values() for i in sel.latents))
+        }
+        targets.append(target)
     return targets
 
 
@@ -244,7 +276,11 @@ def build_rows(
     the judge's LLM wrote) replace saeflow's template for the prompting reference, in AxBench's
     frame ``{prompt}\n\nQuestion: {instruction}``."""
     steering_prompts = steering_prompts or {}
-    methods = FACTOR_METHODS if mode == "concept" else (SAE,)
+    methods = (
+        (*FACTOR_METHODS, *(supervised_method(k) for k in config.supervised_k))
+        if mode == "concept"
+        else (SAE,)
+    )
     rows = []
     for t_index, target in enumerate(targets):
         for split_name, instructions in (("dev", target.split.dev), ("test", target.split.test)):
@@ -273,6 +309,10 @@ def _vector(row: Row, target: Target, sae_rows: dict[int, Tensor], scale: float)
         return None
     if row.method == SAE:
         return row.factor * target.max_activation * sae_rows[target.latent]
+    if row.method.startswith(SUPERVISED_PREFIX):
+        # K latents at once: the sum of each one's α·m_i·v_i.
+        chosen = target.supervised[int(row.method.removeprefix(SUPERVISED_PREFIX))].latents
+        return row.factor * sum(target.latent_scales[i] * sae_rows[i] for i in chosen)
     direction = target.diffmean_D if row.method == DIFFMEAN else target.random_D
     assert direction is not None
     if row.method == RANDOM and target.random_scale is not None:
@@ -312,7 +352,7 @@ def plan_generations(
 ) -> GenerationPlan:
     """The unique generations behind ``rows``: rows without a steering vector (unsteered,
     prompting, α = 0) once per distinct prompt, every steered row its own."""
-    latents = sorted({t.latent for t in targets})
+    latents = sorted({i for t in targets for i in (t.latent, *t.latent_scales)})
     sae_rows = dict(zip(latents, unit_decoder_rows(sae, latents), strict=True))
     clamp = config.intervention == "clamp"
     plan = GenerationPlan()
@@ -529,7 +569,7 @@ def summarize(
             per_target.append(chosen)
             per_concept["concept"].append(target.concept)
             per_concept["method"].append(method)
-            per_concept["latent"].append(target.latent if method == SAE else -1)
+            per_concept["latent"].append(_method_latent(target, method))
             per_concept["max_activation"].append(
                 target.max_activation if method == SAE else math.nan
             )
@@ -557,13 +597,48 @@ def summarize(
     if defined:
         metrics["free_concept_share"] = float(np.mean([c > 0 for c in defined]))
     metrics.update(paired_differences(chosen_by_method, seed))
-    return SteeringResult(
-        metrics,
-        {
-            "per_concept": dict(per_concept),
-            "per_factor": per_factor_table(rows, ratings, methods, seed),
-        },
-    )
+    tables = {
+        "per_concept": dict(per_concept),
+        "per_factor": per_factor_table(rows, ratings, methods, seed),
+    }
+    if any(t.supervised for t in targets):
+        tables["supervised_latents"] = supervised_table(targets)
+        metrics["supervised_support_fallbacks"] = float(
+            sum(c.support_fallback for t in targets for c in t.supervised.values())
+        )
+    return SteeringResult(metrics, tables)
+
+
+def _method_latent(target: Target, method: str) -> int:
+    """The latent a method steers (a supervised method's best one), -1 for a direction."""
+    if method == SAE:
+        return target.latent
+    if method.startswith(SUPERVISED_PREFIX):
+        return target.supervised[int(method.removeprefix(SUPERVISED_PREFIX))].latents[0]
+    return -1
+
+
+def supervised_table(targets: list[Target]) -> dict[str, list[Any]]:
+    """Select-and-label, per concept and K: each selected latent (best first) labelled with the
+    concept it was selected for, its calibrated F1 and positive support, the tuned π0, its m_i,
+    and whether the support filter had to be dropped for that concept."""
+    table: dict[str, list[Any]] = defaultdict(list)
+    for target in targets:
+        for k, chosen in target.supervised.items():
+            for rank, (latent, f1, support) in enumerate(
+                zip(chosen.latents, chosen.f1, chosen.support, strict=True), start=1
+            ):
+                table["concept"].append(target.concept)
+                table["method"].append(supervised_method(k))
+                table["rank"].append(rank)
+                table["latent"].append(latent)
+                table["label"].append(chosen.concept)
+                table["f1_c"].append(f1)
+                table["support"].append(support)
+                table["pi0"].append(chosen.pi0)
+                table["max_activation"].append(target.latent_scales[latent])
+                table["support_fallback"].append(chosen.support_fallback)
+    return dict(table)
 
 
 def _mean_and_interval(values: list[float], seed: int) -> tuple[float, float, float]:
@@ -637,7 +712,7 @@ def per_factor_table(
     # Each steered method's smallest non-zero factor: the base of its concept rise.
     first_factor: dict[str, float] = {}
     for m, f in by_factor:
-        if m in FACTOR_METHODS and f != 0:
+        if is_factor_method(m) and f != 0:
             first_factor[m] = min(f, first_factor.get(m, f))
 
     table: dict[str, list[Any]] = defaultdict(list)
@@ -653,7 +728,7 @@ def per_factor_table(
             low, high = bootstrap_interval(list(target_means(cell, k).values()), seed)
             table[f"{k}_ci_low"].append(low)
             table[f"{k}_ci_high"].append(high)
-        steered = method in FACTOR_METHODS and factor != 0
+        steered = is_factor_method(method) and factor != 0
         floor = by_factor.get((RANDOM, factor)) if floor_per_factor else None
         lead = (
             concept_lead(cell, floor)
@@ -662,7 +737,8 @@ def per_factor_table(
         )
         # Only DiffMean shares the random direction's norm (α·s) at one factor; the SAE's
         # vector is α·m_i, so its lead is logged under a name that claims no equal norm.
-        equal_norm, unequal_norm = (undefined, lead) if method == SAE else (lead, undefined)
+        latent_norm = method == SAE or method.startswith(SUPERVISED_PREFIX)
+        equal_norm, unequal_norm = (undefined, lead) if latent_norm else (lead, undefined)
         # Does pushing harder raise the concept? Against the method's smallest factor.
         first = first_factor.get(method)
         rise = (
@@ -690,7 +766,7 @@ def generations_table(
         target = targets[row.target]
         table["concept"].append(target.concept)
         table["method"].append(row.method)
-        table["latent"].append(target.latent if row.method == SAE else -1)
+        table["latent"].append(_method_latent(target, row.method))
         table["instruction"].append(row.instruction.text)
         table["split"].append(row.split)
         table["factor"].append(row.factor)

@@ -70,6 +70,7 @@ from project.cli import (
     PartialFailureError,
     parse_bool,
     parse_int,
+    parse_list,
     parse_prefixed_options,
     run_entry_point,
 )
@@ -783,6 +784,13 @@ def _print_results(results: list[SteerRunResult], config: SteerConfig) -> None:
         print(line)
 
 
+def parse_supervised_k(text: str) -> tuple[int, ...]:
+    """``none`` (or empty) for no supervised method, else comma-separated K's."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    return parse_list(text, int, "supervised_k", "integer (or none)")
+
+
 def main() -> None:
     defaults = SteerConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -804,6 +812,11 @@ def main() -> None:
     parser.add_argument("--explain_pool", type=parse_int, default=defaults.explain_pool)
     parser.add_argument("--random_floor", type=parse_bool, default=defaults.random_floor)
     parser.add_argument("--stats_n_tokens", type=parse_int, default=defaults.stats.n_tokens)
+    parser.add_argument(
+        "--supervised_k",
+        default="none",
+        help="concept mode: comma-separated K's for supervised select-and-label (none: off)",
+    )
     parser.add_argument("--force", type=parse_bool, default=False)
     args, extra = parser.parse_known_args()
     config = SteerConfig(
@@ -823,6 +836,7 @@ def main() -> None:
         explain_pool=args.explain_pool,
         random_floor=args.random_floor,
         stats=replace(LatentStatsConfig(), n_tokens=args.stats_n_tokens),
+        supervised_k=parse_supervised_k(args.supervised_k),
     )
     judge_options = parse_prefixed_options(extra)
     tracking_uri = configure_tracking(experiment=DEFAULT_EXPERIMENT)

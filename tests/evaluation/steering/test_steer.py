@@ -414,6 +414,42 @@ def test_bad_input_fails_before_any_run(
 # both modes end to end on the tiny model
 
 
+def test_concept_mode_steers_supervised_selections_on_tiny_model(
+    tiny_lm_dir: str, tracking_uri: str, concepts_file: str
+) -> None:
+    """supervised_k=(1, 2): two more methods per concept, each steering its select-and-label
+    latents (logged with their labels, F1 and support), compared with the floor like the rest."""
+    uri = register_tiny_sae(tiny_lm_dir)
+    config = small_config(concepts=concepts_file, supervised_k=(1, 2), supervised_min_support=3)
+    (result,) = steer(uri, config, "offline")
+    metrics = MlflowClient().get_run(result.run_id).data.metrics
+    table = load_table(result.run_id, "supervised_latents")
+    concepts = {c["concept"] for c in CONCEPTS}
+    assert {(t["concept"], t["method"]) for t in table} == {
+        (c, m) for c in concepts for m in ("sae_sup_k1", "sae_sup_k2")
+    }
+    assert all(t["label"] == t["concept"] and 0.0 <= t["f1_c"] <= 1.0 for t in table)
+    for concept in concepts:
+        k2 = [t for t in table if t["concept"] == concept and t["method"] == "sae_sup_k2"]
+        k1 = [t for t in table if t["concept"] == concept and t["method"] == "sae_sup_k1"]
+        assert [t["rank"] for t in k2] == [1, 2] and k1[0]["latent"] == k2[0]["latent"]
+    assert metrics["supervised_support_fallbacks"] >= 0
+    generations = load_table(result.run_id, "generations")
+    per_row = 1 + 1 + 5 * len(config.factors)  # unsteered, prompt, five methods x factors
+    assert len(generations) == config.n_concepts * config.n_instructions * per_row
+    for method in ("sae_sup_k1", "sae_sup_k2"):
+        assert 0.0 <= metrics[f"{method}_steering_score"] <= 2.0
+        assert f"{method}_minus_random_concept" in metrics
+    # K = 1 steers the same vector as the top latent alone, so at α = 0 it is the unsteered text.
+    unsteered = {
+        (g["concept"], g["instruction"]): g["text"]
+        for g in generations
+        if g["method"] == "unsteered"
+    }
+    zero = [g for g in generations if g["method"].startswith("sae_sup") and g["factor"] == 0.0]
+    assert zero and all(g["text"] == unsteered[(g["concept"], g["instruction"])] for g in zero)
+
+
 def test_concept_mode_on_tiny_model(
     tiny_lm_dir: str, tracking_uri: str, concepts_file: str
 ) -> None:
