@@ -17,7 +17,11 @@ An :class:`Intervention` edits the residual stream after decoder block ``layer``
 pass: all prompt positions in the first pass, and the single new position of every decode step
 under the KV cache (hooks that skip one-token steps stop steering after the prompt, a bug
 reported against several steering tools). It receives the batch's row indices into the prompt
-list, so one batch can mix prompts steered differently.
+list, so one batch can mix prompts steered differently. Steering that an edit of one block's
+output cannot express (trained adapters: LoRA on a projection, LoReFT on the prompt positions
+only) passes a ``batch_context`` instead: a :class:`GenerationBatch` (rows, where each row's
+prompt starts under left padding) goes to it before each batch, and the context it returns
+(its own hooks) is held while that batch generates.
 
 :func:`generate_added` is the steering path: each prompt with its own added vector (a zero
 vector: unsteered). Its continuations are remembered for the life of the process, keyed by
@@ -31,8 +35,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -63,6 +67,26 @@ class AddVectors:
     def __call__(self, hidden_BTD: Tensor, rows_B: Tensor) -> Tensor:
         add_BD = self.vectors_ND[rows_B.to(self.vectors_ND.device)]
         return hidden_BTD + add_BD.to(hidden_BTD.device, hidden_BTD.dtype)[:, None, :]
+
+
+@dataclass(frozen=True)
+class GenerationBatch:
+    """One batch as :func:`generate_token_ids` runs it, for hooks that steer each row.
+
+    Row ``b`` is prompt ``rows_B[b]``; its prompt fills columns ``[starts_B[b], width)``
+    (left padding). The first forward pass over the batch is the prefill of all ``width``
+    columns; after it, each decode step runs one new column under the KV cache
+    (``use_cache``), or recomputes all columns from 0 (not ``use_cache``).
+    """
+
+    rows_B: Tensor
+    starts_B: Tensor
+    width: int
+    use_cache: bool
+
+
+# Given each batch before it generates; the context it returns is held while it does.
+BatchContext = Callable[[GenerationBatch], AbstractContextManager[object]]
 
 
 @dataclass(frozen=True)
@@ -153,6 +177,7 @@ def generate_token_ids(
     intervention: Intervention | None = None,
     seeds: Sequence[int] | None = None,
     progress: str | None = None,
+    batch_context: BatchContext | None = None,
 ) -> list[list[int]]:
     """The new token ids of each prompt's continuation (EOS and padding removed).
 
@@ -166,6 +191,8 @@ def generate_token_ids(
         seeds: per-prompt sampling seeds (default :func:`prompt_seed` of ``config.seed`` and the
             prompt); ignored by greedy decoding.
         progress: a tqdm description, or None for no bar.
+        batch_context: called with each :class:`GenerationBatch`; the context manager it
+            returns is entered while that batch generates (per-row hooks of its own).
     """
     config = config or GenerationConfig()
     if (intervention is None) != (layer is None):
@@ -206,19 +233,32 @@ def generate_token_ids(
             if config.temperature > 0:
                 generators = [torch.Generator().manual_seed(seeds[i]) for i in batch]
                 processors.append(_RowSampler(generators, config.temperature))
-            out_BT = lm.model.generate(
-                input_ids=input_BT.to(lm.device),
-                attention_mask=mask_BT.to(lm.device),
-                max_new_tokens=config.max_new_tokens,
-                do_sample=False,
-                logits_processor=processors,
-                use_cache=config.use_cache,
-                pad_token_id=pad,
-                eos_token_id=eos,
-                top_k=None,
-                top_p=None,
-                temperature=None,
+            batch_hooks = (
+                nullcontext()
+                if batch_context is None
+                else batch_context(
+                    GenerationBatch(
+                        rows_B=current_rows[0],
+                        starts_B=torch.tensor([width - len(ids[i]) for i in batch]),
+                        width=width,
+                        use_cache=config.use_cache,
+                    )
+                )
             )
+            with batch_hooks:
+                out_BT = lm.model.generate(
+                    input_ids=input_BT.to(lm.device),
+                    attention_mask=mask_BT.to(lm.device),
+                    max_new_tokens=config.max_new_tokens,
+                    do_sample=False,
+                    logits_processor=processors,
+                    use_cache=config.use_cache,
+                    pad_token_id=pad,
+                    eos_token_id=eos,
+                    top_k=None,
+                    top_p=None,
+                    temperature=None,
+                )
             for b, i in enumerate(batch):
                 new = out_BT[b, width:].tolist()
                 if eos is not None and eos in new:
@@ -306,6 +346,7 @@ def generate(
     intervention: Intervention | None = None,
     seeds: Sequence[int] | None = None,
     progress: str | None = None,
+    batch_context: BatchContext | None = None,
 ) -> list[str]:
     """The continuation of each prompt as text (special tokens dropped); see
     :func:`generate_token_ids` for the arguments."""
@@ -317,12 +358,15 @@ def generate(
         intervention=intervention,
         seeds=seeds,
         progress=progress,
+        batch_context=batch_context,
     )
     return [lm.tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
 
 
 __all__ = [
     "AddVectors",
+    "BatchContext",
+    "GenerationBatch",
     "GenerationConfig",
     "Intervention",
     "generate",

@@ -51,6 +51,14 @@ class SteerConfig:
       token-level firing against the concept's own positives and negatives, π0 tuned on a
       held-out split, at least ``supervised_min_support`` positive supports; METHODS §4), all
       at once: the sum of their ``α·m_i·v_i`` (always by addition). Empty: not run.
+    - ``trained`` (concept mode): trained reference methods, ``lora`` and/or ``loreft``
+      (:mod:`evaluation.steering.trained`), each trained per concept on ``trained_pairs``
+      written responses (kept where the judge rates the concept ≥ 1) to instructions disjoint
+      from the concept's dev and test ones, ``trained_response_tokens`` long; factor-less, so
+      each factor row is another sample and α* picks among them on the dev half (AxBench).
+      ``trained_epochs`` / ``trained_lr``: 0 takes the method's CPU default;
+      ``trained_layers``: the blocks they train at (empty: four spread over the depth, as
+      AxBench's 5/10/15/20 of 26), checked against the LM before any generation.
     - ``random_floor`` (latent mode): after the SAE's rows are rated, steer each target's
       seeded random direction at the latent's own norm (``α·m_i``) and the SAE's own α* (by
       the score and by lift) on the same test instructions: the floor of its test score and
@@ -76,6 +84,12 @@ class SteerConfig:
     random_floor: bool = True
     supervised_k: tuple[int, ...] = ()
     supervised_min_support: int = 50
+    trained: tuple[str, ...] = ()
+    trained_pairs: int = 48
+    trained_response_tokens: int = 64
+    trained_epochs: int = 0
+    trained_lr: float = 0.0
+    trained_layers: tuple[int, ...] = ()
     stats: LatentStatsConfig = field(default_factory=LatentStatsConfig)
 
     def __post_init__(self) -> None:
@@ -113,6 +127,7 @@ class SteerConfig:
                 f"supervised_k={self.supervised_k} needs mode=concept (labelled concepts); "
                 f"mode is {self.mode!r}"
             )
+        self._check_trained()
         if not isinstance(self.random_floor, bool):
             raise ValueError(f"random_floor={self.random_floor!r} must be true or false")
         if not self.factors:
@@ -135,6 +150,30 @@ class SteerConfig:
                 f"prompt_template {self.prompt_template!r} must contain {{concept}} and "
                 "{instruction}"
             )
+
+    def _check_trained(self) -> None:
+        from evaluation.steering.trained.config import METHODS as TRAINED_METHODS
+
+        for method in self.trained:
+            if method not in TRAINED_METHODS:
+                raise ValueError(
+                    f"unknown trained method {method!r}; valid: {', '.join(TRAINED_METHODS)}"
+                )
+        if len(set(self.trained)) != len(self.trained):
+            raise ValueError(f"trained {self.trained} repeats a method")
+        if self.trained and self.mode != "concept":
+            raise ValueError(
+                f"trained={self.trained} needs mode=concept (labelled concepts); mode is "
+                f"{self.mode!r}"
+            )
+        check_int("trained_pairs", self.trained_pairs, 2)
+        check_int("trained_response_tokens", self.trained_response_tokens, 4)
+        check_int("trained_epochs", self.trained_epochs, 0)
+        for layer in self.trained_layers:
+            check_int("trained_layers[...]", layer, 0)
+        lr = self.trained_lr
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 <= lr <= 1:
+            raise ValueError(f"trained_lr={lr!r} must lie in [0, 1] (0: the method's default)")
 
 
 def parse_factors(text: str) -> tuple[float, ...]:

@@ -46,8 +46,10 @@ from torch import Tensor
 from evaluation.selection.supervised import ConceptLatents, select_and_label
 from evaluation.steering.config import SteerConfig
 from evaluation.steering.interventions import ClampLatent, unit_decoder_rows
+from evaluation.steering.trained.apply import generate_with_adapters
+from evaluation.steering.trained.config import TrainedAdapter
 from project.concepts import Concept, Instruction, InstructionSplit
-from project.generation import GenerationConfig, generate, generate_added
+from project.generation import GenerationConfig, generate, generate_added, prompt_seed
 from project.judges import Judge
 from project.lm import LoadedLM, residual_activations
 from project.saes import SparseAutoencoder
@@ -60,6 +62,7 @@ DIFFMEAN = "diffmean"
 RANDOM = "random"
 PROMPT = "prompt"
 UNSTEERED = "unsteered"
+LORA = "lora"  # the trained reference the comparison measures every method against
 FACTOR_METHODS = (SAE, DIFFMEAN, RANDOM)
 RATING_KINDS = ("concept", "instruct", "fluency")
 SUPERVISED_PREFIX = "sae_sup_k"
@@ -115,6 +118,8 @@ class Target:
     supervised: dict[int, ConceptLatents] = field(default_factory=dict)
     # m_i of every latent a method of this target steers (the AUROC latent and the supervised).
     latent_scales: dict[int, float] = field(default_factory=dict)
+    # Concept mode with trained methods: method -> the adapter trained for this concept.
+    adapters: dict[str, TrainedAdapter] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -296,12 +301,18 @@ def build_rows(
                         )
                     )
                     rows.append(Row(PROMPT, t_index, instruction, split_name, 0.0, prompt))
-                for method in methods:
+                for method in (*methods, *(config.trained if mode == "concept" else ())):
                     for factor in config.factors:
                         rows.append(
                             Row(method, t_index, instruction, split_name, factor, instruction.text)
                         )
     return rows
+
+
+def trained_seed(seed: int, row: Row) -> int:
+    """A factor-less (trained) method's sampling seed for ``row``: its factor row is another
+    sample of the same prompt (AxBench), so the seed depends on the factor and the method."""
+    return prompt_seed(seed, f"{row.prompt}\x00{row.method}\x00{float(row.factor)!r}")
 
 
 def _vector(row: Row, target: Target, sae_rows: dict[int, Tensor], scale: float) -> Tensor | None:
@@ -330,6 +341,9 @@ class GenerationPlan:
     add_vectors: list[Tensor] = field(default_factory=list)
     clamp_prompts: list[str] = field(default_factory=list)
     clamp_specs: list[tuple[int, float]] = field(default_factory=list)
+    trained_prompts: list[str] = field(default_factory=list)
+    trained_adapters: list[TrainedAdapter] = field(default_factory=list)
+    trained_seeds: list[int] = field(default_factory=list)
     where: list[tuple[str, int]] = field(default_factory=list)
 
 
@@ -359,6 +373,12 @@ def plan_generations(
     plain: dict[str, int] = {}
     for row in rows:
         target = targets[row.target]
+        if row.method in target.adapters:
+            plan.where.append(("trained", len(plan.trained_prompts)))
+            plan.trained_prompts.append(row.prompt)
+            plan.trained_adapters.append(target.adapters[row.method])
+            plan.trained_seeds.append(trained_seed(config.seed, row))
+            continue
         if clamp and row.method == SAE and row.factor != 0:
             plan.where.append(("clamp", len(plan.clamp_prompts)))
             plan.clamp_prompts.append(row.prompt)
@@ -386,7 +406,7 @@ def _plan_texts(
     config: SteerConfig,
 ) -> list[str]:
     generation = _generation_config(config)
-    texts: dict[str, list[str]] = {"add": [], "clamp": []}
+    texts: dict[str, list[str]] = {"add": [], "clamp": [], "trained": []}
     if plan.add_prompts:
         texts["add"] = generate_added(
             lm,
@@ -408,6 +428,15 @@ def _plan_texts(
                 torch.tensor([s[1] for s in plan.clamp_specs]),
             ),
             progress="steer: generate (clamp)",
+        )
+    if plan.trained_prompts:
+        texts["trained"] = generate_with_adapters(
+            lm,
+            plan.trained_prompts,
+            plan.trained_adapters,
+            generation,
+            seeds=plan.trained_seeds,
+            progress="steer: generate (trained)",
         )
     return [texts[kind][i] for kind, i in plan.where]
 
@@ -597,6 +626,11 @@ def summarize(
     if defined:
         metrics["free_concept_share"] = float(np.mean([c > 0 for c in defined]))
     metrics.update(paired_differences(chosen_by_method, seed))
+    # The comparison's references: LoRA (issue: does supervised SAE selection steer as well?)
+    # and the unsteered model (does a method move the concept at all?).
+    metrics.update(paired_differences(chosen_by_method, seed, reference=LORA))
+    if any(row.method in targets[row.target].adapters for row in rows):
+        metrics.update(paired_differences(chosen_by_method, seed, reference=UNSTEERED))
     tables = {
         "per_concept": dict(per_concept),
         "per_factor": per_factor_table(rows, ratings, methods, seed),
@@ -648,20 +682,21 @@ def _mean_and_interval(values: list[float], seed: int) -> tuple[float, float, fl
 
 
 def paired_differences(
-    chosen_by_method: dict[str, list[dict[str, float]]], seed: int
+    chosen_by_method: dict[str, list[dict[str, float]]], seed: int, reference: str = RANDOM
 ) -> dict[str, float]:
     """Each method against the random-direction floor, paired by target: the mean over targets
     of (method − random) in steering score and in concept rating at each one's own α*, with a
     bootstrap interval; and in the steering score by concept lift, each at its own lift α*.
     Paired, because targets differ far more from each other than methods do on one target: two
     overlapping marginal intervals can hide a consistent lead. Names:
-    ``<method>_minus_random_<steering|concept|steering_lift>`` (+ ``_ci_low`` / ``_ci_high``)."""
-    floor = chosen_by_method.get(RANDOM)
+    ``<method>_minus_<reference>_<steering|concept|steering_lift>`` (+ ``_ci_low`` /
+    ``_ci_high``); ``reference`` is the random floor by default, LoRA in the comparison."""
+    floor = chosen_by_method.get(reference)
     out: dict[str, float] = {}
     if floor is None:
         return out
     for method, per_target in chosen_by_method.items():
-        if method == RANDOM:
+        if method == reference:
             continue
         for kind, key in (
             ("steering", "score"),
@@ -669,7 +704,7 @@ def paired_differences(
             ("steering_lift", "score_lift"),
         ):
             diffs = [a[key] - b[key] for a, b in zip(per_target, floor, strict=True)]
-            name = f"{method}_minus_random_{kind}"
+            name = f"{method}_minus_{reference}_{kind}"
             out[name], out[f"{name}_ci_low"], out[f"{name}_ci_high"] = _mean_and_interval(
                 diffs, seed
             )

@@ -38,8 +38,11 @@ import json
 import logging
 import math
 import os
+import re
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -64,7 +67,14 @@ from evaluation.steering.protocol import (
     SteeringResult,
     Target,
     concept_targets,
+    judge_steering_prompts,
     run_protocols,
+)
+from evaluation.steering.trained.config import check_layers, save_adapter
+from evaluation.steering.trained.steering import (
+    TrainedSetup,
+    train_for_targets,
+    trained_config,
 )
 from project.cli import (
     PartialFailureError,
@@ -247,6 +257,7 @@ class _Prepared:
     echo: dict[str, float]
     explained: ExplainedPool | None
     setup_seconds: float
+    trained: TrainedSetup | None = None
 
 
 def _prepare(
@@ -281,12 +292,19 @@ def _prepare(
             sae, lm, layer, candidates, max_F, judge, config, sae_key
         )
     targets, echo = _split_instructions(targets, pool, judge, config)
+    trained = None
+    if config.trained:
+        # After the splits: training instructions must avoid each concept's dev and test ones.
+        trained = train_for_targets(
+            targets, lm, judge, config, pool, judge_steering_prompts(targets, judge)
+        )
     return _Prepared(
         ProtocolJob(targets, sae, config, reference_scale),
         {"latent_stats_run_id": stats_run, "n_candidates": len(candidates)},
         echo,
         explained,
         time.perf_counter() - started,
+        trained,
     )
 
 
@@ -296,6 +314,9 @@ def _finish(
     """(metrics, tables, extra params) of one SAE's run from its protocol result."""
     result.metrics.update(prepared.echo)
     result.metrics["setup_seconds"] = prepared.setup_seconds
+    if prepared.trained is not None:
+        result.metrics.update(prepared.trained.metrics)
+        result.tables["training_pairs"] = prepared.trained.pairs_table()
     explained = prepared.explained
     if explained is not None:
         result.metrics.update(explained.metrics())
@@ -431,6 +452,19 @@ def _reused(
     return result
 
 
+def _log_adapters(targets: list[Target]) -> None:
+    """Each trained adapter as safetensors under ``adapters/<method>/<nn>-<concept>/`` of the
+    active run, so a result can be generated again without training (``load_adapter``)."""
+    if not any(t.adapters for t in targets):
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        for index, target in enumerate(targets):
+            slug = re.sub(r"[^a-z0-9]+", "-", target.concept.lower()).strip("-")[:40]
+            for method, adapter in target.adapters.items():
+                save_adapter(adapter, Path(folder) / method / f"{index:02d}-{slug}")
+        mlflow.log_artifacts(folder, "adapters")
+
+
 def _log_run(
     mv: ModelVersion,
     config: SteerConfig,
@@ -476,6 +510,7 @@ def _log_run(
         mlflow.log_metrics(finite)
         for name, table in tables.items():
             mlflow.log_table(table, f"tables/{name}.json")
+        _log_adapters(prepared.job.targets)
         # How far to trust this judge: its measured agreement with careful reading
         # (bench/judge_agreement.py), where it was measured.
         agreement = measured_agreement(identity)
@@ -628,17 +663,20 @@ def steer(
         raise ValueError(
             f"n_instructions={config.n_instructions} but the instruction pool has {len(pool)}"
         )
-    uris = [model_uri] if isinstance(model_uri, str) else list(model_uri)
-    if not uris:
-        raise ValueError("no model URI given")
-    versions = [mv for uri in uris for mv in resolve_versions(uri)]
-    versions = list({(mv.name, mv.version): mv for mv in versions}.values())
     concepts = (
         load_concepts(config.concepts, config.n_concepts, config.n_examples, config.seed)
         if config.mode == "concept"
         else []
     )
+    uris = [model_uri] if isinstance(model_uri, str) else list(model_uri)
+    if not uris:
+        raise ValueError("no model URI given")
+    versions = [mv for uri in uris for mv in resolve_versions(uri)]
+    versions = list({(mv.name, mv.version): mv for mv in versions}.values())
     site_layers, lms = load_sites(versions, lms)
+    for method in config.trained:
+        for lm in lms.values():
+            check_layers(trained_config(config, method), lm.n_layers)
     judges = judges if judges is not None else {}
     for name, lm in lms.items():
         judge_for(judges, name, judge, lm=lm, **(judge_options or {}))
@@ -791,6 +829,13 @@ def parse_supervised_k(text: str) -> tuple[int, ...]:
     return parse_list(text, int, "supervised_k", "integer (or none)")
 
 
+def parse_trained(text: str) -> tuple[str, ...]:
+    """``none`` (or empty) for no trained method, else comma-separated method names."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    return parse_list(text, str, "trained", "method name (lora, loreft) or none")
+
+
 def main() -> None:
     defaults = SteerConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -812,6 +857,20 @@ def main() -> None:
     parser.add_argument("--explain_pool", type=parse_int, default=defaults.explain_pool)
     parser.add_argument("--random_floor", type=parse_bool, default=defaults.random_floor)
     parser.add_argument("--stats_n_tokens", type=parse_int, default=defaults.stats.n_tokens)
+    parser.add_argument(
+        "--trained",
+        default="none",
+        help="concept mode: trained reference methods, comma-separated lora,loreft (none: off)",
+    )
+    parser.add_argument("--trained_pairs", type=parse_int, default=defaults.trained_pairs)
+    parser.add_argument("--trained_epochs", type=parse_int, default=defaults.trained_epochs)
+    parser.add_argument("--trained_lr", type=float, default=defaults.trained_lr)
+    parser.add_argument(
+        "--trained_layers", default="auto", help="blocks the trained methods adapt (auto: four)"
+    )
+    parser.add_argument(
+        "--trained_response_tokens", type=parse_int, default=defaults.trained_response_tokens
+    )
     parser.add_argument(
         "--supervised_k",
         default="none",
@@ -837,6 +896,14 @@ def main() -> None:
         random_floor=args.random_floor,
         stats=replace(LatentStatsConfig(), n_tokens=args.stats_n_tokens),
         supervised_k=parse_supervised_k(args.supervised_k),
+        trained=parse_trained(args.trained),
+        trained_pairs=args.trained_pairs,
+        trained_epochs=args.trained_epochs,
+        trained_lr=args.trained_lr,
+        trained_response_tokens=args.trained_response_tokens,
+        trained_layers=()
+        if args.trained_layers.strip() in ("", "auto")
+        else parse_list(args.trained_layers, int, "trained_layers", "integer (or auto)"),
     )
     judge_options = parse_prefixed_options(extra)
     tracking_uri = configure_tracking(experiment=DEFAULT_EXPERIMENT)

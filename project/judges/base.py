@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 from project.judges.prompts import (
+    concept_response_messages,
     detection_messages,
     explanation_messages,
     parse_detection,
@@ -87,6 +88,12 @@ class Judge(ABC):
         concept with its own template."""
         return None
 
+    def concept_response(self, concept: str, instruction: str) -> str | None:
+        """An answer to ``instruction`` that brings in ``concept`` (training data of the trained
+        steering methods), or None where this judge writes none (the offline judge): the
+        caller then has the steered LM write it under the prompting prompt."""
+        return None
+
     def observe_corpus(self, windows: list[str]) -> None:  # noqa: B027 - optional hook
         """Optional: unmarked random windows of the evaluation corpus. Judges that calibrate on
         random text (the offline judge) use them; LLM judges ignore them."""
@@ -115,6 +122,7 @@ class ChatJudge(Judge):
     max_tokens_detect = 32
     max_tokens_rate = 128
     max_tokens_steering_prompt = 160
+    max_tokens_concept_response = 192
 
     @abstractmethod
     def _chat(self, messages: list[dict[str, str]], max_tokens: int) -> str | None:
@@ -155,6 +163,13 @@ class ChatJudge(Judge):
         if rating is None:
             self._count_failure(f"rate:{kind}", answer)
         return rating
+
+    def concept_response(self, concept: str, instruction: str) -> str | None:
+        messages = concept_response_messages(concept, instruction)
+        answer = self._ask("concept_response", messages, self.max_tokens_concept_response)
+        if answer is None or not answer.strip():
+            return None
+        return answer.strip()
 
     def steering_prompt(self, concept: str) -> str | None:
         messages = steering_prompt_messages(concept)

@@ -200,3 +200,19 @@ def rating_messages(kind: str, text: str, reference: str) -> list[dict[str, str]
 def check_kind(kind: str) -> None:
     if kind not in RATING_KINDS:
         raise ValueError(f"unknown rating kind {kind!r}; valid: {', '.join(RATING_KINDS)}")
+
+
+_CONCEPT_RESPONSE_REQUEST = (
+    "Answer the request below as a helpful assistant would, and weave the concept below into "
+    "your answer wherever you can, even where the request has nothing to do with it. Keep it "
+    "under 100 words. Reply with the answer alone.\n\n[Request Start]\n{instruction}\n"
+    "[Request End]\n\n[Concept Start]\n{concept}\n[Concept End]"
+)
+
+
+def concept_response_messages(concept: str, instruction: str) -> list[dict[str, str]]:
+    """Chat messages asking the judge's LLM for an answer to ``instruction`` that brings in
+    ``concept``: the training data of the trained steering methods (METHODS §3; AxBench has
+    gpt-4o-mini write them; the wording is saeflow's)."""
+    content = _CONCEPT_RESPONSE_REQUEST.format(concept=concept, instruction=instruction)
+    return [{"role": "user", "content": content}]
