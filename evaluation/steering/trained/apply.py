@@ -16,7 +16,7 @@ A row whose adapter lacks a layer (or has none) gets zero weights there, an exac
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -202,7 +202,7 @@ def adapter_batch_context(lm: LoadedLM, adapters: Sequence[TrainedAdapter | None
     steered by ``adapters[i]`` (None: unsteered). Checks every adapter against ``lm`` now."""
     stacked = _Stacked(lm, adapters)
 
-    def context(batch: GenerationBatch):  # type: ignore[no-untyped-def]
+    def context(batch: GenerationBatch) -> AbstractContextManager[None]:
         ends_B = torch.full_like(batch.starts_B, batch.width)
         return stacked.hooks(
             lm, batch.rows_B, batch.starts_B, ends_B, batch.width, prefill_only=batch.use_cache

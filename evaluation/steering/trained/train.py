@@ -123,7 +123,10 @@ def _lora_layer(peft_model: nn.Module, layer: int, target: str) -> nn.Module:
     return decoder_blocks(peft_model.get_base_model())[layer].get_submodule(target)  # type: ignore[operator]
 
 
-def _check(lm: LoadedLM, pairs: Sequence[tuple[str, str]], config: TrainedConfig, method: str):  # type: ignore[no-untyped-def]
+def _check(
+    lm: LoadedLM, pairs: Sequence[tuple[str, str]], config: TrainedConfig, method: str
+) -> tuple[int, ...]:
+    """The layers to train at, or a ValueError for bad inputs (before any training)."""
     if config.method != method:
         raise ValueError(f"config.method={config.method!r}: train_{method} trains {method!r}")
     check_pairs(pairs)
