@@ -189,6 +189,7 @@ def main() -> None:
     parser.add_argument("--supervised_k", default=",".join(map(str, d.supervised_k)))
     parser.add_argument("--trained", default=",".join(d.trained))
     parser.add_argument("--trained_pairs", type=parse_int, default=d.trained_pairs)
+    parser.add_argument("--trained_min_pairs", type=parse_int, default=d.trained_min_pairs)
     parser.add_argument("--trained_epochs", type=parse_int, default=d.trained_epochs)
     parser.add_argument("--max_new_tokens", type=parse_int, default=d.max_new_tokens)
     parser.add_argument("--concepts", default=d.concepts)
@@ -203,6 +204,7 @@ def main() -> None:
         supervised_k=parse_supervised_k(args.supervised_k),
         trained=parse_trained(args.trained),
         trained_pairs=args.trained_pairs,
+        trained_min_pairs=args.trained_min_pairs,
         trained_epochs=args.trained_epochs,
         max_new_tokens=args.max_new_tokens,
         concepts=args.concepts,

@@ -56,6 +56,9 @@ class SteerConfig:
       written responses (kept where the judge rates the concept ≥ 1) to instructions disjoint
       from the concept's dev and test ones, ``trained_response_tokens`` long; factor-less, so
       each factor row is another sample and α* picks among them on the dev half (AxBench).
+      Where fewer than ``trained_min_pairs`` are kept, pairs of a training instruction and
+      one of the concept's positive example texts fill up to it (counted, in the run's
+      ``training_pairs`` table as ``concept examples``); 0 turns that off.
       ``trained_epochs`` / ``trained_lr``: 0 takes the method's CPU default;
       ``trained_layers``: the blocks they train at (empty: four spread over the depth, as
       AxBench's 5/10/15/20 of 26), checked against the LM before any generation.
@@ -86,6 +89,7 @@ class SteerConfig:
     supervised_min_support: int = 50
     trained: tuple[str, ...] = ()
     trained_pairs: int = 48
+    trained_min_pairs: int = 24
     trained_response_tokens: int = 64
     trained_epochs: int = 0
     trained_lr: float = 0.0
@@ -167,6 +171,12 @@ class SteerConfig:
                 f"{self.mode!r}"
             )
         check_int("trained_pairs", self.trained_pairs, 2)
+        check_int("trained_min_pairs", self.trained_min_pairs, 0)
+        if self.trained_min_pairs > self.trained_pairs:
+            raise ValueError(
+                f"trained_min_pairs={self.trained_min_pairs} exceeds trained_pairs="
+                f"{self.trained_pairs}: the top-up answers the written pairs' instructions"
+            )
         check_int("trained_response_tokens", self.trained_response_tokens, 4)
         check_int("trained_epochs", self.trained_epochs, 0)
         for layer in self.trained_layers:

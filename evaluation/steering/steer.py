@@ -296,7 +296,13 @@ def _prepare(
     if config.trained:
         # After the splits: training instructions must avoid each concept's dev and test ones.
         trained = train_for_targets(
-            targets, lm, judge, config, pool, judge_steering_prompts(targets, judge)
+            targets,
+            lm,
+            judge,
+            config,
+            pool,
+            judge_steering_prompts(targets, judge),
+            {c.concept: c.positives for c in concepts},
         )
     return _Prepared(
         ProtocolJob(targets, sae, config, reference_scale),
@@ -863,6 +869,7 @@ def main() -> None:
         help="concept mode: trained reference methods, comma-separated lora,loreft (none: off)",
     )
     parser.add_argument("--trained_pairs", type=parse_int, default=defaults.trained_pairs)
+    parser.add_argument("--trained_min_pairs", type=parse_int, default=defaults.trained_min_pairs)
     parser.add_argument("--trained_epochs", type=parse_int, default=defaults.trained_epochs)
     parser.add_argument("--trained_lr", type=float, default=defaults.trained_lr)
     parser.add_argument(
@@ -898,6 +905,7 @@ def main() -> None:
         supervised_k=parse_supervised_k(args.supervised_k),
         trained=parse_trained(args.trained),
         trained_pairs=args.trained_pairs,
+        trained_min_pairs=args.trained_min_pairs,
         trained_epochs=args.trained_epochs,
         trained_lr=args.trained_lr,
         trained_response_tokens=args.trained_response_tokens,

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -29,9 +31,8 @@ from project.lm import LoadedLM, lm_fingerprint
 
 log = logging.getLogger(__name__)
 
-# Fewer kept pairs than this and the best-rated of the rest top the set up (counted): a
-# method trained on one or two answers is no baseline.
-MIN_PAIRS = 4
+# The writer of pairs made from the concept's own positive example texts (the top-up).
+WRITER_EXAMPLES = "concept examples"
 # A written response is kept where the judge rates its concept at least this (0-2 scale).
 MIN_CONCEPT = 1.0
 # (LM, method settings, concept, pairs) -> adapter, for the life of the process.
@@ -60,34 +61,53 @@ class TrainedSetup:
     pairs: list[TrainingPairs]
     metrics: dict[str, float] = field(default_factory=dict)
 
+    # Per target: the pairs made from the concept's example texts (the top-up).
+    from_examples: list[tuple[tuple[str, str], ...]] = field(default_factory=list)
+
     def pairs_table(self) -> dict[str, list[Any]]:
         """Every written response with its concept rating, whether the rating kept it
-        (≥ :data:`MIN_CONCEPT`) and whether it was trained on (kept, or a top-up)."""
+        (≥ :data:`MIN_CONCEPT`) and whether it was trained on; then the top-up pairs made
+        from the concept's example texts (rating NaN, writer ``concept examples``)."""
         columns = ("concept", "instruction", "response", "concept_rating", "kept", "trained_on")
         table: dict[str, list[Any]] = {k: [] for k in (*columns, "writer")}
-        for p in self.pairs:
+
+        def add(concept: str, instruction: str, response: str, rating: float, kept: bool,
+                trained_on: bool, writer: str) -> None:  # fmt: skip
+            for key, value in zip(
+                (*columns, "writer"),
+                (concept, instruction, response, rating, kept, trained_on, writer),
+                strict=True,
+            ):
+                table[key].append(value)
+
+        for p, extra in zip(self.pairs, self.from_examples or [()] * len(self.pairs), strict=True):
             trained_on = set(p.pairs)
             for instruction, response, rating in p.written:
-                table["concept"].append(p.concept)
-                table["instruction"].append(instruction)
-                table["response"].append(response)
-                table["concept_rating"].append(rating)
-                table["kept"].append(rating >= MIN_CONCEPT and bool(response.strip()))
-                table["trained_on"].append((instruction, response) in trained_on)
-                table["writer"].append(p.writer)
+                kept = rating >= MIN_CONCEPT and bool(response.strip())
+                add(p.concept, instruction, response, rating, kept,
+                    (instruction, response) in trained_on, p.writer)  # fmt: skip
+            for instruction, response in extra:
+                add(p.concept, instruction, response, math.nan, False, True, WRITER_EXAMPLES)
         return table
 
 
-def _topped_up(pairs: TrainingPairs) -> tuple[TrainingPairs, bool]:
-    if pairs.n_kept >= MIN_PAIRS:
-        return pairs, False
-    kept = set(pairs.pairs)
-    rest = sorted(
-        (w for w in pairs.written if (w[0], w[1]) not in kept and w[1].strip()),
-        key=lambda w: -w[2],
+def topped_up(
+    pairs: TrainingPairs, examples: Sequence[str], min_pairs: int
+) -> tuple[TrainingPairs, tuple[tuple[str, str], ...]]:
+    """``pairs`` with, where fewer than ``min_pairs`` were kept, pairs made from the concept's
+    own positive example texts (the labelled data DiffMean and supervised selection learn
+    from) answering the training instructions whose written response was not kept, in order;
+    and those added pairs. A small LM under a prompting prompt rarely writes the concept into
+    its answer, and a method trained on a handful of pairs is no baseline."""
+    missing = min_pairs - pairs.n_kept
+    if missing <= 0 or not examples:
+        return pairs, ()
+    kept = {i for i, _r in pairs.pairs}
+    free = [i for i, _r, _x in pairs.written if i not in kept]
+    extra = tuple(
+        (instruction, examples[k % len(examples)]) for k, instruction in enumerate(free[:missing])
     )
-    extra = tuple((i, r) for i, r, _ in rest[: MIN_PAIRS - pairs.n_kept])
-    return replace(pairs, pairs=pairs.pairs + extra), True
+    return replace(pairs, pairs=pairs.pairs + extra), extra
 
 
 def _adapter_key(lm: LoadedLM, config: TrainedConfig, concept: str, pairs: TrainingPairs) -> str:
@@ -104,10 +124,14 @@ def train_for_targets(
     config: SteerConfig,
     pool: list[Instruction],
     steering_prompts: dict[str, str],
+    examples: dict[str, Sequence[str]] | None = None,
 ) -> TrainedSetup:
     """For every target (its instruction split already set) and each method of
-    ``config.trained``: training pairs on instructions outside its split, an adapter trained
-    on them (``target.adapters[method]``). Returns the pairs and the metrics to log."""
+    ``config.trained``: training pairs on instructions outside its split (written ones kept
+    by the judge, topped up to ``trained_min_pairs`` from the concept's ``examples``), an
+    adapter trained on them (``target.adapters[method]``). Returns the pairs and the metrics
+    to log."""
+    examples = examples or {}
     started = time.perf_counter()
     instruction_lists = [
         training_instructions(
@@ -141,15 +165,15 @@ def train_for_targets(
         batch_size=config.batch_size,
     )
     setup = TrainedSetup([])
-    topped = 0
-    for pairs in written:
-        pairs, was_topped = _topped_up(pairs)
-        topped += was_topped
+    for target, pairs in zip(targets, written, strict=True):
+        pairs, extra = topped_up(pairs, examples.get(target.concept, ()), config.trained_min_pairs)
         setup.pairs.append(pairs)
+        setup.from_examples.append(extra)
     metrics = setup.metrics
     metrics["trained_pairs_written"] = float(sum(p.n_written for p in written))
     metrics["trained_pairs_kept"] = float(sum(p.n_kept for p in written))
-    metrics["trained_pairs_topped_up"] = float(topped)
+    metrics["trained_pairs_from_examples"] = float(sum(map(len, setup.from_examples)))
+    metrics["trained_concepts_topped_up"] = float(sum(bool(e) for e in setup.from_examples))
     metrics["trained_data_seconds"] = time.perf_counter() - started
     for method in config.trained:
         method_config = trained_config(config, method)

@@ -36,6 +36,7 @@ def _config(concepts: str) -> SteerConfig:
         supervised_min_support=3,
         trained=("lora", "loreft"),
         trained_pairs=4,
+        trained_min_pairs=3,
         trained_epochs=1,
         trained_response_tokens=8,
     )
@@ -119,15 +120,22 @@ def test_comparison_on_tiny_model(
         trained_on = {p["instruction"] for p in pairs if p["concept"] == concept}
         evaluated = {g["instruction"] for g in generations if g["concept"] == concept}
         assert trained_on and not trained_on & evaluated
-    assert metrics["trained_pairs_written"] == len(pairs) == 2 * config.trained_pairs
-    assert metrics["trained_pairs_kept"] == sum(p["kept"] for p in pairs)
-    # Kept pairs are trained on; a concept with fewer than 4 kept is topped up (counted).
-    assert all(p["trained_on"] for p in pairs if p["kept"])
-    for concept in {c["concept"] for c in CONCEPTS}:
-        assert sum(p["trained_on"] for p in pairs if p["concept"] == concept) >= 4
-    assert metrics["trained_pairs_topped_up"] == sum(
-        sum(p["kept"] for p in pairs if p["concept"] == c["concept"]) < 4 for c in CONCEPTS
-    )
+    written = [p for p in pairs if p["writer"] != "concept examples"]
+    from_examples = [p for p in pairs if p["writer"] == "concept examples"]
+    assert metrics["trained_pairs_written"] == len(written) == 2 * config.trained_pairs
+    assert metrics["trained_pairs_kept"] == sum(p["kept"] for p in written)
+    # Kept pairs are trained on; a concept with fewer than 3 kept is topped up to 3 with its own
+    # positive example texts, answering instructions whose written response was not kept.
+    assert all(p["trained_on"] == p["kept"] for p in written)
+    assert metrics["trained_pairs_from_examples"] == len(from_examples)
+    positives = {c["concept"]: set(c["positives"]) for c in CONCEPTS}
+    for concept in positives:
+        mine = [p for p in pairs if p["concept"] == concept and p["trained_on"]]
+        assert len(mine) >= 3
+        extra = [p for p in from_examples if p["concept"] == concept]
+        assert all(p["response"] in positives[concept] for p in extra)
+        kept = {p["instruction"] for p in written if p["concept"] == concept and p["kept"]}
+        assert not kept & {p["instruction"] for p in extra}
     for method in ("lora", "loreft"):
         assert metrics[f"{method}_parameters"] > 0 and metrics[f"{method}_train_tokens"] > 0
         # Paired differences from LoRA and from the unsteered model, for every method.
