@@ -91,6 +91,16 @@ def parse_list(text: str, cast: Callable[[str], Any], name: str, kind: str) -> t
     return tuple(values)
 
 
+def parse_optional_list(
+    text: str, cast: Callable[[str], Any], name: str, kind: str, off: str = "none"
+) -> tuple[Any, ...]:
+    """:func:`parse_list`, or ``()`` where ``text`` is empty or ``off`` (``none``, ``auto``):
+    an option whose values may be left out."""
+    if text.strip().lower() in ("", off):
+        return ()
+    return parse_list(text, cast, name, f"{kind} (or {off})")
+
+
 def parse_prefixed_options(extra: list[str], prefix: str = "judge") -> dict[str, str]:
     """``--<prefix>.<option> VALUE`` / ``--<prefix>.<option>=VALUE`` pairs left over by argparse
     (``-P judge.model=NAME`` through ``mlflow run``).

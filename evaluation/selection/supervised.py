@@ -90,6 +90,14 @@ def _counts(pos: list[Tensor], neg: list[Tensor], F: int) -> tuple[Tensor, Tenso
     return tp_F, fp_F, sum(len(f) for f in pos), sum(len(f) for f in neg)
 
 
+def _check_text_counts(n_positive: int, n_negative: int) -> None:
+    if n_positive < 2 or n_negative < 2:
+        raise ValueError(
+            f"supervised selection needs >= 2 positive and >= 2 negative texts, got "
+            f"{n_positive} and {n_negative}"
+        )
+
+
 @torch.no_grad()
 def supervised_scores(
     sae: SparseAutoencoder,
@@ -108,11 +116,8 @@ def supervised_scores(
 ) -> SupervisedResult:
     """Calibrated F1 of every latent against one concept's token labels (see module doc)."""
     check_sae_fits(sae, lm, layer)
-    if len(positives) < 2 or len(negatives) < 2:
-        raise ValueError(
-            f"supervised selection needs >= 2 positive and >= 2 negative texts, got "
-            f"{len(positives)} and {len(negatives)}"
-        )
+    # Before the LM pass: score_firing checks the same, after it.
+    _check_text_counts(len(positives), len(negatives))
     if min_output_score is not None and output_score_F is None:
         raise ValueError("min_output_score needs the output scores (output_score_F)")
     return score_firing(
@@ -143,11 +148,7 @@ def score_firing(
     """Calibrated F1 of every latent from its firing ([T, F] bool per text) on a concept's
     positive and negative texts; with ``tune_pi0``, π0 is the grid value whose top latent on
     the even-indexed texts scores best (plain F1) on the odd-indexed ones, a held-out split."""
-    if len(pos) < 2 or len(neg) < 2:
-        raise ValueError(
-            f"supervised selection needs >= 2 positive and >= 2 negative texts, got "
-            f"{len(pos)} and {len(neg)}"
-        )
+    _check_text_counts(len(pos), len(neg))
     F = d_sae
     tp_F, fp_F, n_pos, n_neg = _counts(pos, neg, F)
     keep_F = tp_F >= min_support

@@ -124,13 +124,7 @@ class SteerConfig:
                     f"supervised_k has K={k!r}; each K (latents steered together per concept) "
                     "must be an integer >= 1"
                 )
-        if len(set(self.supervised_k)) != len(self.supervised_k):
-            raise ValueError(f"supervised_k {self.supervised_k} repeats a value")
-        if self.supervised_k and self.mode != "concept":
-            raise ValueError(
-                f"supervised_k={self.supervised_k} needs mode=concept (labelled concepts); "
-                f"mode is {self.mode!r}"
-            )
+        self._check_concept_methods("supervised_k", self.supervised_k)
         self._check_trained()
         if not isinstance(self.random_floor, bool):
             raise ValueError(f"random_floor={self.random_floor!r} must be true or false")
@@ -155,6 +149,15 @@ class SteerConfig:
                 "{instruction}"
             )
 
+    def _check_concept_methods(self, name: str, values: tuple[object, ...]) -> None:
+        """Options that add methods of concept mode: no value twice, and concept mode."""
+        if len(set(values)) != len(values):
+            raise ValueError(f"{name} {values} repeats a value")
+        if values and self.mode != "concept":
+            raise ValueError(
+                f"{name}={values} needs mode=concept (labelled concepts); mode is {self.mode!r}"
+            )
+
     def _check_trained(self) -> None:
         from evaluation.steering.trained.config import METHODS as TRAINED_METHODS
 
@@ -163,13 +166,7 @@ class SteerConfig:
                 raise ValueError(
                     f"unknown trained method {method!r}; valid: {', '.join(TRAINED_METHODS)}"
                 )
-        if len(set(self.trained)) != len(self.trained):
-            raise ValueError(f"trained {self.trained} repeats a method")
-        if self.trained and self.mode != "concept":
-            raise ValueError(
-                f"trained={self.trained} needs mode=concept (labelled concepts); mode is "
-                f"{self.mode!r}"
-            )
+        self._check_concept_methods("trained", self.trained)
         check_int("trained_pairs", self.trained_pairs, 2)
         check_int("trained_min_pairs", self.trained_min_pairs, 0)
         if self.trained_min_pairs > self.trained_pairs:

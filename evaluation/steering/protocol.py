@@ -271,6 +271,17 @@ def concept_targets(
 # generations
 
 
+def prompting_prompt(
+    concept: str, instruction: str, steering_prompts: dict[str, str], template: str
+) -> str:
+    """The prompting reference's prompt: the judge's LLM's written prompt for ``concept`` in
+    AxBench's frame ``{prompt}\n\nQuestion: {instruction}``, else saeflow's ``template``."""
+    written = steering_prompts.get(concept)
+    if written:
+        return f"{written}\n\nQuestion: {instruction}"
+    return template.format(concept=concept, instruction=instruction)
+
+
 def build_rows(
     targets: list[Target],
     config: SteerConfig,
@@ -292,13 +303,8 @@ def build_rows(
             for instruction in instructions:
                 rows.append(Row(UNSTEERED, t_index, instruction, split_name, 0.0, instruction.text))
                 if mode == "concept":
-                    written = steering_prompts.get(target.concept)
-                    prompt = (
-                        f"{written}\n\nQuestion: {instruction.text}"
-                        if written
-                        else config.prompt_template.format(
-                            concept=target.concept, instruction=instruction.text
-                        )
+                    prompt = prompting_prompt(
+                        target.concept, instruction.text, steering_prompts, config.prompt_template
                     )
                     rows.append(Row(PROMPT, t_index, instruction, split_name, 0.0, prompt))
                 for method in (*methods, *(config.trained if mode == "concept" else ())):
@@ -320,10 +326,10 @@ def _vector(row: Row, target: Target, sae_rows: dict[int, Tensor], scale: float)
         return None
     if row.method == SAE:
         return row.factor * target.max_activation * sae_rows[target.latent]
-    if row.method.startswith(SUPERVISED_PREFIX):
+    chosen = _supervised_choice(target, row.method)
+    if chosen is not None:
         # K latents at once: the sum of each one's α·m_i·v_i.
-        chosen = target.supervised[int(row.method.removeprefix(SUPERVISED_PREFIX))].latents
-        return row.factor * sum(target.latent_scales[i] * sae_rows[i] for i in chosen)
+        return row.factor * sum(target.latent_scales[i] * sae_rows[i] for i in chosen.latents)
     direction = target.diffmean_D if row.method == DIFFMEAN else target.random_D
     assert direction is not None
     if row.method == RANDOM and target.random_scale is not None:
@@ -643,13 +649,19 @@ def summarize(
     return SteeringResult(metrics, tables)
 
 
+def _supervised_choice(target: Target, method: str) -> ConceptLatents | None:
+    """The select-and-label latents a ``sae_sup_k<K>`` method steers; None for other methods."""
+    if not method.startswith(SUPERVISED_PREFIX):
+        return None
+    return target.supervised[int(method.removeprefix(SUPERVISED_PREFIX))]
+
+
 def _method_latent(target: Target, method: str) -> int:
     """The latent a method steers (a supervised method's best one), -1 for a direction."""
     if method == SAE:
         return target.latent
-    if method.startswith(SUPERVISED_PREFIX):
-        return target.supervised[int(method.removeprefix(SUPERVISED_PREFIX))].latents[0]
-    return -1
+    chosen = _supervised_choice(target, method)
+    return -1 if chosen is None else chosen.latents[0]
 
 
 def supervised_table(targets: list[Target]) -> dict[str, list[Any]]:
@@ -854,7 +866,8 @@ class ProtocolJob:
     sae: SparseAutoencoder
     config: SteerConfig
     reference_scale: float
-    steering_prompts: dict[str, str] = field(default_factory=dict)
+    # Concept -> the judge LLM's steering prompt; None until asked (set-up may ask first).
+    steering_prompts: dict[str, str] | None = None
     rows: list[Row] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     ratings: list[dict[str, float]] = field(default_factory=list)
@@ -927,7 +940,7 @@ def run_protocols(
     rounding of a batch's shape, which on a real LM can flip a sampled token at a near-tie)."""
     for job in jobs:
         config = job.config
-        if config.mode == "concept":
+        if config.mode == "concept" and job.steering_prompts is None:
             job.steering_prompts = judge_steering_prompts(job.targets, judge)
         job.rows = build_rows(job.targets, config, config.mode, job.steering_prompts)
     texts = _generate_jobs(jobs, [job.rows for job in jobs], lm, layer)
@@ -966,7 +979,7 @@ def run_protocols(
                 "judge_seconds": job.seconds["judge"],
                 "floor_seconds": job.seconds["floor"],
                 "reference_scale": job.reference_scale,
-                "judge_written_prompts": float(len(job.steering_prompts)),
+                "judge_written_prompts": float(len(job.steering_prompts or {})),
                 "batched_runs": float(len(jobs)),
             }
         )

@@ -80,7 +80,7 @@ from project.cli import (
     PartialFailureError,
     parse_bool,
     parse_int,
-    parse_list,
+    parse_optional_list,
     parse_prefixed_options,
     run_entry_point,
 )
@@ -293,7 +293,10 @@ def _prepare(
         )
     targets, echo = _split_instructions(targets, pool, judge, config)
     trained = None
+    steering_prompts = None
     if config.trained:
+        # Asked once here: the training pairs and the prompting reference share them.
+        steering_prompts = judge_steering_prompts(targets, judge)
         # After the splits: training instructions must avoid each concept's dev and test ones.
         trained = train_for_targets(
             targets,
@@ -301,11 +304,11 @@ def _prepare(
             judge,
             config,
             pool,
-            judge_steering_prompts(targets, judge),
+            steering_prompts,
             {c.concept: c.positives for c in concepts},
         )
     return _Prepared(
-        ProtocolJob(targets, sae, config, reference_scale),
+        ProtocolJob(targets, sae, config, reference_scale, steering_prompts),
         {"latent_stats_run_id": stats_run, "n_candidates": len(candidates)},
         echo,
         explained,
@@ -830,16 +833,12 @@ def _print_results(results: list[SteerRunResult], config: SteerConfig) -> None:
 
 def parse_supervised_k(text: str) -> tuple[int, ...]:
     """``none`` (or empty) for no supervised method, else comma-separated K's."""
-    if text.strip().lower() in ("", "none"):
-        return ()
-    return parse_list(text, int, "supervised_k", "integer (or none)")
+    return parse_optional_list(text, int, "supervised_k", "integer")
 
 
 def parse_trained(text: str) -> tuple[str, ...]:
     """``none`` (or empty) for no trained method, else comma-separated method names."""
-    if text.strip().lower() in ("", "none"):
-        return ()
-    return parse_list(text, str, "trained", "method name (lora, loreft) or none")
+    return parse_optional_list(text, str, "trained", "method name (lora, loreft)")
 
 
 def main() -> None:
@@ -909,9 +908,9 @@ def main() -> None:
         trained_epochs=args.trained_epochs,
         trained_lr=args.trained_lr,
         trained_response_tokens=args.trained_response_tokens,
-        trained_layers=()
-        if args.trained_layers.strip() in ("", "auto")
-        else parse_list(args.trained_layers, int, "trained_layers", "integer (or auto)"),
+        trained_layers=parse_optional_list(
+            args.trained_layers, int, "trained_layers", "integer", off="auto"
+        ),
     )
     judge_options = parse_prefixed_options(extra)
     tracking_uri = configure_tracking(experiment=DEFAULT_EXPERIMENT)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from evaluation.steering.config import SteerConfig
+from evaluation.steering.protocol import prompting_prompt
 from evaluation.steering.trained.config import TrainedAdapter, TrainedConfig
 from evaluation.steering.trained.pairs import (
     TrainingPairs,
@@ -146,9 +147,7 @@ def train_for_targets(
     ]
     prompt_lists = [
         [
-            f"{steering_prompts[t.concept]}\n\nQuestion: {i.text}"
-            if t.concept in steering_prompts
-            else config.prompt_template.format(concept=t.concept, instruction=i.text)
+            prompting_prompt(t.concept, i.text, steering_prompts, config.prompt_template)
             for i in insts
         ]
         for t, insts in zip(targets, instruction_lists, strict=True)
