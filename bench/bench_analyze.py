@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from analysis.analyze import AnalyzeConfig, analyze
 from analysis.synthetic import SyntheticStudy, write_study
+from bench.figures import Figure, met_target, speedup_from_seconds
 from project.tracking import configure_tracking, init_schema
 
 EXPERIMENT = "synthetic-study"
@@ -41,16 +42,10 @@ def _load() -> str:
     return " ".join(f"{value:.1f}" for value in os.getloadavg())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", default="/tmp/saeflow-bench-analyze.db")
-    parser.add_argument("--repeat", type=int, default=3, help="analyze calls to time (≥ 1)")
-    args = parser.parse_args()
-    if args.repeat < 1:
-        parser.error(f"--repeat must be at least 1, got {args.repeat}")
-    logging.basicConfig(level=logging.WARNING)
-    uri = f"sqlite:///{Path(args.store).resolve()}"
-    fresh = not Path(args.store).exists()
+def open_store(store: str) -> tuple[MlflowClient, int]:
+    """The synthetic study's store at ``store`` (written on first use), and its run count."""
+    uri = f"sqlite:///{Path(store).resolve()}"
+    fresh = not Path(store).exists()
     configure_tracking(uri)
     init_schema(uri)
     client = MlflowClient()
@@ -60,6 +55,45 @@ def main() -> None:
         print(f"wrote {n} runs in {time.perf_counter() - start:.0f} s")
     study = client.get_experiment_by_name(EXPERIMENT)
     n_runs = len(client.search_runs([study.experiment_id], max_results=50_000))
+    return client, n_runs
+
+
+def measure(store: str = "/tmp/saeflow-bench-analyze.db", repeat: int = 2) -> list[Figure]:
+    """The fastest of ``repeat`` analyze calls over the synthetic store, against issue 19's
+    10-second budget (its reference: there is no other implementation to time)."""
+    _client, n_runs = open_store(store)
+    seconds = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        analyze(AnalyzeConfig(experiments=EXPERIMENT, selection="dtc"))
+        seconds.append(time.perf_counter() - started)
+    best = min(seconds)
+    ratio = speedup_from_seconds(best, TARGET_SECONDS)
+    return [
+        Figure(
+            section="analyze",
+            what=f"analyze over {n_runs:,} runs (τ_b, Ψ, report, logging)",
+            saeflow=best,
+            reference=TARGET_SECONDS,
+            reference_name="issue 19's budget",
+            unit="s",
+            ratio=ratio,
+            target=1.0,
+            met=met_target(ratio, 1.0),
+            note=f"best of {repeat} calls",
+        )
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", default="/tmp/saeflow-bench-analyze.db")
+    parser.add_argument("--repeat", type=int, default=3, help="analyze calls to time (≥ 1)")
+    args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
+    logging.basicConfig(level=logging.WARNING)
+    _client, n_runs = open_store(args.store)
     print(f"store {args.store}: {n_runs} runs in {EXPERIMENT!r}; {os.cpu_count()} CPUs")
     for call in range(1, args.repeat + 1):
         load_before = _load()

@@ -23,10 +23,12 @@ import argparse
 import json
 import logging
 import time
+from dataclasses import dataclass
 from importlib import resources
 
 import torch
 
+from bench.figures import Figure, met_target
 from project.generation import AddVectors, GenerationConfig, generate_token_ids, prompt_token_ids
 from project.lm import DEFAULT_LM, LoadedLM, load_lm
 
@@ -72,6 +74,124 @@ def ceiling_seconds(lm: LoadedLM, prompts: list[str], new_tokens: int, batch_siz
     return time.perf_counter() - started
 
 
+def instruction_prompts(n: int) -> list[str]:
+    """``n`` of saeflow's instructions, spread over the three genres so that prompt lengths vary
+    as in a steering run."""
+    pool = json.loads(
+        resources.files("project.concepts").joinpath("instructions.json").read_text()
+    )["instructions"]
+    return [item["instruction"] for item in pool[:: max(1, len(pool) // n)]][:n]
+
+
+@dataclass
+class GenerationTimes:
+    """One run of the three sides on the same prompts (seconds) and the generated tokens."""
+
+    n_prompts: int
+    new_tokens: int
+    batch_size: int
+    layer: int
+    ceiling_s: float
+    greedy_s: float
+    sampled_s: float
+    single_s: float
+    greedy_tokens: int
+    sampled_tokens: int
+    single_tokens: int
+    identical: int
+
+    @property
+    def ceiling_rate(self) -> float:
+        return self.n_prompts * self.new_tokens / self.ceiling_s
+
+    def rate(self, side: str) -> float:
+        return getattr(self, f"{side}_tokens") / getattr(self, f"{side}_s")
+
+
+def time_generation(
+    lm: LoadedLM, n_prompts: int, new_tokens: int, batch_size: int, layer: int
+) -> GenerationTimes:
+    """The ceiling, steered greedy, steered sampled and one-at-a-time sides (module docstring)."""
+    prompts = instruction_prompts(n_prompts)
+    torch.manual_seed(0)
+    direction_D = torch.nn.functional.normalize(torch.randn(lm.d_model), dim=0)
+    # Different strengths per prompt: the batched side must route each row its own vector.
+    vectors_ND = direction_D * torch.linspace(0.0, 8.0, len(prompts))[:, None]
+    intervention = AddVectors(vectors_ND)
+
+    def run(batch: int, temperature: float = 0.0) -> tuple[list[list[int]], float]:
+        config = GenerationConfig(
+            max_new_tokens=new_tokens, temperature=temperature, batch_size=batch
+        )
+        started = time.perf_counter()
+        out = generate_token_ids(lm, prompts, config, layer=layer, intervention=intervention)
+        return out, time.perf_counter() - started
+
+    run(batch_size)  # warm-up (allocator, first-call overheads)
+    t_ceiling = ceiling_seconds(lm, prompts, new_tokens, batch_size)
+    batched, t_batched = run(batch_size)
+    sampled, t_sampled = run(batch_size, temperature=1.0)
+    single, t_single = run(1)
+    return GenerationTimes(
+        n_prompts=len(prompts),
+        new_tokens=new_tokens,
+        batch_size=batch_size,
+        layer=layer,
+        ceiling_s=t_ceiling,
+        greedy_s=t_batched,
+        sampled_s=t_sampled,
+        single_s=t_single,
+        greedy_tokens=sum(map(len, batched)),
+        sampled_tokens=sum(map(len, sampled)),
+        single_tokens=sum(map(len, single)),
+        identical=sum(a == b for a, b in zip(batched, single, strict=True)),
+    )
+
+
+def figures(t: GenerationTimes) -> list[Figure]:
+    """The benchmark table's rows: sampled steered generation (the protocol's setting) as a
+    share of the LM's plain batched decode (issue 19: ≥ 0.60), and batched over one prompt at a
+    time."""
+    shapes = f"{t.n_prompts} prompts × {t.new_tokens} tokens, batch {t.batch_size}"
+    ratio = t.rate("sampled") / t.ceiling_rate
+    return [
+        Figure(
+            section="generation",
+            what=f"steered generation, sampled T=1, per-row vectors ({shapes})",
+            saeflow=t.rate("sampled"),
+            reference=t.ceiling_rate,
+            reference_name="the LM's plain batched decode",
+            unit="tok/s",
+            ratio=ratio,
+            target=0.6,
+            met=met_target(ratio, 0.6),
+            note=f"greedy {t.rate('greedy') / t.ceiling_rate:.2f} of it",
+        ),
+        Figure(
+            section="generation",
+            what=f"steered generation batched vs one prompt at a time ({shapes})",
+            saeflow=t.rate("greedy"),
+            reference=t.rate("single"),
+            reference_name="one prompt at a time",
+            unit="tok/s",
+            ratio=t.rate("greedy") / t.rate("single"),
+            note=f"{t.identical}/{t.n_prompts} greedy continuations identical",
+        ),
+    ]
+
+
+def measure(
+    n_prompts: int = 48,
+    new_tokens: int = 24,
+    batch_size: int = 48,
+    layer: int = 10,
+    model: str = DEFAULT_LM,
+) -> list[Figure]:
+    """:func:`figures` of one :func:`time_generation` run (defaults: the study's steering
+    shapes)."""
+    return figures(time_generation(load_lm(model), n_prompts, new_tokens, batch_size, layer))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=32)
@@ -81,54 +201,28 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_LM)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-
-    pool = json.loads(
-        resources.files("project.concepts").joinpath("instructions.json").read_text()
-    )["instructions"]
-    # Spread over the three genres so prompt lengths vary as in a steering run.
-    prompts = [item["instruction"] for item in pool[:: max(1, len(pool) // args.prompts)]][
-        : args.prompts
-    ]
-    lm = load_lm(args.model)
-    torch.manual_seed(0)
-    direction_D = torch.nn.functional.normalize(torch.randn(lm.d_model), dim=0)
-    # Different strengths per prompt: the batched side must route each row its own vector.
-    vectors_ND = direction_D * torch.linspace(0.0, 8.0, len(prompts))[:, None]
-    intervention = AddVectors(vectors_ND)
-
-    def run(batch_size: int, temperature: float = 0.0) -> tuple[list[list[int]], float]:
-        config = GenerationConfig(
-            max_new_tokens=args.new_tokens, temperature=temperature, batch_size=batch_size
-        )
-        started = time.perf_counter()
-        out = generate_token_ids(lm, prompts, config, layer=args.layer, intervention=intervention)
-        return out, time.perf_counter() - started
-
-    run(args.batch_size)  # warm-up (allocator, first-call overheads)
-    t_ceiling = ceiling_seconds(lm, prompts, args.new_tokens, args.batch_size)
-    ceiling_rate = len(prompts) * args.new_tokens / t_ceiling
-    batched, t_batched = run(args.batch_size)
-    sampled, t_sampled = run(args.batch_size, temperature=1.0)
-    single, t_single = run(1)
-    identical = sum(a == b for a, b in zip(batched, single, strict=True))
+    t = time_generation(
+        load_lm(args.model), args.prompts, args.new_tokens, args.batch_size, args.layer
+    )
     print(
-        f"{len(prompts)} prompts x {args.new_tokens} new tokens, batch {args.batch_size}, "
-        f"steering at block {args.layer}, torch {torch.__version__}, "
+        f"{t.n_prompts} prompts x {t.new_tokens} new tokens, batch {t.batch_size}, "
+        f"steering at block {t.layer}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
-    print(f"LM ceiling (plain batched decode): {t_ceiling:.1f}s, {ceiling_rate:.0f} tok/s")
-    for name, out, seconds in (
-        ("steered, greedy", batched, t_batched),
-        ("steered, sampled (T=1)", sampled, t_sampled),
-        ("steered, one at a time", single, t_single),
+    print(f"LM ceiling (plain batched decode): {t.ceiling_s:.1f}s, {t.ceiling_rate:.0f} tok/s")
+    for name, side in (
+        ("steered, greedy", "greedy"),
+        ("steered, sampled (T=1)", "sampled"),
+        ("steered, one at a time", "single"),
     ):
-        rate = sum(map(len, out)) / seconds
+        seconds, rate = getattr(t, f"{side}_s"), t.rate(side)
         print(
-            f"{name:24s} {seconds:.1f}s, {rate:.0f} tok/s = {rate / ceiling_rate:.2f} of the ceiling"
+            f"{name:24s} {seconds:.1f}s, {rate:.0f} tok/s = {rate / t.ceiling_rate:.2f} of the "
+            "ceiling"
         )
     print(
-        f"batched speed-up {t_single / t_batched:.1f}x; identical greedy continuations "
-        f"batched and alone {identical}/{len(prompts)}"
+        f"batched speed-up {t.single_s / t.greedy_s:.1f}x; identical greedy continuations "
+        f"batched and alone {t.identical}/{t.n_prompts}"
     )
 
 

@@ -18,29 +18,36 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
+from bench.figures import Figure, met_target, speedup_from_seconds
 from project.concepts import load_instructions
 from project.generation import AddVectors, GenerationConfig, generate
 from project.judges import OfflineJudge, build_judge
-from project.lm import DEFAULT_LM, load_lm
+from project.lm import DEFAULT_LM, LoadedLM, load_lm
 
 _CONCEPTS = ('" ocean", " Python" (context: sea, code)', "cooking and recipes")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=48)
-    parser.add_argument("--new-tokens", type=int, default=24)
-    parser.add_argument("--layer", type=int, default=10)
-    parser.add_argument("--model", default=DEFAULT_LM)
-    parser.add_argument("--no-lm", action="store_true")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    lm = load_lm(args.model)
-    instructions = [i.text for i in load_instructions("builtin")][: args.rows]
-    instructions = (instructions * (args.rows // max(len(instructions), 1) + 1))[: args.rows]
+@dataclass
+class RatingTimes:
+    """Both sides' wall times over the same questions, and generating the completions."""
+
+    n_completions: int
+    n_questions: int
+    one_s: float
+    batched_s: float
+    generation_s: float
+    identical: float
+    with_lm: bool
+
+
+def time_rating(lm: LoadedLM, rows: int, new_tokens: int, layer: int, with_lm: bool) -> RatingTimes:
+    """Generate ``rows`` completions, then rate them one question at a time and batched."""
+    instructions = [i.text for i in load_instructions("builtin")][:rows]
+    instructions = (instructions * (rows // max(len(instructions), 1) + 1))[:rows]
     vectors = torch.randn(len(instructions), lm.d_model, generator=torch.Generator().manual_seed(0))
     vectors[::2] = 0  # half unsteered
     vectors *= 40.0 / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-9)
@@ -48,8 +55,8 @@ def main() -> None:
     texts = generate(
         lm,
         instructions,
-        GenerationConfig(max_new_tokens=args.new_tokens, temperature=0, batch_size=48),
-        layer=args.layer,
+        GenerationConfig(max_new_tokens=new_tokens, temperature=0, batch_size=48),
+        layer=layer,
         intervention=AddVectors(vectors),
     )
     generation_seconds = time.perf_counter() - started
@@ -57,7 +64,7 @@ def main() -> None:
     for text, instruction in zip(texts, instructions, strict=True):
         questions += [("concept", text, c) for c in _CONCEPTS]
         questions += [("instruct", text, instruction), ("fluency", text, "")]
-    fluency_lm = None if args.no_lm else lm
+    fluency_lm = lm if with_lm else None
 
     def fresh_judge() -> OfflineJudge:  # cuts from the cache; nothing of these texts yet
         judge = build_judge("offline", lm=fluency_lm)
@@ -76,18 +83,61 @@ def main() -> None:
     batched = many_judge.rate_many(questions)
     many_seconds = time.perf_counter() - started
     same = sum(a == b for a, b in zip(alone, batched, strict=True)) / len(questions)
-    n = len(texts)
+    return RatingTimes(
+        len(texts), len(questions), one_seconds, many_seconds, generation_seconds, same, with_lm
+    )
+
+
+def figures(t: RatingTimes) -> list[Figure]:
+    """Batched rating against one question at a time (issue 19: ≥ 10×, identical ratings)."""
+    ratio = speedup_from_seconds(t.batched_s / t.n_completions, t.one_s / t.n_completions)
+    return [
+        Figure(
+            section="rating",
+            what=f"offline rating, {t.n_completions} completions × 3 scales, batched"
+            + ("" if t.with_lm else " (no fluency LM)"),
+            saeflow=t.batched_s / t.n_completions,
+            reference=t.one_s / t.n_completions,
+            reference_name="one question at a time",
+            unit="s a completion",
+            ratio=ratio,
+            target=10.0,
+            met=met_target(ratio, 10.0, t.identical == 1.0),
+            note=f"identical ratings {t.identical:.3f}; rating / generating "
+            f"{t.batched_s / t.generation_s:.2f}",
+        )
+    ]
+
+
+def measure(
+    rows: int = 48, new_tokens: int = 24, layer: int = 10, model: str = DEFAULT_LM
+) -> list[Figure]:
+    """:func:`figures` of one :func:`time_rating` run with the fluency LM (the steer default)."""
+    return figures(time_rating(load_lm(model), rows, new_tokens, layer, with_lm=True))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=48)
+    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--layer", type=int, default=10)
+    parser.add_argument("--model", default=DEFAULT_LM)
+    parser.add_argument("--no-lm", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    t = time_rating(load_lm(args.model), args.rows, args.new_tokens, args.layer, not args.no_lm)
+    n = t.n_completions
     print(
-        f"{n} completions ({args.new_tokens} new tokens), {len(questions)} ratings, "
-        f"judge {'without' if args.no_lm else 'with'} the fluency LM, {torch.get_num_threads()} "
+        f"{n} completions ({args.new_tokens} new tokens), {t.n_questions} ratings, "
+        f"judge {'with' if t.with_lm else 'without'} the fluency LM, {torch.get_num_threads()} "
         "threads"
     )
-    print(f"  one at a time: {one_seconds:6.2f} s ({one_seconds / n:.3f} s a completion)")
-    print(f"  batched:       {many_seconds:6.2f} s ({many_seconds / n:.3f} s a completion)")
-    print(f"  ratio {one_seconds / many_seconds:.1f}x; identical ratings {same:.3f}")
+    print(f"  one at a time: {t.one_s:6.2f} s ({t.one_s / n:.3f} s a completion)")
+    print(f"  batched:       {t.batched_s:6.2f} s ({t.batched_s / n:.3f} s a completion)")
+    print(f"  ratio {t.one_s / t.batched_s:.1f}x; identical ratings {t.identical:.3f}")
     print(
-        f"  generating them: {generation_seconds:.2f} s; rating / generating = "
-        f"{many_seconds / generation_seconds:.2f}"
+        f"  generating them: {t.generation_s:.2f} s; rating / generating = "
+        f"{t.batched_s / t.generation_s:.2f}"
     )
 
 

@@ -20,11 +20,13 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 from torch import Tensor
 
+from bench.figures import Figure, speedup_from_seconds
 from evaluation.selection.config import SelectionConfig
 from evaluation.selection.scores import (
     direct_scores,
@@ -38,6 +40,14 @@ from project.logit_lens import decoder_lens_tokens
 from project.saes import SAEConfig, SparseAutoencoder, build_sae
 
 T = TypeVar("T")
+
+
+def default_sae(lm: LoadedLM) -> SparseAutoencoder:
+    """A seeded random TopK SAE of d_sae 4 × d_model (k 32) on ``lm``."""
+    torch.manual_seed(0)
+    return build_sae(
+        SAEConfig(architecture="topk", d_in=lm.d_model, d_sae=4 * lm.d_model, k=32)
+    ).eval()
 
 
 def main() -> None:
@@ -56,10 +66,7 @@ def main() -> None:
 
         sae = load_sae(args.model_uri)
     else:
-        torch.manual_seed(0)
-        sae = build_sae(
-            SAEConfig(architecture="topk", d_in=lm.d_model, d_sae=4 * lm.d_model, k=32)
-        ).eval()
+        sae = default_sae(lm)
     config = SelectionConfig(batch_latents=args.batch_latents)
     gen = torch.Generator().manual_seed(0)
     # A stand-in for the held-out max activations: only the scale of the DTC code matters here.
@@ -69,9 +76,25 @@ def main() -> None:
     load = os.getloadavg()[0]
 
     if args.latents > 0:
-        compare(sae, lm, args.layer, config, latents, max_F, lens_FL, load)
+        t = compare(sae, lm, args.layer, config, latents, max_F, lens_FL)
+        print(
+            f"{t.n_latents} latents x 3 scores: direct {t.direct_s:.1f}s, batched "
+            f"{t.batched_s:.1f}s, ratio {t.direct_s / t.batched_s:.1f}x, max |diff| "
+            f"{max(t.diffs.values()):.2e} (load average {load:.1f}, "
+            f"{torch.get_num_threads()} threads)"
+        )
+        for name, diff in t.diffs.items():
+            print(f"  {name}: max |diff| {diff:.2e}")
     if args.all:
         time_all_latents(sae, lm, args.layer, config, max_F)
+
+
+@dataclass
+class SelectionTimes:
+    n_latents: int
+    direct_s: float
+    batched_s: float
+    diffs: dict[str, float]
 
 
 def compare(
@@ -82,9 +105,9 @@ def compare(
     latents: Tensor,
     max_F: Tensor,
     lens_FL: Tensor,
-    load: float,
-) -> None:
-    """Batched against direct on ``latents``: times, ratio and the largest difference."""
+) -> SelectionTimes:
+    """Batched against direct on ``latents``: both wall times and each score's largest
+    difference."""
     cache = HookCache()
     started = time.perf_counter()
     batched = intervened_scores(
@@ -102,14 +125,33 @@ def compare(
     started = time.perf_counter()
     direct = direct_scores(sae, lm, layer, config, latents, max_activation_F=max_F, lens_FL=lens_FL)
     t_direct = time.perf_counter() - started
-    diff = max(float((batched[k] - direct[k]).abs().max()) for k in batched)
-    print(
-        f"{len(latents)} latents x 3 scores: direct {t_direct:.1f}s, batched {t_batched:.1f}s, "
-        f"ratio {t_direct / t_batched:.1f}x, max |diff| {diff:.2e} (load average {load:.1f}, "
-        f"{torch.get_num_threads()} threads)"
-    )
-    for name in batched:
-        print(f"  {name}: max |diff| {float((batched[name] - direct[name]).abs().max()):.2e}")
+    diffs = {k: float((batched[k] - direct[k]).abs().max()) for k in batched}
+    return SelectionTimes(len(latents), t_direct, t_batched, diffs)
+
+
+def measure(n_latents: int = 16, layer: int = 10, batch_latents: int = 64) -> list[Figure]:
+    """Batched selection scores against the direct computation on a seeded random TopK SAE
+    (d_sae 2304) of the embedded SmolLM2: one table row (no stated target)."""
+    lm = load_lm(DEFAULT_LM)
+    sae = default_sae(lm)
+    config = SelectionConfig(batch_latents=batch_latents)
+    gen = torch.Generator().manual_seed(0)
+    max_F = torch.rand(sae.cfg.d_sae, generator=gen) * 5 + 1
+    lens_FL = decoder_lens_tokens(lm, sae.W_dec, config.lens_tokens)
+    latents = torch.randperm(sae.cfg.d_sae, generator=gen)[:n_latents]
+    t = compare(sae, lm, layer, config, latents, max_F, lens_FL)
+    return [
+        Figure(
+            section="selection",
+            what=f"output score + DTC (both interventions), {t.n_latents} latents, batched",
+            saeflow=t.batched_s,
+            reference=t.direct_s,
+            reference_name="per latent, one full forward each",
+            unit="s",
+            ratio=speedup_from_seconds(t.batched_s, t.direct_s),
+            note=f"max |diff| {max(t.diffs.values()):.1e}",
+        )
+    ]
 
 
 def _timed(phases: dict[str, tuple[float, float]], name: str, fn: Callable[[], T]) -> T:

@@ -105,6 +105,7 @@ from sae_lens.saes.sae import TrainStepOutput
 from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
 
+from bench.figures import Figure
 from project.corpus import DEFAULT_CORPUS
 from project.lm import DEFAULT_LM, hook_name
 from project.saes import BatchTopKSAE, SAEConfig, TrainStep, build_sae
@@ -534,6 +535,37 @@ def format_row(row: dict[str, Any]) -> str:
 def write_json(path: Path, rows: list[dict[str, Any]], s: Settings) -> None:
     payload = {"bench": "bench_training", "settings": asdict(s), "rows": rows}
     path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def figures(rows: list[dict[str, Any]]) -> list[Figure]:
+    """The benchmark table's rows: per architecture, saeflow's training throughput over SAELens'
+    at the NMSE and L0 each reached (``met`` needs both, see :func:`make_row`)."""
+    out = []
+    for row in rows:
+        label = f"k {row['k']}" if row["k"] is not None else f"L0 {row['target_l0']}"
+        out.append(
+            Figure(
+                section="training",
+                what=f"{row['architecture']} {label} (d_in {row['d_in']}, d_sae {row['d_sae']}, "
+                f"batch {row['batch']}, {row['steps']} steps)",
+                saeflow=row["saeflow_tokens_per_s"],
+                reference=row["saelens_tokens_per_s"],
+                reference_name="SAELens 6",
+                unit="tok/s",
+                ratio=row["ratio"],
+                target=row["target_ratio"],
+                met=row["met"],
+                note=f"NMSE {row['saeflow_nmse']:.4f} vs {row['saelens_nmse']:.4f}; "
+                f"L0 {row['saeflow_l0']:.1f} vs {row['saelens_l0']:.1f}",
+            )
+        )
+    return out
+
+
+def measure(steps: int = 60, warmup: int = 5, ks: str = "32,64,128") -> list[Figure]:
+    """:func:`figures` of one run of :func:`main` at the issue's sizes (d_in 576, d_sae 4608,
+    batch 4096) on SmolLM2 layer-10 activations, ``steps`` steps per SAE and side."""
+    return figures(main(["--steps", str(steps), "--warmup", str(warmup), "--ks", ks]))
 
 
 # ------------------------------------------------------------------------------------ main

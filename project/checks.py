@@ -30,3 +30,29 @@ def check_in_range(config: Any, names: tuple[str, ...], low: float, high: float)
             or not low <= value <= high
         ):
             raise ValueError(f"{name}={value!r} must lie in [{low:g}, {high:g}]")
+
+
+# Where a job runs (issue 19's GPU path): a device string, or auto for a GPU when torch sees one.
+DEVICE_CHOICES = ("cpu", "cuda", "auto")
+
+
+def check_device(device: str) -> None:
+    """``device`` must be one of :data:`DEVICE_CHOICES`, and ``cuda`` needs a GPU torch sees."""
+    import torch
+
+    if device not in DEVICE_CHOICES:
+        raise ValueError(f"device={device!r} is not supported; valid: {list(DEVICE_CHOICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "device='cuda' but torch sees no CUDA GPU (torch.cuda.is_available() is False); "
+            "use device=cpu or device=auto"
+        )
+
+
+def resolved_device(device: str) -> str:
+    """``cpu`` or ``cuda``: what ``auto`` means on this machine."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

@@ -267,6 +267,18 @@ def _hub_local_files_only(name: str) -> bool:
     return False
 
 
+# The parameter dtypes a job may load its LM in, by name (issue 19's GPU path: bfloat16 halves
+# the weights' memory traffic on a GPU; on this CPU it is slower than float32).
+LM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def lm_dtype(name: str) -> torch.dtype:
+    """The torch dtype :data:`LM_DTYPES` names ``name``; ValueError naming the valid ones."""
+    if name not in LM_DTYPES:
+        raise ValueError(f"lm_dtype={name!r} is not supported; valid: {list(LM_DTYPES)}")
+    return LM_DTYPES[name]
+
+
 def load_lm(
     name: str = DEFAULT_LM, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> LoadedLM:

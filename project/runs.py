@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
@@ -141,17 +142,21 @@ def judge_identity(judge: Any) -> dict[str, str] | str | None:
 
 
 def load_sites(
-    versions: list[ModelVersion], lms: dict[str, LoadedLM] | None = None
+    versions: list[ModelVersion],
+    lms: dict[str, LoadedLM] | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
 ) -> tuple[dict[str, tuple[str, int]], dict[str, LoadedLM]]:
     """(version URI → (LM name, layer), LM name → loaded LM) for ``versions``: each LM loaded
-    once (``lms`` may hold some already), its layer checked, and each version's d_in checked
-    against the LM's width; ValueError before any work otherwise. Keyed by URI: version numbers
-    repeat across registered models."""
+    once (``lms`` may hold some already; the others are loaded in ``dtype`` on ``device``), its
+    layer checked, and each version's d_in checked against the LM's width; ValueError before
+    any work otherwise. Keyed by URI: version numbers repeat across registered models."""
     sites = {version_uri(mv): version_site(mv) for mv in versions}
     lms = dict(lms or {})
     for lm_name, layer in sites.values():
         if lm_name not in lms:
-            lms[lm_name] = load_lm(lm_name)
+            lms[lm_name] = load_lm(lm_name, dtype=dtype, device=device)
         check_layer(lms[lm_name], layer)
     for mv in versions:
         d_in = (mv.tags or {}).get("d_in")

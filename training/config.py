@@ -11,8 +11,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-import torch
-
+from project.checks import check_device, resolved_device
 from project.corpus import DEFAULT_CORPUS
 from project.lm import DEFAULT_LM
 from project.saes import ARCHITECTURES
@@ -28,7 +27,6 @@ THRESHOLD_CHOICES = ("running_mean", "calibrated")
 # Where and how the SAE trains (issue 19's GPU path): Lightning's accelerator and precision.
 # "auto" is CUDA when torch sees a GPU, else the CPU; bf16-mixed autocasts the SAE's matmuls
 # to bfloat16 with fp32 weights and optimiser state (Lightning's "bf16-mixed").
-DEVICE_CHOICES = ("cpu", "cuda", "auto")
 PRECISION_CHOICES = ("32-true", "bf16-mixed")
 # Auto dead-latent window: this fraction of the training tokens, within [2 batches, 10M]. The
 # libraries' windows are 0.2-3% of their typical runs (SAELens 1000 steps, dictionary_learning
@@ -109,15 +107,7 @@ class TrainConfig:
             raise ValueError(
                 f"dead_tokens_window={self.dead_tokens_window} must be >= 0 (0 = auto)"
             )
-        if self.device not in DEVICE_CHOICES:
-            raise ValueError(
-                f"device={self.device!r} is not supported; valid: {list(DEVICE_CHOICES)}"
-            )
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError(
-                "device='cuda' but torch sees no CUDA GPU (torch.cuda.is_available() is False); "
-                "use device=cpu or device=auto"
-            )
+        check_device(self.device)
         if self.precision not in PRECISION_CHOICES:
             raise ValueError(
                 f"precision={self.precision!r} is not supported; valid: {list(PRECISION_CHOICES)}"
@@ -139,9 +129,7 @@ class TrainConfig:
 
     def resolved_device(self) -> str:
         """``cpu`` or ``cuda``: what ``auto`` means on this machine."""
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+        return resolved_device(self.device)
 
     def resolved_training_tokens(self) -> int:
         """Auto: at least 500k activation vectors (several passes over a small cache), or one pass."""

@@ -6,8 +6,9 @@ import math
 from dataclasses import dataclass, field
 
 from evaluation.selection.config import LatentStatsConfig
-from project.checks import check_int
+from project.checks import check_device, check_int
 from project.cli import parse_list
+from project.lm import lm_dtype
 
 MODES = ("latent", "concept")
 INTERVENTIONS = ("add", "clamp")
@@ -66,6 +67,10 @@ class SteerConfig:
       seeded random direction at the latent's own norm (``α·m_i``) and the SAE's own α* (by
       the score and by lift) on the same test instructions: the floor of its test score and
       concept lift (a concept that any push of that size writes is not the latent's doing).
+    - ``lm_dtype`` (``float32`` or ``bfloat16``) and ``device`` (``cpu``, ``cuda``, ``auto``):
+      how the steered LM is loaded where this run loads it (issue 19's GPU path); its
+      generation, the trained methods and the offline judge's fluency pass run in that dtype
+      on that device. bfloat16 changes the LM's fingerprint, so its runs never reuse float32's.
     """
 
     mode: str = "concept"
@@ -94,6 +99,8 @@ class SteerConfig:
     trained_epochs: int = 0
     trained_lr: float = 0.0
     trained_layers: tuple[int, ...] = ()
+    lm_dtype: str = "float32"
+    device: str = "cpu"
     stats: LatentStatsConfig = field(default_factory=LatentStatsConfig)
 
     def __post_init__(self) -> None:
@@ -126,6 +133,8 @@ class SteerConfig:
                 )
         self._check_concept_methods("supervised_k", self.supervised_k)
         self._check_trained()
+        lm_dtype(self.lm_dtype)
+        check_device(self.device)
         if not isinstance(self.random_floor, bool):
             raise ValueError(f"random_floor={self.random_floor!r} must be true or false")
         if not self.factors:

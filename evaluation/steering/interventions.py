@@ -36,17 +36,20 @@ class ClampLatent:
 
     @torch.no_grad()
     def __call__(self, hidden_BTD: Tensor, rows_B: Tensor) -> Tensor:
-        latents_B = self.latents_N[rows_B]
+        # The SAE encodes in its own dtype on its own device (float32 on the CPU, while the LM
+        # may run bfloat16 on a GPU); the edit goes back in the hidden state's.
+        W_FD = self.sae.W_dec.detach()
+        rows_B = rows_B.to(self.latents_N.device)
+        latents_B = self.latents_N[rows_B].to(W_FD.device)
         active_B = latents_B >= 0
         if not bool(active_B.any()):
             return hidden_BTD
         B, T, D = hidden_BTD.shape
-        x_ND = hidden_BTD.reshape(B * T, D).to(self.sae.W_dec.dtype)
+        x_ND = hidden_BTD.reshape(B * T, D).to(W_FD.device, W_FD.dtype)
         f_BTF = self.sae.encode(x_ND).reshape(B, T, -1)
         safe_B = latents_B.clamp_min(0)
         current_BT = f_BTF.gather(2, safe_B[:, None, None].expand(B, T, 1))[..., 0]
-        delta_BT = (self.values_N[rows_B][:, None].to(current_BT.dtype) - current_BT) * active_B[
-            :, None
-        ]
-        W_BD = self.sae.W_dec.detach()[safe_B]
-        return hidden_BTD + (delta_BT[..., None] * W_BD[:, None, :]).to(hidden_BTD.dtype)
+        values_B = self.values_N[rows_B].to(current_BT.device, current_BT.dtype)
+        delta_BT = (values_B[:, None] - current_BT) * active_B[:, None]
+        edit_BTD = delta_BT[..., None] * W_FD[safe_B][:, None, :]
+        return hidden_BTD + edit_BTD.to(hidden_BTD.device, hidden_BTD.dtype)

@@ -76,6 +76,7 @@ from evaluation.steering.trained.steering import (
     train_for_targets,
     trained_config,
 )
+from project.checks import resolved_device
 from project.cli import (
     PartialFailureError,
     parse_bool,
@@ -92,7 +93,7 @@ from project.concepts import (
 )
 from project.judges import JUDGE_NAMES, Judge, judge_for
 from project.judges.agreement import measured_agreement
-from project.lm import LoadedLM
+from project.lm import LoadedLM, lm_dtype
 from project.registry import load_version
 from project.runs import (
     config_hash,
@@ -682,7 +683,9 @@ def steer(
         raise ValueError("no model URI given")
     versions = [mv for uri in uris for mv in resolve_versions(uri)]
     versions = list({(mv.name, mv.version): mv for mv in versions}.values())
-    site_layers, lms = load_sites(versions, lms)
+    site_layers, lms = load_sites(
+        versions, lms, dtype=lm_dtype(config.lm_dtype), device=resolved_device(config.device)
+    )
     for method in config.trained:
         for lm in lms.values():
             check_layers(trained_config(config, method), lm.n_layers)
@@ -882,6 +885,8 @@ def main() -> None:
         default="none",
         help="concept mode: comma-separated K's for supervised select-and-label (none: off)",
     )
+    parser.add_argument("--lm_dtype", default=defaults.lm_dtype, help="float32 or bfloat16")
+    parser.add_argument("--device", default=defaults.device, help="cpu, cuda or auto")
     parser.add_argument("--force", type=parse_bool, default=False)
     args, extra = parser.parse_known_args()
     config = SteerConfig(
@@ -911,6 +916,8 @@ def main() -> None:
         trained_layers=parse_optional_list(
             args.trained_layers, int, "trained_layers", "integer", off="auto"
         ),
+        lm_dtype=args.lm_dtype,
+        device=args.device,
     )
     judge_options = parse_prefixed_options(extra)
     tracking_uri = configure_tracking(experiment=DEFAULT_EXPERIMENT)
