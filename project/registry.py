@@ -70,12 +70,23 @@ def register_sae(
 
     Version tags carry ``tags`` (see VERSION_TAG_KEYS) and the final metrics as
     ``metric.<name>``, so a registry search alone tells what each version is.
+
+    Idempotent per run: where the active run already registered a version of
+    ``registered_model`` (a retried call, a job resumed after a crash between registering and
+    tagging), that version is returned with its tags completed, and nothing is logged or
+    registered again.
     """
-    if mlflow.active_run() is None:
+    run = mlflow.active_run()
+    if run is None:
         raise RuntimeError("register_sae needs an active MLflow run (the training run)")
     missing = [key for key in VERSION_TAG_KEYS if key not in tags]
     if missing:
         raise ValueError(f"version tags {missing} are missing; required: {list(VERSION_TAG_KEYS)}")
+    all_tags = {key: str(value) for key, value in tags.items()}
+    all_tags.update({f"metric.{k}": f"{v:.6g}" for k, v in (metrics or {}).items()})
+    existing = version_of_run(registered_model, run.info.run_id)
+    if existing is not None:
+        return _complete_tags(existing, all_tags)
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, sae.cfg.d_in))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, sae.cfg.d_sae))]),
@@ -89,8 +100,6 @@ def register_sae(
             signature=signature,
             pip_requirements=["saeflow", "torch", "safetensors", "mlflow"],
         )
-    all_tags = {key: str(value) for key, value in tags.items()}
-    all_tags.update({f"metric.{k}": f"{v:.6g}" for k, v in (metrics or {}).items()})
     version = mlflow.register_model(info.model_uri, registered_model, tags=all_tags)
     client = MlflowClient()
     if description:
@@ -103,6 +112,29 @@ def register_sae(
         )
     log.info("registered %s version %s", registered_model, version.version)
     return client.get_model_version(registered_model, version.version)
+
+
+def version_of_run(registered_model: str, run_id: str) -> ModelVersion | None:
+    """The version of ``registered_model`` that run ``run_id`` registered (the oldest, were
+    there several), or None (also when the registered model does not exist yet)."""
+    escaped_name, escaped_run = (v.replace("'", "\\'") for v in (registered_model, run_id))
+    try:
+        found = MlflowClient().search_model_versions(
+            f"name = '{escaped_name}' and run_id = '{escaped_run}'"
+        )
+    except mlflow.exceptions.MlflowException:
+        return None
+    return min(found, key=lambda mv: int(mv.version)) if found else None
+
+
+def _complete_tags(version: ModelVersion, tags: dict[str, str]) -> ModelVersion:
+    """``version`` with every tag of ``tags`` set (those a crash left unset or different)."""
+    client = MlflowClient()
+    for key, value in tags.items():
+        if (version.tags or {}).get(key) != value:
+            client.set_model_version_tag(version.name, version.version, key, value)
+    log.info("run already registered %s version %s; reused", version.name, version.version)
+    return client.get_model_version(version.name, version.version)
 
 
 def model_version(uri: str) -> ModelVersion:
