@@ -16,7 +16,8 @@
 #   SAEFLOW_MLFLOW_PORT the tracking server on 127.0.0.1 (default 5000)
 #   SAEFLOW_S3_BUCKET   the artifact bucket (default saeflow-artifacts)
 #   SAEFLOW_AUTH=1      MLflow's basic-auth app; admin from MLFLOW_TRACKING_USERNAME /
-#                       MLFLOW_TRACKING_PASSWORD, users kept in their own database
+#                       MLFLOW_TRACKING_PASSWORD, its CSRF key MLFLOW_FLASK_SERVER_SECRET_KEY,
+#                       users kept in their own database
 # Three databases, because MLflow, Optuna and basic-auth share table names: mlflow, optuna,
 # mlflow_auth. `mlflow db upgrade` runs once before the server (or any worker) connects.
 set -euo pipefail
@@ -30,7 +31,10 @@ BUCKET="${SAEFLOW_S3_BUCKET:-saeflow-artifacts}"
 VENV_BIN="${SAEFLOW_VENV_BIN:-$ROOT/.venv/bin}"
 PG_BIN="${SAEFLOW_PG_BIN:-$(dirname "$(readlink -f "$(command -v initdb || echo /usr/lib/postgresql/15/bin/initdb)")")}"
 
-die() { echo "server.sh: $*" >&2; exit 2; }
+# The caller's stderr, for messages from inside a redirected check; servers started in the
+# background close it (3>&-), or a caller reading our stderr would wait for them to exit.
+exec 3>&2
+die() { echo "server.sh: $*" >&3; exit 2; }
 
 need_env() {
   for name in "$@"; do
@@ -56,6 +60,15 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
   die "$what did not come up in ${seconds}s (logs in $STACK/*.log)"
 }
 
+alive() {  # alive NAME: its pid file's process still runs, else stop waiting for it at once
+  kill -0 "$(cat "$STACK/$1.pid")" 2>/dev/null || die "$1 exited while starting (see $STACK/$1.log)"
+}
+
+mlflow_ready() {
+  alive mlflow
+  curl -sf "http://127.0.0.1:$MLFLOW_PORT/health"
+}
+
 pg_url() {  # the database URL without its password (libpq reads PGPASSWORD)
   echo "postgresql+psycopg://saeflow@127.0.0.1:$PG_PORT/$1"
 }
@@ -73,7 +86,7 @@ start_postgres() {
   touch "$STACK/postgres.log"
   own_by_postgres "$STACK/pg-socket" "$STACK/postgres.log"
   as_postgres "$PG_BIN/pg_ctl" -D "$STACK/pgdata" -l "$STACK/postgres.log" -w -t 60 \
-    -o "-p $PG_PORT -k $STACK/pg-socket -c listen_addresses=127.0.0.1" start >/dev/null
+    -o "-p $PG_PORT -k $STACK/pg-socket -c listen_addresses=127.0.0.1" start >/dev/null 3>&-
   local psql=(as_postgres "$PG_BIN/psql" -h "$STACK/pg-socket" -p "$PG_PORT" -U postgres -qtA)
   # The role's password from the environment, passed on stdin, never on a command line.
   if [[ -z "$("${psql[@]}" -c "SELECT 1 FROM pg_roles WHERE rolname = 'saeflow'")" ]]; then
@@ -104,9 +117,14 @@ start_s3() {
     -master.port.grpc=$((base + 10000)) -volume.port.grpc=$((base + 10001)) \
     -filer.port.grpc=$((base + 10002)) -admin.port.grpc=$((base + 10003)) \
     -s3.port.iceberg=$((base + 5)) -s3.port.lance=$((base + 6)) -metricsPort=$((base + 7)) \
-    >"$STACK/s3.log" 2>&1 &
+    >"$STACK/s3.log" 2>&1 3>&- &
   echo $! >"$STACK/s3.pid"
-  wait_for 90 "the S3 endpoint" "$VENV_BIN/python" - <<EOF
+  wait_for 90 "the S3 endpoint" s3_ready
+}
+
+s3_ready() {
+  alive s3
+  "$VENV_BIN/python" - <<EOF
 import boto3, botocore
 s3 = boto3.client("s3", endpoint_url="http://127.0.0.1:$S3_PORT", region_name="us-east-1")
 try:
@@ -122,7 +140,7 @@ start_mlflow() {
   "$mlflow" db upgrade "$(pg_url mlflow)" >"$STACK/db-upgrade.log" 2>&1 \
     || die "mlflow db upgrade failed (see $STACK/db-upgrade.log)"
   if [[ "${SAEFLOW_AUTH:-0}" == 1 ]]; then
-    need_env MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD
+    need_env MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY
     (umask 077; cat >"$STACK/basic_auth.ini" <<EOF
 [mlflow]
 default_permission = READ
@@ -138,9 +156,9 @@ EOF
   MLFLOW_S3_ENDPOINT_URL="http://127.0.0.1:$S3_PORT" nohup "$mlflow" server \
     --backend-store-uri "$(pg_url mlflow)" --artifacts-destination "s3://$BUCKET" \
     --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 2 "${app[@]}" \
-    >"$STACK/mlflow.log" 2>&1 &
+    >"$STACK/mlflow.log" 2>&1 3>&- &
   echo $! >"$STACK/mlflow.pid"
-  wait_for 120 "mlflow server" curl -sf "http://127.0.0.1:$MLFLOW_PORT/health"
+  wait_for 120 "mlflow server" mlflow_ready
 }
 
 stop_pid() {
@@ -160,9 +178,13 @@ case "${1:-}" in
   start)
     need_env SAEFLOW_PG_PASSWORD AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
     mkdir -p "$STACK"
+    # A start that fails half-way stops what it started: no orphan server keeps the ports.
+    started=0
+    trap 'if [[ $started != 1 ]]; then "$0" stop >/dev/null 2>&1 || true; fi' EXIT
     start_postgres
     start_s3
     start_mlflow
+    started=1
     cat <<EOF
 # saeflow's stack is up ($STACK). A client (or a Ray worker) needs:
 export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT

@@ -4,10 +4,12 @@ in PostgreSQL, weights in the bucket, loadable through the server, no credential
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
 import subprocess
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +31,32 @@ SECRETS = {
     "SAEFLOW_PG_PASSWORD": "pg-s3cret-'quoted'",
     "AWS_ACCESS_KEY_ID": "saeflowtestkey",
     "AWS_SECRET_ACCESS_KEY": "saeflow-s3-s3cret",
+    "MLFLOW_TRACKING_USERNAME": "admin",
+    "MLFLOW_TRACKING_PASSWORD": "admin-s3cret-pw",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-s3cret",
 }
+
+
+def _stack_env(directory: Path, **overrides: str) -> dict[str, str]:
+    pg, s3, server = _free_ports(3)
+    return {
+        **os.environ,
+        **SECRETS,
+        "SAEFLOW_AUTH": "1",
+        "SAEFLOW_STACK_DIR": str(directory),
+        "SAEFLOW_PG_PORT": str(pg),
+        "SAEFLOW_S3_PORT": str(s3),
+        "SAEFLOW_MLFLOW_PORT": str(server),
+        **overrides,
+    }
+
+
+def _reachable_by_postgres(directory: Path) -> None:
+    os.chmod(directory, 0o755)  # the postgres user must reach its data directory
+    for parent in directory.parents:
+        if parent == Path("/"):
+            break
+        os.chmod(parent, os.stat(parent).st_mode | 0o011)  # traverse only
 
 
 def _pg_available() -> bool:
@@ -41,27 +68,19 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     if not _pg_available():
         pytest.fail("PostgreSQL is not installed: apt-get install postgresql-15 (.ci/run does)")
     directory = tmp_path_factory.mktemp("stack")
-    os.chmod(directory, 0o755)  # the postgres user must reach its data directory
-    for parent in directory.parents:
-        if parent == Path("/"):
-            break
-        os.chmod(parent, os.stat(parent).st_mode | 0o011)  # traverse only
-    pg, s3, server = _free_ports(3)
-    env = {
-        **os.environ,
-        **SECRETS,
-        "SAEFLOW_STACK_DIR": str(directory),
-        "SAEFLOW_PG_PORT": str(pg),
-        "SAEFLOW_S3_PORT": str(s3),
-        "SAEFLOW_MLFLOW_PORT": str(server),
-    }
-    started = subprocess.run(
-        [str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=300
-    )
+    _reachable_by_postgres(directory)
+    env = _stack_env(directory)
     try:
+        started = subprocess.run(
+            [str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=300
+        )
         assert started.returncode == 0, started.stderr + started.stdout
-        yield {"dir": str(directory), "tracking": f"http://127.0.0.1:{server}", "s3": str(s3),
-               "pg": str(pg)}  # fmt: skip
+        yield {
+            "dir": str(directory),
+            "tracking": f"http://127.0.0.1:{env['SAEFLOW_MLFLOW_PORT']}",
+            "s3": env["SAEFLOW_S3_PORT"],
+            "pg": env["SAEFLOW_PG_PORT"],
+        }
     finally:
         subprocess.run([str(SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
 
@@ -77,6 +96,41 @@ def test_start_refuses_to_run_without_credentials_in_the_environment(tmp_path: P
     assert not any(tmp_path.iterdir())  # nothing started, nothing written
 
 
+def test_a_start_that_fails_half_way_leaves_nothing_running(tmp_path: Path) -> None:
+    """The tracking server refuses the admin password (MLflow wants >= 12 characters) after
+    PostgreSQL and S3 are up: start exits 2 naming what failed, and stops the other two."""
+    _reachable_by_postgres(tmp_path)
+    env = _stack_env(tmp_path, MLFLOW_TRACKING_PASSWORD="short")
+    done = subprocess.run(
+        [str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2
+    assert "mlflow exited while starting" in done.stderr
+    status = subprocess.run([str(SCRIPT), "status"], env=env, capture_output=True, text=True)
+    assert status.stdout.split("\n")[:3] == ["mlflow: down", "postgres: down", "s3: down"]
+
+
+def test_anonymous_requests_are_refused_and_write_nothing(stack: dict[str, str]) -> None:
+    search = f"{stack['tracking']}/api/2.0/mlflow/experiments/search?max_results=5"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(search, timeout=10)
+    assert refused.value.code == 401
+    create = urllib.request.Request(
+        f"{stack['tracking']}/api/2.0/mlflow/experiments/create",
+        data=json.dumps({"name": "anonymous-write"}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(create, timeout=10)
+    assert refused.value.code == 401
+    token = base64.b64encode(b"admin:" + SECRETS["MLFLOW_TRACKING_PASSWORD"].encode()).decode()
+    authorised = urllib.request.Request(search, headers={"Authorization": f"Basic {token}"})
+    with urllib.request.urlopen(authorised, timeout=10) as response:
+        names = [e["name"] for e in json.load(response).get("experiments", [])]
+    assert "anonymous-write" not in names
+
+
 def test_training_against_the_stack(
     stack: dict[str, str], tiny_lm_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -86,9 +140,12 @@ def test_training_against_the_stack(
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", stack["tracking"])
     for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_S3_ENDPOINT_URL"):
         monkeypatch.delenv(name, raising=False)
-    # The client holds no S3 credentials: the server proxies every artifact.
-    for name in SECRETS:
+    # The client holds no S3 or database credentials (the server proxies every artifact),
+    # only its tracking login.
+    for name in ("SAEFLOW_PG_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name, raising=False)
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, SECRETS[name])
     mlflow.set_tracking_uri(stack["tracking"])
     mlflow.set_registry_uri(stack["tracking"])
     mlflow.set_experiment("stack-test")
@@ -151,6 +208,7 @@ def test_training_against_the_stack(
         text=True,
     )
     assert psql.stdout.strip() == "1", psql.stderr
-    # No credential in what the run logged.
-    for secret in SECRETS.values():
-        assert secret not in logged
+    # No secret in what the run logged (the user name is the run's `mlflow.user`, as it should).
+    for name, secret in SECRETS.items():
+        if name != "MLFLOW_TRACKING_USERNAME":
+            assert secret not in logged, name
