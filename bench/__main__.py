@@ -220,10 +220,28 @@ def replace_between_markers(text: str, table: str) -> str:
     return f"{head}{README_START}\n{table}\n{README_END}{tail}"
 
 
+def write_json(
+    path: Path,
+    header: str,
+    figures: Sequence[Figure],
+    failures: dict[str, str],
+    loads: dict[str, tuple[float, float]],
+) -> None:
+    payload = {
+        "header": header,
+        "figures": [f.as_dict() for f in figures],
+        "failures": failures,
+        "loads": loads,
+    }
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+
+
 def run_sections(
-    names: Sequence[str], quick: bool
+    names: Sequence[str], quick: bool, json_path: Path | None = None
 ) -> tuple[list[Figure], dict[str, str], dict[str, tuple[float, float]]]:
-    """Each section in turn; a failing one is recorded (its traceback logged), not raised."""
+    """Each section in turn; a failing one is recorded (its traceback logged), not raised.
+    With ``json_path``, the figures so far are written there after every section (a run cut
+    short keeps what it measured)."""
     figures: list[Figure] = []
     failures: dict[str, str] = {}
     loads: dict[str, tuple[float, float]] = {}
@@ -242,6 +260,8 @@ def run_sections(
                 print(f"   {row.what}: {row.ratio:.2f}x ({row.note})", flush=True)
         loads[name] = (before, os.getloadavg()[0])
         print(f"   {name} took {time.perf_counter() - started:.0f} s", flush=True)
+        if json_path is not None:
+            write_json(json_path, f"partial: sections {list(loads)}", figures, failures, loads)
     return figures, failures, loads
 
 
@@ -260,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     logging.basicConfig(level=logging.WARNING)
     started = dt.datetime.now(dt.UTC)
-    figures, failures, loads = run_sections(names, args.quick)
+    figures, failures, loads = run_sections(names, args.quick, args.json)
     minutes = (dt.datetime.now(dt.UTC) - started).total_seconds() / 60
     header = (
         f"`python -m bench{' --quick' if args.quick else ''}`, {started:%Y-%m-%d} "
@@ -269,13 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     table = header + "\n\n" + render_table(figures, failures, loads)
     print("\n" + table)
     if args.json is not None:
-        payload = {
-            "header": header,
-            "figures": [f.as_dict() for f in figures],
-            "failures": failures,
-            "loads": loads,
-        }
-        args.json.write_text(json.dumps(payload, indent=1) + "\n")
+        write_json(args.json, header, figures, failures, loads)
     if args.readme is not None:
         args.readme.write_text(replace_between_markers(args.readme.read_text(), table))
         print(f"wrote the table into {args.readme}")
