@@ -562,7 +562,7 @@ def figures(rows: list[dict[str, Any]]) -> list[Figure]:
     return out
 
 
-def measure(steps: int = 60, warmup: int = 5, ks: str = "32,64,128") -> list[Figure]:
+def measure(steps: int = 30, warmup: int = 3, ks: str = "32,64,128") -> list[Figure]:
     """:func:`figures` of one run of :func:`main` at the issue's sizes (d_in 576, d_sae 4608,
     batch 4096) on SmolLM2 layer-10 activations, ``steps`` steps per SAE and side."""
     return figures(main(["--steps", str(steps), "--warmup", str(warmup), "--ks", ks]))
