@@ -181,6 +181,11 @@ def _met(figure: Figure) -> str:
     return "yes" if figure.met else "**no**"
 
 
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell (a bare | would end the cell)."""
+    return text.replace("|", "\\|")
+
+
 def render_table(
     figures: Sequence[Figure], failures: dict[str, str], loads: dict[str, tuple[float, float]]
 ) -> str:
@@ -192,12 +197,12 @@ def render_table(
     for f in figures:
         target = "–" if f.target is None else f"≥ {f.target:g}×"
         lines.append(
-            f"| {f.section} | {f.what} | {_number(f.saeflow)} | {_number(f.reference)} "
-            f"({f.reference_name}) | {f.unit} | {f.ratio:.2f}× | {target} | {_met(f)} | "
-            f"{f.note} |"
+            f"| {f.section} | {_cell(f.what)} | {_number(f.saeflow)} | {_number(f.reference)} "
+            f"({_cell(f.reference_name)}) | {f.unit} | {f.ratio:.2f}× | {target} | {_met(f)} | "
+            f"{_cell(f.note)} |"
         )
     for section, error in failures.items():
-        lines.append(f"| {section} | failed: {error} | | | | | | **no** | |")
+        lines.append(f"| {section} | failed: {_cell(error)} | | | | | | **no** | |")
     if loads:
         load_text = "; ".join(f"{s} {a:.1f} → {b:.1f}" for s, (a, b) in loads.items())
         lines.append("")

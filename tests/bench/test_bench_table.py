@@ -61,6 +61,10 @@ def test_table_has_a_row_per_figure_and_a_row_per_failed_section() -> None:
     assert "| 0.50× | ≥ 0.6× | **no** |" in lines[3]
     assert lines[4].startswith("| sweep | failed: RuntimeError: boom |")
     assert "rating 1.0 → 2.0" in table
+    # A | inside a note is escaped: every row keeps the header's 9 cells.
+    piped = render_table([_figure(note="max |diff| 0")], {}, {}).splitlines()[2]
+    assert "max \\|diff\\| 0" in piped
+    assert piped.replace("\\|", "").count("|") == 10
 
 
 def test_readme_table_is_replaced_between_the_markers_only() -> None:
