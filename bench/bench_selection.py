@@ -50,6 +50,18 @@ def default_sae(lm: LoadedLM) -> SparseAutoencoder:
     ).eval()
 
 
+def score_inputs(
+    lm: LoadedLM, sae: SparseAutoencoder, config: SelectionConfig, n_latents: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(max activations, decoder-lens tokens, latents to score), seeded: both sides' inputs."""
+    gen = torch.Generator().manual_seed(0)
+    # A stand-in for the held-out max activations: only the scale of the DTC code matters here.
+    max_F = torch.rand(sae.cfg.d_sae, generator=gen) * 5 + 1
+    lens_FL = decoder_lens_tokens(lm, sae.W_dec, config.lens_tokens)
+    latents = torch.randperm(sae.cfg.d_sae, generator=gen)[:n_latents]
+    return max_F, lens_FL, latents
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_uri", default="")
@@ -68,11 +80,7 @@ def main() -> None:
     else:
         sae = default_sae(lm)
     config = SelectionConfig(batch_latents=args.batch_latents)
-    gen = torch.Generator().manual_seed(0)
-    # A stand-in for the held-out max activations: only the scale of the DTC code matters here.
-    max_F = torch.rand(sae.cfg.d_sae, generator=gen) * 5 + 1
-    lens_FL = decoder_lens_tokens(lm, sae.W_dec, config.lens_tokens)
-    latents = torch.randperm(sae.cfg.d_sae, generator=gen)[: args.latents]
+    max_F, lens_FL, latents = score_inputs(lm, sae, config, args.latents)
     load = os.getloadavg()[0]
 
     if args.latents > 0:
@@ -135,10 +143,7 @@ def measure(n_latents: int = 16, layer: int = 10, batch_latents: int = 64) -> li
     lm = load_lm(DEFAULT_LM)
     sae = default_sae(lm)
     config = SelectionConfig(batch_latents=batch_latents)
-    gen = torch.Generator().manual_seed(0)
-    max_F = torch.rand(sae.cfg.d_sae, generator=gen) * 5 + 1
-    lens_FL = decoder_lens_tokens(lm, sae.W_dec, config.lens_tokens)
-    latents = torch.randperm(sae.cfg.d_sae, generator=gen)[:n_latents]
+    max_F, lens_FL, latents = score_inputs(lm, sae, config, n_latents)
     t = compare(sae, lm, layer, config, latents, max_F, lens_FL)
     return [
         Figure(
