@@ -51,6 +51,14 @@ from mlflow.tracking import MlflowClient
 
 from analysis.analyze import AnalyzeConfig, analyze
 from analysis.collect import STUDY_RUN_TYPE, STUDY_RUNS_ARTIFACT
+from analysis.units import (
+    STUDY_RUN_TAG,
+    StepRun,
+    UnitOutcome,
+    evaluate_unit,
+    steer_unit,
+    tune_unit,
+)
 from project.cli import (
     BadInputError,
     PartialFailureError,
@@ -79,15 +87,23 @@ from training.run import (
 
 log = logging.getLogger(__name__)
 
-STUDY_RUN_TAG = "saeflow.study_run_id"
 STEPS = ("harvest", "train", "evaluate", "steer", "tune", "analyze")
+EXECUTORS = ("local", "ray")
 # Each embedded LM's hook layer, a third of its depth: SmolLM2 10 of 30 blocks (at the training
 # default 4 no direction steered the concept: the README's Steer section measures both), Gemma-3
 # 6 of 18. Other LMs default to their middle block.
 DEFAULT_LAYERS = {DEFAULT_LM: 10, GEMMA_LM: 6}
 # TrainConfig fields that say where things go or how often to log, not what is trained: two
 # versions that differ only in these are the same SAE.
-_NOT_IDENTITY = frozenset({"registered_model", "cache_dir", "checkpoint_dir", "log_every_n_steps"})
+_NOT_IDENTITY = frozenset(
+    {
+        "registered_model",
+        "cache_dir",
+        "checkpoint_dir",
+        "checkpoint_every_n_steps",
+        "log_every_n_steps",
+    }
+)
 
 
 def _split(text: str) -> list[str]:
@@ -175,6 +191,13 @@ class StudyConfig:
     device: str = "cpu"
     precision: str = "32-true"
     compile: bool = False
+    # Where the units run: ``local`` (this process, one after another) or ``ray`` (tasks on the
+    # Ray cluster at ``ray_address``, against a shared tracking server: analysis/cluster.py).
+    executor: str = "local"
+    ray_address: str = "auto"
+    # Where activations are cached ("" = $SAEFLOW_CACHE_DIR/activations on each machine; an
+    # s3://bucket/prefix every node of a cluster reads).
+    cache_dir: str = ""
     # --<eval>.<field> VALUE on the command line; never a flag of its own.
     eval_options: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -227,6 +250,7 @@ class StudyConfig:
             device=self.device,
             precision=self.precision,
             compile=self.compile,
+            cache_dir=self.cache_dir,
         )
         config.validate()
         return config
@@ -333,6 +357,10 @@ class StudyConfig:
 
     def validate(self) -> None:
         """Every check that needs nothing loaded; ValueError naming the value otherwise."""
+        if self.executor not in EXECUTORS:
+            raise ValueError(
+                f"executor={self.executor!r} is unknown; valid: {', '.join(EXECUTORS)}"
+            )
         self.layer_for()
         grid = self.grid()
         for lm in self.lm_names():
@@ -371,17 +399,6 @@ class StudyConfig:
 
 # ---------------------------------------------------------------------------------------------
 # bookkeeping
-
-
-@dataclass
-class StepRun:
-    """One run a step used: new (started by this study) or reused (found by its config)."""
-
-    step: str
-    run_id: str
-    model_uri: str = ""
-    detail: str = ""
-    reused: bool = False
 
 
 @dataclass
@@ -442,6 +459,12 @@ class _Study:
     def adopt(self, run_id: str) -> None:
         """Nest a run its entry point started on its own (tune, analyze) under the study."""
         self.client.set_tag(run_id, "mlflow.parentRunId", self.run_id)
+
+    def apply(self, outcome: UnitOutcome) -> None:
+        """Record a unit's runs and failures (logged where the unit ran)."""
+        for run in outcome.runs:
+            self.record(run)
+        self.failures.extend(outcome.failures)
 
     def fail(self, what: str, err: BaseException) -> None:
         # exc_info=err, not log.exception: a failure reported by a result (a steer version's
@@ -538,47 +561,12 @@ def _train(study: _Study, lm_given: str, lm: LoadedLM) -> None:
 
 
 def _evaluate(study: _Study, uri: str) -> None:
-    from evaluation.interpretability.evaluate import EvaluationFailed, evaluate
-
-    config = study.config
-    try:
-        results = evaluate(
-            uri, config.eval_names(), config.judge, configs=config.eval_configs(), lms=study.lms
-        )
-    except EvaluationFailed as failed:
-        results = failed.results
-        study.fail(f"evaluating {uri}", failed)
-    for r in results:
-        if r.run_id:
-            study.record(StepRun("evaluate", r.run_id, uri, r.eval_name, r.reused))
+    study.apply(evaluate_unit(study.config, uri, study.lms))
 
 
 def _steer(study: _Study, uris: list[str], selection: str) -> None:
-    """Every version's steer run for ``selection``, staged together (their generations share
-    batches, their ratings one judge call: ``steer``); a version that fails is recorded as a
-    failure and the others go on."""
-    from evaluation.steering.steer import SteeringFailed, steer
-
-    config = study.config
-    try:
-        results = steer(
-            uris, config.steer_config(selection), config.judge, lms=study.lms, judges=study.judges
-        )
-    except SteeringFailed as failed:
-        results = failed.results
-    except Exception as err:  # noqa: BLE001 - the study goes on to the other selections
-        study.fail(f"steering {len(uris)} versions (selection {selection})", err)
-        return
-    for result in results:
-        if result.error:
-            study.fail(
-                f"steering {result.model_uri} (selection {selection})",
-                RuntimeError(result.error),
-            )
-        else:
-            study.record(
-                StepRun("steer", result.run_id, result.model_uri, selection, result.reused)
-            )
+    """Every version's steer run for ``selection``, staged together (``steer_unit``)."""
+    study.apply(steer_unit(study.config, uris, selection, study.lms, study.judges))
 
 
 def find_finished_tune(uri: str, tune_config: Any, study_name: str) -> str | None:
@@ -608,34 +596,11 @@ def find_finished_tune(uri: str, tune_config: Any, study_name: str) -> str | Non
 
 
 def _tune(study: _Study, mv: ModelVersion) -> None:
-    from analysis.tune_dtc import study_name, tune
-    from project.judges import judge_for
-    from project.tracking import lm_of
-
-    uri = f"models:/{mv.name}/{mv.version}"
-    tune_config = study.config.tune_config()
-    lm_name = str(lm_of(mv.tags or {}))
-    judge = judge_for(
-        study.judges,
-        lm_name,
-        tune_config.judge,
-        lm=study.lms[lm_name],
-        **tune_config.judge_options,
-    )
-    existing = find_finished_tune(uri, tune_config, study_name(mv, tune_config, judge))
-    if existing is not None:
-        log.info("tune_dtc on %s: reusing FINISHED run %s", uri, existing)
-        study.record(StepRun("tune", existing, uri, "", reused=True))
-        return
-    try:
-        result = tune(
-            uri, tune_config, study.config.tune_storage, lms=study.lms, judges=study.judges
-        )
-    except Exception as err:  # noqa: BLE001 - the analysis does not need the tuned choice
-        study.fail(f"tuning DTC on {uri}", err)
-        return
-    study.adopt(result.parent_run_id)
-    study.record(StepRun("tune", result.parent_run_id, uri, result.study_name))
+    outcome = tune_unit(study.config, f"models:/{mv.name}/{mv.version}", study.lms, study.judges)
+    for run in outcome.runs:
+        if not run.reused:
+            study.adopt(run.run_id)
+    study.apply(outcome)
 
 
 def _log_pooled_lift(study: _Study) -> None:
@@ -782,6 +747,67 @@ def _active(run_id: str) -> Any:
     return mlflow.start_run(run_id=run_id)
 
 
+def _uris(study: _Study) -> list[str]:
+    return [f"models:/{mv.name}/{mv.version}" for mv in study.versions.values()]
+
+
+def _study_on_ray(study: _Study, lms: dict[str, LoadedLM]) -> None:
+    """Harvest here; train, evaluate, steer and tune as Ray tasks (analysis/cluster.py)."""
+    from analysis.cluster import RayUnits, after_training_on_ray, train_on_ray
+    from analysis.units import harvest_unit_key
+    from project.claims import claim
+    from project.registry import model_version
+
+    config = study.config
+    context = {
+        "tracking_uri": mlflow.get_tracking_uri(),
+        "experiment_id": study.client.get_run(study.run_id).info.experiment_id,
+        "study_run_id": study.run_id,
+    }
+    units = RayUnits(context, gpus_per_training=0.0 if config.device == "cpu" else 1.0)
+    todo: list[tuple[tuple[str, str, int], TrainConfig]] = []
+    lm_names: dict[tuple[str, str, int], str] = {}
+    for lm_given, lm in lms.items():
+        layer = study.layers[lm_given]
+        configs = [config.train_config(lm_given, layer, a, t) for a, t in config.grid()]
+        with study.step("harvest"), claim(harvest_unit_key(configs[0])):
+            harvested = harvest_for(configs[0], lm)
+        study.record(
+            StepRun("harvest", harvested.harvest_run_id or "", "", lm.name, harvested.reused)
+        )
+        for train_config in configs:
+            key = (lm_given, train_config.architecture, train_config.target_l0)
+            todo.append((key, train_config))
+            lm_names[key] = lm.name
+    with study.step("train"):
+        trained = train_on_ray(units, todo, lm_names)
+    outcomes = list(trained.values())
+    for key, outcome in trained.items():
+        study.apply(outcome)
+        if outcome.version_uri:
+            study.versions[key] = model_version(outcome.version_uri)
+    target = config.tune_target()
+    tuned = study.versions.get((config.lm_names()[0], *target)) if target else None
+    tuned_uri = f"models:/{tuned.name}/{tuned.version}" if tuned is not None else None
+    for step, (seconds, step_outcomes) in after_training_on_ray(
+        units, config, _uris(study), tuned_uri
+    ).items():
+        # The steps overlap: each one's seconds run from the phase's start to its last unit.
+        study.seconds[step] = seconds
+        study.client.log_metric(study.run_id, f"seconds_{step}", seconds)
+        for outcome in step_outcomes:
+            for run in outcome.runs:
+                if not run.reused and run.run_id:
+                    study.adopt(run.run_id)
+            study.apply(outcome)
+        outcomes.extend(step_outcomes)
+    study.client.log_metric(study.run_id, "n_units", float(len(outcomes)))
+    resumed = sum(o.resumed_run for o in outcomes)
+    study.client.log_metric(study.run_id, "n_units_resumed", float(resumed))
+    workers = sorted({o.worker for o in outcomes if o.worker})
+    study.client.set_tag(study.run_id, "saeflow.workers", ", ".join(workers)[:5000])
+
+
 def run_study(config: StudyConfig) -> StudyResult:
     """Harvest, train, evaluate, steer, tune and analyze (see the module docstring).
 
@@ -791,6 +817,10 @@ def run_study(config: StudyConfig) -> StudyResult:
             failed (each listed; what finished is logged and reused next time).
     """
     config.validate()
+    if config.executor == "ray":
+        from analysis.cluster import check_cluster
+
+        check_cluster(config, mlflow.get_tracking_uri())
     layers = config.layer_for()
     lms: dict[str, LoadedLM] = {}
     for name in config.lm_names():
@@ -807,21 +837,25 @@ def run_study(config: StudyConfig) -> StudyResult:
         study.layers = {name: int(layer) for name, layer in layers.items() if layer is not None}
         study.lms = {lm.name: lm for lm in lms.values()}
         with _active(run_id):
-            for name, lm in lms.items():
-                _train(study, name, lm)
-            uris = [f"models:/{mv.name}/{mv.version}" for mv in study.versions.values()]
-            with study.step("evaluate"):
-                for uri in uris:
-                    _evaluate(study, uri)
-            with study.step("steer"):
-                for selection in config.selection_names():
-                    _steer(study, uris, selection)
-                _log_pooled_lift(study)
+            if config.executor == "ray":
+                _study_on_ray(study, lms)
+            else:
+                for name, lm in lms.items():
+                    _train(study, name, lm)
+                uris = _uris(study)
+                with study.step("evaluate"):
+                    for uri in uris:
+                        _evaluate(study, uri)
+                with study.step("steer"):
+                    for selection in config.selection_names():
+                        _steer(study, uris, selection)
+            _log_pooled_lift(study)
+        uris = _uris(study)
         # tune and analyze start their runs as top-level runs: the study's must not be active.
         target = config.tune_target()
         first_lm = config.lm_names()[0]
         tuned = study.versions.get((first_lm, *target)) if target else None
-        if tuned is not None:
+        if tuned is not None and config.executor == "local":
             with study.step("tune"):
                 _tune(study, tuned)
         with study.step("analyze"):

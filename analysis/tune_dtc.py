@@ -33,8 +33,9 @@ with ``best_*`` tags.
 the tags of :mod:`project.tracking`; the version gets ``tune_dtc.run_id``); each trial that
 steers is a nested run (``tune_dtc_trial``: params = the trial's choices, metric ``dev_score``).
 
-**Storage and workers**: ``storage`` is ``auto`` (SQLite ``mlflow.optuna.db`` beside a tracking
-store ``mlflow.db``, else ``optuna.db`` in the working directory), a file path (SQLite) or an SQLAlchemy URL (``sqlite``,
+**Storage and workers**: ``storage`` is ``auto`` (``$SAEFLOW_COORDINATION_DB`` when tracking
+is on a server and that is set; else SQLite ``mlflow.optuna.db`` beside a tracking store
+``mlflow.db``, else ``optuna.db`` in the working directory), a file path (SQLite) or an SQLAlchemy URL (``sqlite``,
 ``postgresql``, ``mysql``; PostgreSQL for many workers). The study name derives from the version
 and the config (not ``n_trials``), so a second run resumes the study and a second worker
 started with the same parameters joins it.
@@ -52,7 +53,7 @@ Both checks count every other trial whatever its number, so when two trials race
 sees the other: the outcome may be that both are pruned, never that both run. A set whose rule
 selects nothing (K above the live latents) or no explainable latent is PRUNED as *infeasible*
 and never proposed again. RUNNING trials of a killed worker are failed by Optuna's heartbeat
-after ``grace_seconds``, and so is one never claimed after that long (a worker stopped before
+after ``grace_seconds`` (their MLflow runs marked KILLED), and so is one never claimed after that long (a worker stopped before
 its first heartbeat); a FAILED trial's set may be tried again. Each worker's TPE sampler is
 seeded by ``seed`` and its process id, so that workers propose different sets: the order in which
 a study visits the space is not reproducible, each trial's score is (steering is seeded).
@@ -98,6 +99,7 @@ from evaluation.steering.latent_targets import (
 )
 from evaluation.steering.protocol import SAE, Target, run_protocol
 from project.checks import check_int
+from project.claims import COORDINATION_DB_ENV
 from project.cli import (
     mark_work_started,
     parse_int,
@@ -322,13 +324,20 @@ def suggest(trial: optuna.Trial, config: TuneConfig) -> dict[str, Any]:
 
 
 def resolve_storage(storage: str, tracking_uri: str) -> str:
-    """The SQLAlchemy URL of ``storage``: ``auto`` → ``<store>.optuna.db`` beside a SQLite
-    tracking store ``<store>.db`` (else ``optuna.db`` in the working directory); a path → SQLite at that path; a URL is kept.
+    """The SQLAlchemy URL of ``storage``: ``auto`` → ``$SAEFLOW_COORDINATION_DB`` when tracking
+    is not a SQLite file and that is set, else ``<store>.optuna.db`` beside a SQLite tracking
+    store ``<store>.db`` (else ``optuna.db`` in the working directory); a path → SQLite at that
+    path; a URL is kept.
 
     Raises:
         ValueError: a URL whose scheme is not one of :data:`STORAGE_SCHEMES`.
     """
     if storage in ("", "auto"):
+        shared = os.environ.get(COORDINATION_DB_ENV, "").strip()
+        if shared and not tracking_uri.startswith("sqlite:"):
+            # Tracking on a server: the study's workers may be anywhere, and meet in the
+            # coordination database (scripts/server.sh prints it).
+            return shared
         if tracking_uri.startswith("sqlite:///"):
             # Named after the store, so two stores in one folder never share (or delete) it.
             store = Path(tracking_uri[len("sqlite:///") :]).expanduser().resolve()
@@ -900,6 +909,7 @@ def _optimize(worker: DTCStudy, study: optuna.Study, config: TuneConfig) -> None
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # a killed worker's trials
         _fail_orphans(study, config.grace_seconds)
+        _kill_runs_of_failed_trials(study)
         complete, running = trial_counts(
             worker.storage.get_all_trials(study._study_id, deepcopy=False)
         )
@@ -933,6 +943,22 @@ def _fail_orphans(study: optuna.Study, grace_seconds: int) -> None:
         if t.datetime_start and (now - t.datetime_start).total_seconds() > grace_seconds:
             log.info("trial %d was never claimed within %ds: failed", t.number, grace_seconds)
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+
+
+def _kill_runs_of_failed_trials(study: optuna.Study) -> None:
+    """Mark KILLED the MLflow run of every FAILED trial still RUNNING there: its worker died
+    (the heartbeat failed the trial), and its run must not look alive in the UI."""
+    client = MlflowClient()
+    for t in study._storage.get_all_trials(study._study_id, deepcopy=False):
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if t.state != TrialState.FAIL or not run_id:
+            continue
+        try:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, "KILLED")
+                log.info("trial %d failed with its worker: run %s marked KILLED", t.number, run_id)
+        except mlflow.exceptions.MlflowException:
+            continue  # its run is gone
 
 
 def _configure_tracking() -> str:

@@ -7,6 +7,8 @@ SAELens v6 directory, so the same files load into saeflow, into SAELens and into
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 import tempfile
@@ -27,6 +29,8 @@ log = logging.getLogger(__name__)
 
 PYFUNC_CODE = Path(__file__).with_name("sae_pyfunc.py")
 SAE_ARTIFACT = "sae"
+# Version tag: {file name: sha256} of the SAE directory as registered; checked on every load.
+CHECKSUM_TAG = "files_sha256"
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 # Tags every registered version carries (issue: train, register, load).
 VERSION_TAG_KEYS = (
@@ -93,6 +97,7 @@ def register_sae(
     )
     with tempfile.TemporaryDirectory(prefix="saeflow-register-") as tmp:
         sae_dir = save_sae(sae, Path(tmp) / SAE_ARTIFACT)
+        all_tags[CHECKSUM_TAG] = json.dumps(file_checksums(sae_dir), sort_keys=True)
         info = mlflow.pyfunc.log_model(
             name=SAE_ARTIFACT,
             python_model=str(PYFUNC_CODE),
@@ -163,8 +168,36 @@ def load_sae(uri: str) -> SparseAutoencoder:
 
 
 def load_version(mv: ModelVersion) -> SparseAutoencoder:
-    """Load the SAE of an already resolved model version, eval mode (see :func:`load_sae`)."""
-    local = Path(
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}")
-    )
-    return load_sae_dir(local / "artifacts" / SAE_ARTIFACT).eval()
+    """Load the SAE of an already resolved model version, eval mode (see :func:`load_sae`).
+
+    Raises:
+        ValueError: the version's files differ from the checksums registered with it, or do
+            not parse (a truncated or corrupted artifact): never a wrong SAE.
+    """
+    uri = f"models:/{mv.name}/{mv.version}"
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri)) / "artifacts" / SAE_ARTIFACT
+    registered = (mv.tags or {}).get(CHECKSUM_TAG)
+    if registered:
+        found = file_checksums(local)
+        for name, digest in json.loads(registered).items():
+            if found.get(name) != digest:
+                raise ValueError(
+                    f"{uri}: {name} does not match the sha256 registered with the version "
+                    f"({digest[:12]}…, found {str(found.get(name, 'no file'))[:12]}…): the "
+                    "artifact is corrupted or was replaced; not loading it"
+                )
+    try:
+        return load_sae_dir(local).eval()
+    except Exception as err:  # safetensors and JSON errors of a damaged file
+        raise ValueError(
+            f"{uri}: its SAE files cannot be read ({type(err).__name__}: {err})"
+        ) from err
+
+
+def file_checksums(directory: Path) -> dict[str, str]:
+    """sha256 of every file of an SAE directory, by file name."""
+    return {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(Path(directory).iterdir())
+        if path.is_file()
+    }

@@ -5,6 +5,7 @@
 #
 #   scripts/server.sh start    # start all three; prints the environment a client needs
 #   scripts/server.sh stop     # stop all three (data kept in $SAEFLOW_STACK_DIR)
+#   scripts/server.sh restart mlflow|postgres   # one part again, its data kept
 #   scripts/server.sh status
 #
 # Credentials come only from the environment (never from a file in the repository, never in a
@@ -18,6 +19,7 @@
 #   SAEFLOW_AUTH=1      MLflow's basic-auth app; admin from MLFLOW_TRACKING_USERNAME /
 #                       MLFLOW_TRACKING_PASSWORD, its CSRF key MLFLOW_FLASK_SERVER_SECRET_KEY,
 #                       users kept in their own database
+#   SAEFLOW_AUTH_CACHE_SECONDS  how long a checked password is trusted (default 60)
 # Three databases, because MLflow, Optuna and basic-auth share table names: mlflow, optuna,
 # mlflow_auth. `mlflow db upgrade` runs once before the server (or any worker) connects.
 set -euo pipefail
@@ -109,7 +111,9 @@ start_s3() {
   # The one S3 identity, from the environment; the file is the server's, readable by it only.
   (umask 077; printf '{"identities":[{"name":"saeflow","credentials":[{"accessKey":"%s","secretKey":"%s"}],"actions":["Admin","Read","Write","List","Tagging"]}]}\n' \
     "$AWS_ACCESS_KEY_ID" "$AWS_SECRET_ACCESS_KEY" >"$STACK/s3-identities.json")
+  # SeaweedFS's own ports sit at fixed offsets above the S3 port (up to +10104).
   local base=$((S3_PORT + 100))
+  ((base + 10004 <= 65535)) || die "SAEFLOW_S3_PORT=$S3_PORT is too high: SeaweedFS also needs ports up to $((base + 10004)); use one below 55400"
   nohup "$weed" mini -dir="$STACK/s3" -ip=127.0.0.1 -ip.bind=127.0.0.1 -admin.ui=false \
     -webdav=false -s3.port="$S3_PORT" -s3.config="$STACK/s3-identities.json" \
     -master.port=$((base)) -volume.port=$((base + 1)) -filer.port=$((base + 2)) \
@@ -148,6 +152,10 @@ database_uri = $(pg_url mlflow_auth)
 admin_username = $MLFLOW_TRACKING_USERNAME
 admin_password = $MLFLOW_TRACKING_PASSWORD
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+# A password check is a deliberately slow hash (tens of ms of CPU): without this cache every
+# request pays it, and a study's thousands of metric posts kept two cores busy. A revoked
+# password stops working within this many seconds.
+auth_cache_ttl_seconds = ${SAEFLOW_AUTH_CACHE_SECONDS:-60}
 EOF
     )
     export MLFLOW_AUTH_CONFIG_PATH="$STACK/basic_auth.ini"
@@ -188,7 +196,7 @@ case "${1:-}" in
     cat <<EOF
 # saeflow's stack is up ($STACK). A client (or a Ray worker) needs:
 export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
-export SAEFLOW_OPTUNA_STORAGE=postgresql+psycopg://saeflow@127.0.0.1:$PG_PORT/optuna  # + PGPASSWORD
+export SAEFLOW_COORDINATION_DB=postgresql+psycopg://saeflow@127.0.0.1:$PG_PORT/optuna  # + PGPASSWORD
 EOF
     ;;
   stop)
@@ -197,6 +205,21 @@ EOF
     if [[ -f "$STACK/pgdata/postmaster.pid" ]]; then
       as_postgres "$PG_BIN/pg_ctl" -D "$STACK/pgdata" -m fast -w stop >/dev/null || true
     fi
+    ;;
+  restart)  # one part of a running stack, its data kept: mlflow | postgres
+    need_env SAEFLOW_PG_PASSWORD
+    case "${2:-}" in
+      mlflow)
+        stop_pid mlflow
+        start_mlflow
+        ;;
+      postgres)  # SAEFLOW_PG_STOP_MODE=immediate: as if it crashed (recovery on start)
+        as_postgres "$PG_BIN/pg_ctl" -D "$STACK/pgdata" -l "$STACK/postgres.log" -w -t 60 \
+          -m "${SAEFLOW_PG_STOP_MODE:-fast}" \
+          -o "-p $PG_PORT -k $STACK/pg-socket -c listen_addresses=127.0.0.1" restart >/dev/null 3>&-
+        ;;
+      *) die "restart what? mlflow or postgres" ;;
+    esac
     ;;
   status)
     curl -sf "http://127.0.0.1:$MLFLOW_PORT/health" >/dev/null && echo "mlflow: up" || echo "mlflow: down"

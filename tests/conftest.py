@@ -5,6 +5,7 @@ training run does (test modules import it from here)."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -251,3 +252,94 @@ def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     return s3_endpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# the shared tracking stack (scripts/server.sh): PostgreSQL, SeaweedFS S3, mlflow server
+
+ROOT = Path(__file__).resolve().parents[1]
+STACK_SCRIPT = ROOT / "scripts" / "server.sh"
+SECRETS = {
+    "SAEFLOW_PG_PASSWORD": "pg-s3cret-'quoted'",
+    "AWS_ACCESS_KEY_ID": "saeflowtestkey",
+    "AWS_SECRET_ACCESS_KEY": "saeflow-s3-s3cret",
+    "MLFLOW_TRACKING_USERNAME": "admin",
+    "MLFLOW_TRACKING_PASSWORD": "admin-s3cret-pw",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-s3cret",
+}
+
+
+def _free_s3_port() -> int:
+    """An S3 port for server.sh whose SeaweedFS ports (fixed offsets above it) are free too."""
+    offsets = (0, 100, 101, 102, 103, 105, 106, 107, 10100, 10101, 10102, 10103, 10104)
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 40000)
+        sockets = []
+        try:
+            for offset in offsets:
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port + offset))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no free port range for SeaweedFS")
+
+
+def _stack_env(directory: Path, **overrides: str) -> dict[str, str]:
+    pg, server = _free_ports(2)
+    s3 = _free_s3_port()
+    return {
+        **os.environ,
+        **SECRETS,
+        "SAEFLOW_AUTH": "1",
+        "SAEFLOW_STACK_DIR": str(directory),
+        "SAEFLOW_PG_PORT": str(pg),
+        "SAEFLOW_S3_PORT": str(s3),
+        "SAEFLOW_MLFLOW_PORT": str(server),
+        **overrides,
+    }
+
+
+def _reachable_by_postgres(directory: Path) -> None:
+    os.chmod(directory, 0o755)  # the postgres user must reach its data directory
+    for parent in directory.parents:
+        if parent == Path("/"):
+            break
+        os.chmod(parent, os.stat(parent).st_mode | 0o011)  # traverse only
+
+
+def _pg_available() -> bool:
+    return bool(shutil.which("initdb")) or Path("/usr/lib/postgresql/15/bin/initdb").exists()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """scripts/server.sh's stack with basic-auth, once per session: its URLs and ports, and
+    ``coordination`` (the PostgreSQL URL without password; the password is
+    ``SECRETS["SAEFLOW_PG_PASSWORD"]``, as PGPASSWORD)."""
+    if not _pg_available():
+        pytest.fail("PostgreSQL is not installed: apt-get install postgresql-15 (.ci/run does)")
+    directory = tmp_path_factory.mktemp("stack")
+    _reachable_by_postgres(directory)
+    env = _stack_env(directory)
+    try:
+        started = subprocess.run(
+            [str(STACK_SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert started.returncode == 0, started.stderr + started.stdout
+        yield {
+            "dir": str(directory),
+            "tracking": f"http://127.0.0.1:{env['SAEFLOW_MLFLOW_PORT']}",
+            "s3": env["SAEFLOW_S3_PORT"],
+            "pg": env["SAEFLOW_PG_PORT"],
+            "coordination": (
+                f"postgresql+psycopg://saeflow@127.0.0.1:{env['SAEFLOW_PG_PORT']}/optuna"
+            ),
+        }
+    finally:
+        subprocess.run([str(STACK_SCRIPT), "stop"], env=env, capture_output=True, timeout=120)

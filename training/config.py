@@ -28,6 +28,9 @@ THRESHOLD_CHOICES = ("running_mean", "calibrated")
 # "auto" is CUDA when torch sees a GPU, else the CPU; bf16-mixed autocasts the SAE's matmuls
 # to bfloat16 with fp32 weights and optimiser state (Lightning's "bf16-mixed").
 PRECISION_CHOICES = ("32-true", "bf16-mixed")
+# ``ddp``: data-parallel over ``devices`` processes (gloo on CPU, NCCL on GPUs), each rank a
+# slice of every global batch; ``auto``: one device.
+STRATEGY_CHOICES = ("auto", "ddp")
 # Auto dead-latent window: this fraction of the training tokens, within [2 batches, 10M]. The
 # libraries' windows are 0.2-3% of their typical runs (SAELens 1000 steps, dictionary_learning
 # 10M tokens of ~500M); 10M is Gao et al.'s window.
@@ -63,6 +66,9 @@ class TrainConfig:
     registered_model: str = "auto"  # "auto" = derived from the LM and hook
     cache_dir: str = ""  # "" = $SAEFLOW_CACHE_DIR/activations; may be s3://bucket/prefix
     checkpoint_dir: str = ""  # "" = ./.saeflow/checkpoints/<run id>
+    # Steps between checkpoints, each also logged as the run's artifact checkpoints/last.ckpt
+    # (so a job killed on one machine resumes on another); 0 = auto: max(50, a tenth of the run).
+    checkpoint_every_n_steps: int = 0
     seed: int = 0
     # A latent is dead when it has not fired in this many training tokens; 0 = auto:
     # 2% of the training tokens, at least two batches, at most 10M (Gao et al.'s window).
@@ -74,6 +80,10 @@ class TrainConfig:
     # torch.compile the SAE's training loss (and its inference encode/decode); the first steps
     # pay the compilation, later ones run the fused graph.
     compile: bool = False
+    # Processes training this one SAE (strategy ``ddp``): batch_size and the token budget stay
+    # the totals; each rank takes batch_size / devices rows of every batch.
+    devices: int = 1
+    strategy: str = "auto"
 
     def validate(self) -> None:
         """Fail on values that are wrong whatever the LM, naming the value and the choices."""
@@ -91,6 +101,10 @@ class TrainConfig:
             raise ValueError(f"layer={self.layer} must be >= 0")
         if self.context_size < 2:
             raise ValueError(f"context_size={self.context_size} must be >= 2")
+        if self.checkpoint_every_n_steps < 0:
+            raise ValueError(
+                f"checkpoint_every_n_steps={self.checkpoint_every_n_steps} must be >= 0 (0 = auto)"
+            )
         if self.training_tokens < 0:
             raise ValueError(f"training_tokens={self.training_tokens} must be >= 0 (0 = auto)")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -111,6 +125,19 @@ class TrainConfig:
         if self.precision not in PRECISION_CHOICES:
             raise ValueError(
                 f"precision={self.precision!r} is not supported; valid: {list(PRECISION_CHOICES)}"
+            )
+        if self.strategy not in STRATEGY_CHOICES:
+            raise ValueError(
+                f"strategy={self.strategy!r} is not supported; valid: {list(STRATEGY_CHOICES)}"
+            )
+        if self.devices < 1 or (self.devices > 1) != (self.strategy == "ddp"):
+            raise ValueError(
+                f"devices={self.devices} with strategy={self.strategy!r}: give devices=1 with "
+                "strategy=auto, or devices >= 2 with strategy=ddp"
+            )
+        if self.batch_size % self.devices:
+            raise ValueError(
+                f"batch_size={self.batch_size} must split evenly over devices={self.devices}"
             )
         if self.batchtopk_threshold not in THRESHOLD_CHOICES:
             raise ValueError(

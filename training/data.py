@@ -14,22 +14,34 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 
-class _ShuffledBatches(IterableDataset):
-    """Endless stream of [batch, d_in] batches, a new permutation each pass."""
+class ShuffledBatches(IterableDataset):
+    """Endless stream of [batch, d_in] batches, a new permutation each pass.
 
-    def __init__(self, acts_ND: torch.Tensor, batch_size: int, seed: int) -> None:
+    Under data parallelism every rank draws the same permutation and yields its own slice of
+    each global batch (rows ``rank * batch/world`` onwards): together the ranks see exactly the
+    one-device batches. An iterable dataset is not sharded by Lightning; this is where it is.
+    """
+
+    def __init__(
+        self, acts_ND: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world: int = 1
+    ) -> None:
         super().__init__()
         self.acts_ND = acts_ND
         self.batch_size = min(batch_size, acts_ND.shape[0])
         self.seed = seed
+        self.rank, self.world = rank, world
+        if self.batch_size % world:
+            raise ValueError(f"a batch of {self.batch_size} does not split over {world} ranks")
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         generator = torch.Generator().manual_seed(self.seed)
         n_full = self.acts_ND.shape[0] // self.batch_size
+        share = self.batch_size // self.world
         while True:
             order = torch.randperm(self.acts_ND.shape[0], generator=generator)
             for i in range(n_full):
-                yield self.acts_ND[order[i * self.batch_size : (i + 1) * self.batch_size]]
+                start = i * self.batch_size + self.rank * share
+                yield self.acts_ND[order[start : start + share]]
 
 
 class ActivationDataModule(pl.LightningDataModule):
@@ -54,9 +66,12 @@ class ActivationDataModule(pl.LightningDataModule):
         return self.train_ND.shape[1]
 
     def train_dataloader(self) -> DataLoader:
-        # batch_size=None: the dataset already yields whole batches.
+        # batch_size=None: the dataset already yields whole batches (this rank's share).
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         return DataLoader(
-            _ShuffledBatches(self.train_ND, self.batch_size, self.seed), batch_size=None
+            ShuffledBatches(self.train_ND, self.batch_size, self.seed, rank, world),
+            batch_size=None,
         )
 
     def sample(self, n: int) -> torch.Tensor:

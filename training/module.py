@@ -75,7 +75,9 @@ class SAETrainingModule(pl.LightningModule):
         if self._last_step_time is not None:
             metrics["tokens_per_second"] = batch_BD.shape[0] / max(now - self._last_step_time, 1e-9)
         self._last_step_time = now
-        self.log_dict(metrics, on_step=True, prog_bar=False, logger=True)
+        # Under ddp each rank saw a slice of the batch: log the mean over ranks, the batch's.
+        distributed = self.trainer.world_size > 1
+        self.log_dict(metrics, on_step=True, prog_bar=False, logger=True, sync_dist=distributed)
         self.log("ev", metrics["explained_variance"], prog_bar=True, logger=False)
         self.log("L0", metrics["l0"], prog_bar=True, logger=False)
         return out.loss

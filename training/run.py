@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.tracking import MlflowClient
 
 from project.activation_cache import HarvestRequest, HarvestResult, harvest
 from project.lm import LoadedLM, hook_name
@@ -36,6 +37,11 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR_TAG = "saeflow.checkpoint_dir"
 LAST_CHECKPOINT = "last.ckpt"
+# Where the run keeps its newest checkpoint among its artifacts (behind the tracking server:
+# S3), so that a resume on any machine continues from it.
+CHECKPOINT_ARTIFACT_DIR = "checkpoints"
+# Run metric: the step a resumed training continued from (0: from the start).
+RESUMED_FROM_STEP_METRIC = "resumed_from_step"
 TRAIN_CONFIG_ARTIFACT = "train_config.json"
 # Run tag: the hash of the code a training result depends on; a version is reused for a config
 # only when it was trained by this code (a trainer fix retrains).
@@ -133,6 +139,59 @@ def choose_threshold(sae: BatchTopKSAE, config: TrainConfig, data: ActivationDat
     )
 
 
+class ArtifactCheckpoint(ModelCheckpoint):
+    """Lightning's checkpoint, each save also logged as the run's artifact
+    ``checkpoints/last.ckpt`` (the local file is only a cache of it)."""
+
+    def __init__(self, run_id: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.run_id = run_id
+        self.start_step = 0  # the step fit began at: > 0 after a resume
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.start_step = trainer.global_step
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if trainer.is_global_zero and Path(filepath).name == LAST_CHECKPOINT:
+            MlflowClient().log_artifact(self.run_id, filepath, CHECKPOINT_ARTIFACT_DIR)
+
+
+def fetch_checkpoint(run_id: str, checkpoint_dir: Path) -> Path | None:
+    """The run's newest checkpoint as a local file in ``checkpoint_dir``: its artifact (the
+    one every machine sees, and the newest: a local file may be one that another machine has
+    since trained past), else a local file the artifact upload missed; None if neither."""
+    local = checkpoint_dir / LAST_CHECKPOINT
+    wanted = f"{CHECKPOINT_ARTIFACT_DIR}/{LAST_CHECKPOINT}"
+    names = {a.path for a in MlflowClient().list_artifacts(run_id, CHECKPOINT_ARTIFACT_DIR)}
+    if wanted in names:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        downloaded = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=wanted, dst_path=str(checkpoint_dir / ".download")
+        )
+        Path(downloaded).replace(local)
+        log.info("checkpoint of run %s fetched from its artifacts into %s", run_id, local)
+        return local
+    return local if local.exists() else None
+
+
+def _strategy(config: TrainConfig) -> Any:
+    """Lightning's strategy for ``config``: one device, or DDP whose ranks are started inside
+    ``fit`` (forked on CPU, spawned on GPUs), so that only this process — rank 0 — has the
+    MLflow run, logs and registers; the ranks' results come back to it when fit ends. (A
+    launcher that re-runs the script would start a second run per rank.)"""
+    if config.devices == 1:
+        return "auto"
+    from lightning.pytorch.strategies import DDPStrategy
+
+    on_cpu = config.resolved_device() == "cpu"
+    return DDPStrategy(
+        start_method="fork" if on_cpu else "spawn",
+        process_group_backend="gloo" if on_cpu else "nccl",
+    )
+
+
 def total_steps_for(config: TrainConfig, n_train_tokens: int) -> int:
     batch = min(config.batch_size, n_train_tokens)
     return max(1, math.ceil(config.resolved_training_tokens() / batch))
@@ -157,15 +216,17 @@ def fit_sae(
         decay_fraction=config.decay_fraction,
     )
     logger = MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id, log_model=False)
-    checkpoints = ModelCheckpoint(
+    checkpoints = ArtifactCheckpoint(
+        run_id,
         dirpath=checkpoint_dir,
         save_last=True,
         save_top_k=0,
-        every_n_train_steps=max(50, total_steps // 10),
+        every_n_train_steps=config.checkpoint_every_n_steps or max(50, total_steps // 10),
     )
     trainer = pl.Trainer(
         accelerator=config.resolved_device(),
-        devices=1,
+        devices=config.devices,
+        strategy=_strategy(config),
         precision=config.precision,
         max_steps=total_steps,
         logger=logger,
@@ -176,10 +237,10 @@ def fit_sae(
         limit_val_batches=0,
         default_root_dir=checkpoint_dir,
     )
-    last = checkpoint_dir / LAST_CHECKPOINT
-    ckpt_path = str(last) if resume and last.exists() else None
+    last = fetch_checkpoint(run_id, checkpoint_dir) if resume else None
+    ckpt_path = str(last) if last is not None else None
     if resume and ckpt_path is None:
-        log.warning("no checkpoint in %s: training from the start", checkpoint_dir)
+        log.warning("run %s has no checkpoint: training from the start", run_id)
     if config.compile:
         # The loss is the whole training step's forward; an instance attribute shadows the
         # method for this fit only (removed below, so the registered SAE is the plain module).
@@ -190,7 +251,12 @@ def fit_sae(
     finally:
         sae.__dict__.pop("loss", None)
     elapsed = time.perf_counter() - started
-    steps_done = trainer.global_step
+    if resume:
+        mlflow.log_metric(RESUMED_FROM_STEP_METRIC, float(checkpoints.start_step))
+    # Under ddp the ranks ran in child processes; this one got rank 0's weights back, not its
+    # step counter: the run went to total_steps or raised.
+    end_step = trainer.global_step if config.devices == 1 else total_steps
+    steps_done = end_step - checkpoints.start_step
     mlflow.log_metric("train_tokens_per_second", steps_done * data.batch_size / max(elapsed, 1e-9))
     return sae
 
@@ -213,24 +279,24 @@ def train_and_register(
     config.validate_for_width(d_in)
     checkpoint_dir = Path(config.checkpoint_dir or Path(".saeflow") / "checkpoints" / run_id)
     checkpoint_dir = checkpoint_dir.resolve()
-    if not resume:
-        # `mlflow run` has already logged the MLproject parameters (as the strings it was
-        # given); add the rest. The typed config, exactly, is the JSON artifact.
-        logged = mlflow.get_run(run_id).data.params
-        mlflow.log_params({k: v for k, v in config.as_params().items() if k not in logged})
-        mlflow.log_dict(config.as_params(), TRAIN_CONFIG_ARTIFACT)
-        mlflow.set_tags(
-            {
-                RUN_TYPE_TAG: "train",
-                CHECKPOINT_DIR_TAG: str(checkpoint_dir),
-                "architecture": config.architecture,
-                "target_l0": str(config.target_l0),
-                LM_TAG: model_name,
-                "harvest_run_id": harvest_result.harvest_run_id or "",
-                "activation_cache": str(harvest_result.cache.directory),
-                TRAINING_CODE_TAG: training_code_version(),
-            }
-        )
+    # `mlflow run` has already logged the MLproject parameters (as the strings it was given);
+    # add the rest. The typed config, exactly, is the JSON artifact. All of it idempotent: a
+    # resume completes what a job killed early left unlogged.
+    logged = mlflow.get_run(run_id).data.params
+    mlflow.log_params({k: v for k, v in config.as_params().items() if k not in logged})
+    mlflow.log_dict(config.as_params(), TRAIN_CONFIG_ARTIFACT)
+    mlflow.set_tags(
+        {
+            RUN_TYPE_TAG: "train",
+            CHECKPOINT_DIR_TAG: str(checkpoint_dir),
+            "architecture": config.architecture,
+            "target_l0": str(config.target_l0),
+            LM_TAG: model_name,
+            "harvest_run_id": harvest_result.harvest_run_id or "",
+            "activation_cache": str(harvest_result.cache.directory),
+            TRAINING_CODE_TAG: training_code_version(),
+        }
+    )
     torch.manual_seed(config.seed)
     data = ActivationDataModule(
         acts_ND, batch_size=config.batch_size, val_fraction=config.val_fraction, seed=config.seed

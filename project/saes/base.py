@@ -352,6 +352,14 @@ class SparseAutoencoder(nn.Module, ABC):
         """Dead-latent bookkeeping: ``fired_F`` a bool mask or indices of latents that fired."""
         if not self.training:
             return
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Data-parallel ranks each saw a slice of the batch: a latent fired if it fired on
+            # any rank, and the window counts the whole batch's tokens.
+            mask_F = torch.zeros_like(self.tokens_since_fired_F, dtype=torch.int32)
+            mask_F[fired_F] = 1
+            dist.all_reduce(mask_F, op=dist.ReduceOp.MAX)
+            fired_F, n_tokens = mask_F.bool(), n_tokens * dist.get_world_size()
         self.tokens_since_fired_F += n_tokens
         self.tokens_since_fired_F[fired_F] = 0
 

@@ -3,12 +3,16 @@ crash between registering a version and tagging it)."""
 
 from __future__ import annotations
 
+import pickle
+from pathlib import Path
+
 import mlflow
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from project.lm import hook_name
-from project.registry import register_sae, version_of_run
+from project.registry import CHECKSUM_TAG, load_sae, register_sae, version_of_run
 from project.saes import SAEConfig, build_sae
 from project.tracking import LM_TAG
 
@@ -59,3 +63,68 @@ def test_a_run_registers_one_version_however_often_it_is_asked(tracking_uri: str
     assert int(second.version) == int(first.version) + 1
     assert version_of_run(NAME, "no-such-run") is None
     assert version_of_run("no-such-model", run.info.run_id) is None
+
+
+def _registered(tmp_path: Path) -> tuple[str, Path]:
+    """A registered version and the stored (not downloaded) directory of its SAE files."""
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(architecture="topk", d_in=16, d_sae=32, k=4))
+    with mlflow.start_run() as run:
+        mv = register_sae(sae, registered_model=NAME, tags=_tags(run.info.run_id))
+    (weights,) = (tmp_path / "mlartifacts").rglob("sae_weights.safetensors")
+    return f"models:/{mv.name}/{mv.version}", weights.parent
+
+
+class _Planted:
+    """Unpickling this writes a marker file: the proof that a pickle was executed."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.write_text, (self.marker, "pickle executed"))
+
+
+def test_a_corrupted_or_truncated_weights_file_is_refused_never_loaded(
+    tracking_uri: str, tmp_path: Path
+) -> None:
+    uri, stored = _registered(tmp_path)
+    weights = stored / "sae_weights.safetensors"
+    original = weights.read_bytes()
+    assert load_sae(uri).cfg.d_sae == 32
+    flipped = bytearray(original)
+    flipped[len(original) // 2] ^= 0x01  # one bit inside a tensor: still parses as safetensors
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="sae_weights.safetensors does not match the sha256"):
+        load_sae(uri)
+    weights.write_bytes(original[: len(original) // 2])
+    with pytest.raises(ValueError, match="does not match the sha256"):
+        load_sae(uri)
+    # A version registered without checksums (before they existed): a truncated file is a
+    # clear error too.
+    name, version = uri.removeprefix("models:/").split("/")
+    MlflowClient().delete_model_version_tag(name, version, CHECKSUM_TAG)
+    with pytest.raises(ValueError, match=f"{uri}: its SAE files cannot be read"):
+        load_sae(uri)
+
+
+def test_a_planted_pickle_is_never_executed_on_load(tracking_uri: str, tmp_path: Path) -> None:
+    uri, stored = _registered(tmp_path)
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Planted(marker))
+    # Beside the weights, and as the pyfunc's pickled python_model (MLmodel rewritten to load
+    # it, as an attacker with write access to the bucket would): saeflow reads safetensors only.
+    (stored / "sae.pkl").write_bytes(payload)
+    model_dir = stored.parent.parent
+    (model_dir / "python_model.pkl").write_bytes(payload)
+    mlmodel = model_dir / "MLmodel"
+    code_loader = "loader_module: mlflow.pyfunc.loaders.code_model"
+    assert code_loader in mlmodel.read_text()
+    mlmodel.write_text(
+        mlmodel.read_text().replace(
+            code_loader, "loader_module: mlflow.pyfunc.model\n    python_model: python_model.pkl"
+        )
+    )
+    sae = load_sae(uri)
+    assert sae.cfg.d_sae == 32
+    assert not marker.exists()

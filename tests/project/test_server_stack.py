@@ -7,88 +7,27 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import mlflow
 import pytest
 import torch
-from conftest import _free_ports
+from conftest import SECRETS, STACK_SCRIPT, _reachable_by_postgres, _stack_env
 from mlflow.tracking import MlflowClient
 
 from project.registry import load_sae
 from training.config import TrainConfig
 from training.train import train
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "server.sh"
-SECRETS = {
-    "SAEFLOW_PG_PASSWORD": "pg-s3cret-'quoted'",
-    "AWS_ACCESS_KEY_ID": "saeflowtestkey",
-    "AWS_SECRET_ACCESS_KEY": "saeflow-s3-s3cret",
-    "MLFLOW_TRACKING_USERNAME": "admin",
-    "MLFLOW_TRACKING_PASSWORD": "admin-s3cret-pw",
-    "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-s3cret",
-}
-
-
-def _stack_env(directory: Path, **overrides: str) -> dict[str, str]:
-    pg, s3, server = _free_ports(3)
-    return {
-        **os.environ,
-        **SECRETS,
-        "SAEFLOW_AUTH": "1",
-        "SAEFLOW_STACK_DIR": str(directory),
-        "SAEFLOW_PG_PORT": str(pg),
-        "SAEFLOW_S3_PORT": str(s3),
-        "SAEFLOW_MLFLOW_PORT": str(server),
-        **overrides,
-    }
-
-
-def _reachable_by_postgres(directory: Path) -> None:
-    os.chmod(directory, 0o755)  # the postgres user must reach its data directory
-    for parent in directory.parents:
-        if parent == Path("/"):
-            break
-        os.chmod(parent, os.stat(parent).st_mode | 0o011)  # traverse only
-
-
-def _pg_available() -> bool:
-    return bool(shutil.which("initdb")) or Path("/usr/lib/postgresql/15/bin/initdb").exists()
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    if not _pg_available():
-        pytest.fail("PostgreSQL is not installed: apt-get install postgresql-15 (.ci/run does)")
-    directory = tmp_path_factory.mktemp("stack")
-    _reachable_by_postgres(directory)
-    env = _stack_env(directory)
-    try:
-        started = subprocess.run(
-            [str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=300
-        )
-        assert started.returncode == 0, started.stderr + started.stdout
-        yield {
-            "dir": str(directory),
-            "tracking": f"http://127.0.0.1:{env['SAEFLOW_MLFLOW_PORT']}",
-            "s3": env["SAEFLOW_S3_PORT"],
-            "pg": env["SAEFLOW_PG_PORT"],
-        }
-    finally:
-        subprocess.run([str(SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
-
 
 def test_start_refuses_to_run_without_credentials_in_the_environment(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in SECRETS}
     env["SAEFLOW_STACK_DIR"] = str(tmp_path)
-    done = subprocess.run([str(SCRIPT), "start"], env=env, capture_output=True, text=True)
+    done = subprocess.run([str(STACK_SCRIPT), "start"], env=env, capture_output=True, text=True)
     assert done.returncode == 2
     assert "SAEFLOW_PG_PASSWORD is not set: credentials come from the environment only" in (
         done.stderr
@@ -102,11 +41,11 @@ def test_a_start_that_fails_half_way_leaves_nothing_running(tmp_path: Path) -> N
     _reachable_by_postgres(tmp_path)
     env = _stack_env(tmp_path, MLFLOW_TRACKING_PASSWORD="short")
     done = subprocess.run(
-        [str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=300
+        [str(STACK_SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 2
     assert "mlflow exited while starting" in done.stderr
-    status = subprocess.run([str(SCRIPT), "status"], env=env, capture_output=True, text=True)
+    status = subprocess.run([str(STACK_SCRIPT), "status"], env=env, capture_output=True, text=True)
     assert status.stdout.split("\n")[:3] == ["mlflow: down", "postgres: down", "s3: down"]
 
 
@@ -212,3 +151,31 @@ def test_training_against_the_stack(
     for name, secret in SECRETS.items():
         if name != "MLFLOW_TRACKING_USERNAME":
             assert secret not in logged, name
+
+
+def test_a_user_without_edit_permission_cannot_register_a_version(
+    stack: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Basic-auth's default permission is READ: a second user reads the admin's registered
+    model but cannot add a version to it, and nothing lands."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.server import get_app_client
+
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, SECRETS[name])
+    model = f"guarded-{os.getpid()}"
+    admin = MlflowClient(stack["tracking"], registry_uri=stack["tracking"])
+    admin.create_registered_model(model)
+    get_app_client("basic-auth", tracking_uri=stack["tracking"]).create_user(
+        "reader", "reader-password-1"
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "reader")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "reader-password-1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    reader = MlflowClient(stack["tracking"], registry_uri=stack["tracking"])
+    assert reader.get_registered_model(model).name == model  # READ is allowed
+    with pytest.raises(MlflowException, match="(?i)permission"):
+        reader.create_model_version(model, source="s3://saeflow-artifacts/nothing")
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, SECRETS[name])
+    assert admin.search_model_versions(f"name = '{model}'") == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -14,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from project.registry import load_sae
 from training import module as training_module
 from training.config import TrainConfig
-from training.run import harvest_for, train_and_register
+from training.run import RESUMED_FROM_STEP_METRIC, harvest_for, train_and_register
 from training.sweep import SweepConfig, sweep
 from training.train import resume, train
 
@@ -145,9 +146,15 @@ def test_interrupted_training_resumes_in_the_same_run(
     assert failed.info.status == "FAILED"
     assert client.search_registered_models() == []
     assert (tmp_path / "ckpt" / "last.ckpt").exists()
+    # The checkpoint is an artifact of the run: a resume on a machine without the local file
+    # (here: the file deleted) continues from it.
+    artifacts = [a.path for a in client.list_artifacts(failed.info.run_id, "checkpoints")]
+    assert artifacts == ["checkpoints/last.ckpt"]
+    shutil.rmtree(tmp_path / "ckpt")
 
     result = resume(failed.info.run_id)
     assert result.run_id == failed.info.run_id
+    assert client.get_run(result.run_id).data.metrics[RESUMED_FROM_STEP_METRIC] == 50
     steps = [m.step for m in client.get_metric_history(result.run_id, "loss")]
     # Checkpoint at step 50, crash at 70: steps 50-69 are logged twice, 0-49 only once.
     assert max(steps) >= 90
