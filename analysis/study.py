@@ -57,8 +57,10 @@ from analysis.units import (
     UnitOutcome,
     evaluate_unit,
     steer_unit,
+    train_unit_key,
     tune_unit,
 )
+from project.claims import check_coordination_database, claim, coordination_database
 from project.cli import (
     BadInputError,
     PartialFailureError,
@@ -491,8 +493,12 @@ def find_trained_version(config: TrainConfig, lm_name: str) -> ModelVersion | No
     escaped = name.replace("'", "\\'")
     try:
         versions = client.search_model_versions(f"name = '{escaped}'")
-    except mlflow.exceptions.MlflowException:
-        return None
+    except mlflow.exceptions.MlflowException as err:
+        # Only "no such model" means no version; a server that fails must not read as "not
+        # trained yet" (that would train and register the SAE a second time).
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
     wanted = _identity(config.as_params())
     code = training_code_version()
     for mv in sorted(versions, key=lambda v: int(v.version), reverse=True):
@@ -511,7 +517,9 @@ def find_trained_version(config: TrainConfig, lm_name: str) -> ModelVersion | No
             logged = mlflow.artifacts.load_dict(
                 f"runs:/{tags['training_run_id']}/{TRAIN_CONFIG_ARTIFACT}"
             )
-        except mlflow.exceptions.MlflowException:
+        except mlflow.exceptions.MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise  # the server failed: we cannot tell, so we do not guess
             continue  # its run or config is gone: not a version we can vouch for
         if _identity(logged) == wanted:
             return mv
@@ -543,14 +551,24 @@ def _train(study: _Study, lm_given: str, lm: LoadedLM) -> None:
     with study.step("train"):
         for train_config in todo:
             name = f"{train_config.architecture}-l0{train_config.target_l0}"
+            key = (lm_given, train_config.architecture, train_config.target_l0)
             try:
-                with mlflow.start_run(run_name=name, nested=True) as run:
-                    result = train_and_register(train_config, harvested, acts_ND)
+                # Under the SAE's claim (analysis/units.py): a second study started at the
+                # same moment waits here, then finds the version this one registered.
+                with claim(train_unit_key(train_config)):
+                    existing = find_trained_version(train_config, lm.name)
+                    if existing is not None:
+                        uri = f"models:/{existing.name}/{existing.version}"
+                        study.versions[key] = existing
+                        run_id = existing.tags["training_run_id"]
+                        study.record(StepRun("train", run_id, uri, "", reused=True))
+                        continue
+                    with mlflow.start_run(run_name=name, nested=True) as run:
+                        result = train_and_register(train_config, harvested, acts_ND)
             except Exception as err:  # noqa: BLE001 - one SAE's failure must not stop the rest
                 study.fail(f"training {lm.name} {name}", err)
                 continue
             mv = result.model_version
-            key = (lm_given, train_config.architecture, train_config.target_l0)
             study.versions[key] = mv
             study.record(StepRun("train", run.info.run_id, f"models:/{mv.name}/{mv.version}"))
     del acts_ND
@@ -821,6 +839,8 @@ def run_study(config: StudyConfig) -> StudyResult:
         from analysis.cluster import check_cluster
 
         check_cluster(config, mlflow.get_tracking_uri())
+    elif coordination_database() is not None:
+        check_coordination_database(str(coordination_database()))  # the units' claims
     layers = config.layer_for()
     lms: dict[str, LoadedLM] = {}
     for name in config.lm_names():

@@ -334,7 +334,7 @@ def resolve_storage(storage: str, tracking_uri: str) -> str:
     """
     if storage in ("", "auto"):
         shared = os.environ.get(COORDINATION_DB_ENV, "").strip()
-        if shared and not tracking_uri.startswith("sqlite:"):
+        if shared and tracking_uri.startswith(("http://", "https://", "postgresql", "mysql")):
             # Tracking on a server: the study's workers may be anywhere, and meet in the
             # coordination database (scripts/server.sh prints it).
             return shared

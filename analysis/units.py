@@ -113,20 +113,22 @@ def train_unit(
     unit = train_unit_key(config)
     outcome = UnitOutcome(unit, worker=worker)
     name = f"{config.architecture}-l0{config.target_l0}"
-    with claim(unit):
-        existing = find_trained_version(config, lm_name)
-        if existing is not None:
-            uri = f"models:/{existing.name}/{existing.version}"
-            outcome.version_uri = uri
-            run_id = existing.tags["training_run_id"]
-            outcome.runs.append(StepRun("train", run_id, uri, "", reused=True))
-            return outcome
-        try:
+    try:
+        with claim(unit) as held:
+            existing = find_trained_version(config, lm_name)
+            if existing is None:
+                left = _unfinished_run(unit)
+                existing = _registered_by(left, config, lm_name) if left else None
+            if existing is not None:
+                uri = f"models:/{existing.name}/{existing.version}"
+                outcome.version_uri = uri
+                run_id = existing.tags["training_run_id"]
+                outcome.runs.append(StepRun("train", run_id, uri, "", reused=True))
+                return outcome
             # Units on one machine share its activation cache: one harvests, the others wait.
             with claim(harvest_unit_key(config)):
                 harvested = harvest_for(config)
             acts_ND = harvested.cache.load_all()
-            left = _unfinished_run(unit)
             if left is not None:
                 log.info("%s: resuming run %s, left unfinished by a killed worker", name, left)
                 outcome.resumed_run = True
@@ -135,16 +137,39 @@ def train_unit(
                 tags = {UNIT_TAG: unit, STUDY_RUN_TAG: study_run_id}
                 tags["mlflow.parentRunId"] = study_run_id
                 run = mlflow.start_run(run_name=name, tags=tags)
+
+            def still_ours() -> None:
+                # The claim was lost and taken again: another worker may have trained it.
+                if not held.confirm() and find_trained_version(config, lm_name) is not None:
+                    raise RuntimeError(f"unit {unit} was trained by another worker meanwhile")
+
             with run:
                 mlflow.set_tag(WORKER_TAG, worker)
-                result = train_and_register(config, harvested, acts_ND, resume=left is not None)
-        except Exception as err:  # noqa: BLE001 - reported to the study, which goes on
-            outcome.fail(f"training {lm_name} {name}", err)
-            return outcome
+                result = train_and_register(
+                    config, harvested, acts_ND, resume=left is not None, before_register=still_ours
+                )
+    except Exception as err:  # noqa: BLE001 - reported to the study, which goes on
+        outcome.fail(f"training {lm_name} {name}", err)
+        return outcome
     mv = result.model_version
     outcome.version_uri = f"models:/{mv.name}/{mv.version}"
     outcome.runs.append(StepRun("train", result.run_id, outcome.version_uri))
     return outcome
+
+
+def _registered_by(run_id: str, config: TrainConfig, lm_name: str) -> Any:
+    """The version ``run_id`` registered before its worker died (between registering and
+    ending the run), its run now ended FINISHED; None if it registered nothing."""
+    from project.registry import default_registered_model_name, version_of_run
+
+    model = config.registered_model
+    if model in {"", "auto"}:
+        model = default_registered_model_name(lm_name, config.layer)
+    mv = version_of_run(model, run_id)
+    if mv is not None:
+        log.info("run %s had registered %s v%s before its worker died", run_id, mv.name, mv.version)
+        MlflowClient().set_terminated(run_id, "FINISHED")
+    return mv
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,8 +11,11 @@ Two backends, chosen by where the work runs:
 
 - **PostgreSQL advisory locks** (the coordination database, ``$SAEFLOW_COORDINATION_DB``,
   which ``scripts/server.sh`` prints; the password from ``$PGPASSWORD`` as libpq reads it): a
-  session lock on a 64-bit key of the unit. A holder that dies (SIGKILL, a lost node) loses its
-  connection and with it the claim, so a retry never waits on a ghost.
+  session lock on a 64-bit key of the unit. A holder that dies loses its session and with it
+  the claim: at once when its process is killed, within about a minute (TCP keepalives) when
+  its machine vanishes. A holder whose session is lost while it lives (the database
+  restarted) takes the claim again before registering and checks whether the unit was done
+  meanwhile (:meth:`Claim.confirm`).
 - **File locks** (``fcntl``) in ``$SAEFLOW_CLAIMS_DIR`` (default ``$SAEFLOW_CACHE_DIR/claims``, ``~/.cache/saeflow/claims``)
   when no coordination database is configured: processes of one machine only.
 """
@@ -28,6 +31,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -84,50 +88,92 @@ def check_coordination_database(url: str) -> None:
         ) from err
 
 
+class Claim:
+    """A held claim. :meth:`confirm` before an irreversible step (registering a version)."""
+
+    def confirm(self) -> bool:
+        """True if the claim was held throughout; False if it was lost (the coordination
+        database restarted) and has been taken again, so that what the unit found at the
+        start must be checked again: another worker may have done it meanwhile."""
+        return True
+
+
+class _AdvisoryClaim(Claim):
+    def __init__(self, unit: str, url: str, poll_seconds: float) -> None:
+        self.unit, self.url, self.poll_seconds = unit, url, poll_seconds
+        self.key = _lock_id(unit)
+        self.conn: Any = None
+
+    def acquire(self) -> None:
+        import psycopg
+
+        # keepalives on both ends: the server notices a vanished holder within about a
+        # minute and frees its claim (the kernel default would be two hours).
+        self.conn = psycopg.connect(
+            libpq_url(self.url),
+            autocommit=True,
+            connect_timeout=30,
+            keepalives=1,
+            keepalives_idle=20,
+            keepalives_interval=5,
+            keepalives_count=4,
+            options="-c tcp_keepalives_idle=20 -c tcp_keepalives_interval=5 "
+            "-c tcp_keepalives_count=4",
+        )
+        waited = False
+        while not self.conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()[0]:
+            if not waited:
+                log.info("unit %s is claimed by another worker: waiting", self.unit)
+                waited = True
+            time.sleep(self.poll_seconds)
+
+    def confirm(self) -> bool:
+        import psycopg
+
+        try:
+            self.conn.execute("SELECT 1")
+            return True
+        except psycopg.Error:
+            log.warning(
+                "the claim on unit %s was lost with its session: taking it again", self.unit
+            )
+            with contextlib.suppress(psycopg.Error):
+                self.conn.close()
+            for attempt in range(30):  # the database may still be coming back
+                try:
+                    self.acquire()
+                    return False
+                except psycopg.OperationalError:
+                    time.sleep(min(2.0 * (attempt + 1), 10.0))
+            raise
+
+    def release(self) -> None:
+        import psycopg
+
+        if self.conn is None:
+            return
+        # A lost connection has released the lock already.
+        with contextlib.suppress(psycopg.Error):
+            self.conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
+        self.conn.close()
+
+
 @contextmanager
-def claim(unit: str, *, poll_seconds: float = 2.0, database: str | None = None) -> Iterator[None]:
+def claim(unit: str, *, poll_seconds: float = 2.0, database: str | None = None) -> Iterator[Claim]:
     """Hold ``unit``'s claim for the body of the ``with``; waits while another process holds
     it (logging who waits for what once). ``database``: a PostgreSQL URL (default
     :func:`coordination_database`); without one, a file lock on this machine."""
     url = database or coordination_database()
     if url:
-        with _advisory_lock(unit, url, poll_seconds):
-            yield
+        held = _AdvisoryClaim(unit, url, poll_seconds)
+        try:
+            held.acquire()
+            yield held
+        finally:
+            held.release()
     else:
         with _file_lock(unit):
-            yield
-
-
-@contextmanager
-def _advisory_lock(unit: str, url: str, poll_seconds: float) -> Iterator[None]:
-    import psycopg
-
-    key = _lock_id(unit)
-    # keepalives: a holder on a vanished node is noticed by the server within about a minute.
-    conn = psycopg.connect(
-        libpq_url(url),
-        autocommit=True,
-        connect_timeout=30,
-        keepalives=1,
-        keepalives_idle=20,
-        keepalives_interval=5,
-        keepalives_count=4,
-    )
-    try:
-        waited = False
-        while not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
-            if not waited:
-                log.info("unit %s is claimed by another worker: waiting", unit)
-                waited = True
-            time.sleep(poll_seconds)
-        try:
-            yield
-        finally:
-            # A lost connection has released the lock already.
-            with contextlib.suppress(psycopg.Error):
-                conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
-    finally:
-        conn.close()
+            yield Claim()
 
 
 @contextmanager

@@ -127,8 +127,10 @@ def version_of_run(registered_model: str, run_id: str) -> ModelVersion | None:
         found = MlflowClient().search_model_versions(
             f"name = '{escaped_name}' and run_id = '{escaped_run}'"
         )
-    except mlflow.exceptions.MlflowException:
-        return None
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise  # a failing server is not "never registered": that would register twice
     return min(found, key=lambda mv: int(mv.version)) if found else None
 
 

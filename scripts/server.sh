@@ -5,7 +5,7 @@
 #
 #   scripts/server.sh start    # start all three; prints the environment a client needs
 #   scripts/server.sh stop     # stop all three (data kept in $SAEFLOW_STACK_DIR)
-#   scripts/server.sh restart mlflow|postgres   # one part again, its data kept
+#   scripts/server.sh restart mlflow|postgres|s3   # one part again, its data kept
 #   scripts/server.sh status
 #
 # Credentials come only from the environment (never from a file in the repository, never in a
@@ -206,9 +206,14 @@ EOF
       as_postgres "$PG_BIN/pg_ctl" -D "$STACK/pgdata" -m fast -w stop >/dev/null || true
     fi
     ;;
-  restart)  # one part of a running stack, its data kept: mlflow | postgres
+  restart)  # one part of a running stack, its data kept: mlflow | postgres | s3
     need_env SAEFLOW_PG_PASSWORD
     case "${2:-}" in
+      s3)
+        need_env AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
+        stop_pid s3
+        start_s3
+        ;;
       mlflow)
         stop_pid mlflow
         start_mlflow
@@ -218,7 +223,7 @@ EOF
           -m "${SAEFLOW_PG_STOP_MODE:-fast}" \
           -o "-p $PG_PORT -k $STACK/pg-socket -c listen_addresses=127.0.0.1" restart >/dev/null 3>&-
         ;;
-      *) die "restart what? mlflow or postgres" ;;
+      *) die "restart what? mlflow, postgres or s3" ;;
     esac
     ;;
   status)

@@ -305,6 +305,19 @@ def _stack_env(directory: Path, **overrides: str) -> dict[str, str]:
     }
 
 
+def stack_script_env(stack: dict[str, str]) -> dict[str, str]:
+    """The environment ``scripts/server.sh`` runs with for the session's ``stack``."""
+    return {
+        **os.environ,
+        **SECRETS,
+        "SAEFLOW_AUTH": "1",
+        "SAEFLOW_STACK_DIR": stack["dir"],
+        "SAEFLOW_PG_PORT": stack["pg"],
+        "SAEFLOW_S3_PORT": stack["s3"],
+        "SAEFLOW_MLFLOW_PORT": stack["tracking"].rsplit(":", 1)[1],
+    }
+
+
 def _reachable_by_postgres(directory: Path) -> None:
     os.chmod(directory, 0o755)  # the postgres user must reach its data directory
     for parent in directory.parents:

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,11 @@ def choose_threshold(sae: BatchTopKSAE, config: TrainConfig, data: ActivationDat
     )
 
 
+class ArtifactStoreError(RuntimeError):
+    """The run's config or a checkpoint could not reach its artifacts: training stops (the run
+    FAILED, nothing registered) rather than go on with nothing to resume from."""
+
+
 class ArtifactCheckpoint(ModelCheckpoint):
     """Lightning's checkpoint, each save also logged as the run's artifact
     ``checkpoints/last.ckpt`` (the local file is only a cache of it)."""
@@ -155,7 +161,17 @@ class ArtifactCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
         if trainer.is_global_zero and Path(filepath).name == LAST_CHECKPOINT:
-            MlflowClient().log_artifact(self.run_id, filepath, CHECKPOINT_ARTIFACT_DIR)
+            try:
+                MlflowClient().log_artifact(self.run_id, filepath, CHECKPOINT_ARTIFACT_DIR)
+            except Exception as err:
+                raise ArtifactStoreError(_unstored(self.run_id, "its checkpoint", err)) from err
+
+
+def _unstored(run_id: str, what: str, err: Exception) -> str:
+    return (
+        f"run {run_id}: {what} could not be stored as an artifact; is the artifact store "
+        f"reachable? ({type(err).__name__}: {str(err)[:300]})"
+    )
 
 
 def fetch_checkpoint(run_id: str, checkpoint_dir: Path) -> Path | None:
@@ -222,6 +238,9 @@ def fit_sae(
         save_last=True,
         save_top_k=0,
         every_n_train_steps=config.checkpoint_every_n_steps or max(50, total_steps // 10),
+        # Always last.ckpt (never last-v1.ckpt), also when a resume lands in a fresh folder:
+        # that is the name uploaded as the run's checkpoint artifact.
+        enable_version_counter=False,
     )
     trainer = pl.Trainer(
         accelerator=config.resolved_device(),
@@ -267,8 +286,12 @@ def train_and_register(
     acts_ND: torch.Tensor,
     *,
     resume: bool = False,
+    before_register: Callable[[], None] | None = None,
 ) -> TrainResult:
-    """Inside the active MLflow run: log the config, fit, score on held-out data, register."""
+    """Inside the active MLflow run: log the config, fit, score on held-out data, register.
+
+    ``before_register`` runs just before the version is registered (a claim's last check; it
+    raises to stop the registration)."""
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("train_and_register needs an active MLflow run")
@@ -284,7 +307,6 @@ def train_and_register(
     # resume completes what a job killed early left unlogged.
     logged = mlflow.get_run(run_id).data.params
     mlflow.log_params({k: v for k, v in config.as_params().items() if k not in logged})
-    mlflow.log_dict(config.as_params(), TRAIN_CONFIG_ARTIFACT)
     mlflow.set_tags(
         {
             RUN_TYPE_TAG: "train",
@@ -297,6 +319,10 @@ def train_and_register(
             TRAINING_CODE_TAG: training_code_version(),
         }
     )
+    try:
+        mlflow.log_dict(config.as_params(), TRAIN_CONFIG_ARTIFACT)
+    except Exception as err:
+        raise ArtifactStoreError(_unstored(run_id, TRAIN_CONFIG_ARTIFACT, err)) from err
     torch.manual_seed(config.seed)
     data = ActivationDataModule(
         acts_ND, batch_size=config.batch_size, val_fraction=config.val_fraction, seed=config.seed
@@ -339,6 +365,8 @@ def train_and_register(
         f"harvested tokens from {config.dataset!r}. Held-out L0 {metrics['l0']:.2f}, "
         f"explained variance {metrics['explained_variance']:.3f}."
     )
+    if before_register is not None:
+        before_register()
     version = register_sae(
         sae, registered_model=registered_model, tags=tags, metrics=metrics, description=description
     )

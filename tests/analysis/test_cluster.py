@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -17,13 +18,14 @@ from pathlib import Path
 import boto3
 import mlflow
 import pytest
-from conftest import SECRETS, _free_ports
+from conftest import SECRETS, STACK_SCRIPT, _free_ports, stack_script_env
 from mlflow.tracking import MlflowClient
 from test_study import tiny_study
 
 from analysis.cluster import RayUnits
 from analysis.study import StudyConfig, run_study
 from analysis.units import UNIT_TAG, WORKER_TAG, train_unit_key
+from project.claims import claim
 from project.lm import load_lm
 from project.tracking import RUN_TYPE_TAG
 from training.config import TrainConfig
@@ -282,11 +284,74 @@ def test_two_claims_on_one_unit_train_it_once(
     config = _train_config(tiny_lm_dir, tmp_path, seed=12)
     config.training_tokens = 64 * 200
     units = _units(client, experiment)
-    for _ in range(2):
-        units.submit("train", "topk", config=None, train_config=config, lm_name=lm_name)
+    unit = train_unit_key(config)
+    with claim(unit):  # held here while both tasks start: neither may train meanwhile
+        for _ in range(2):
+            units.submit("train", "topk", config=None, train_config=config, lm_name=lm_name)
+        time.sleep(8)
+        assert client.search_runs([experiment], f"tags.`{UNIT_TAG}` = '{unit}'") == []
     outcomes = [units.next_done()[3] for _ in range(2)]
     assert [o.failures for o in outcomes] == [[], []]
     assert outcomes[0].version_uri == outcomes[1].version_uri
     assert sorted(o.runs[0].reused for o in outcomes) == [False, True]
-    unit = train_unit_key(config)
     assert len(client.search_runs([experiment], f"tags.`{UNIT_TAG}` = '{unit}'")) == 1
+
+
+def _restart(stack: dict[str, str], component: str, **env: str) -> None:
+    done = subprocess.run(
+        [str(STACK_SCRIPT), "restart", component],
+        env={**stack_script_env(stack), **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_study_survives_the_tracking_server_and_postgres_restarting(
+    stack: dict[str, str], ray_cluster: str, on_stack: str, tiny_lm_dir: str, tmp_path: Path
+) -> None:
+    """Mid-study the tracking server is killed and started again, then PostgreSQL stops
+    immediately and starts again: the driver and the workers retry with back-off (MLflow's
+    client) and the study finishes, every SAE trained and registered once."""
+    experiment = mlflow.set_experiment(f"ray-restarts-{time.time_ns()}").experiment_id
+    config = replace(
+        tiny_study(tiny_lm_dir, tmp_path / "unused.db"),
+        n_tokens=3904, executor="ray", ray_address=ray_cluster, tune_storage="auto",
+    )  # fmt: skip
+    client = MlflowClient()
+    outcome: dict[str, object] = {}
+
+    def study() -> None:
+        try:
+            outcome["result"] = run_study(config)
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=study)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not client.search_runs([experiment], f"tags.`{RUN_TYPE_TAG}` = 'train'"):
+        assert thread.is_alive() and time.monotonic() < deadline, outcome
+        time.sleep(0.5)
+    # The tracking server SIGKILLed (its workers too), then started again.
+    assert thread.is_alive(), "the study ended before the fault"
+    pid = int(Path(stack["dir"], "mlflow.pid").read_text())
+    subprocess.run(["pkill", "-KILL", "-P", str(pid)], check=False)
+    os.kill(pid, signal.SIGKILL)
+    _restart(stack, "mlflow")
+    while not client.search_runs([experiment], f"tags.`{RUN_TYPE_TAG}` = 'eval'"):
+        assert thread.is_alive() and time.monotonic() < deadline, outcome
+        time.sleep(0.5)
+    assert thread.is_alive(), "the study ended before the fault"
+    _restart(stack, "postgres", SAEFLOW_PG_STOP_MODE="immediate")
+    thread.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+    assert result.failures == [] and len(result.versions) == 4
+    train_runs = client.search_runs([experiment], f"tags.`{RUN_TYPE_TAG}` = 'train'")
+    assert len(train_runs) == 4 and all(r.info.status == "FINISHED" for r in train_runs)
+    for run in train_runs:
+        name = run.data.tags["saeflow.model_version"].removeprefix("models:/").split("/")[0]
+        same_run = f"name = '{name}' and run_id = '{run.info.run_id}'"
+        assert len(client.search_model_versions(same_run)) == 1

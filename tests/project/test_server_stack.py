@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import urllib.error
 import urllib.request
@@ -16,11 +17,18 @@ import boto3
 import mlflow
 import pytest
 import torch
-from conftest import SECRETS, STACK_SCRIPT, _reachable_by_postgres, _stack_env
+from conftest import (
+    SECRETS,
+    STACK_SCRIPT,
+    _reachable_by_postgres,
+    _stack_env,
+    stack_script_env,
+)
 from mlflow.tracking import MlflowClient
 
 from project.registry import load_sae
 from training.config import TrainConfig
+from training.run import ArtifactStoreError
 from training.train import train
 
 
@@ -179,3 +187,44 @@ def test_a_user_without_edit_permission_cannot_register_a_version(
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.setenv(name, SECRETS[name])
     assert admin.search_model_versions(f"name = '{model}'") == []
+
+
+def test_with_the_s3_store_down_training_fails_clearly_and_registers_nothing(
+    stack: dict[str, str], tiny_lm_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, SECRETS[name])
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # fail in seconds, not minutes
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack["tracking"])
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", stack["tracking"])
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    mlflow.set_tracking_uri(stack["tracking"])
+    mlflow.set_registry_uri(stack["tracking"])
+    experiment = mlflow.set_experiment(f"s3-down-{os.getpid()}").experiment_id
+    model = f"s3-down-{os.getpid()}"
+    pid = int(Path(stack["dir"], "s3.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    try:
+        config = TrainConfig(
+            model=tiny_lm_dir, layer=1, n_tokens=2000, context_size=32, architecture="topk",
+            target_l0=8, expansion=4, batch_size=256, training_tokens=256 * 20,
+            cache_dir=str(tmp_path / "acts"), checkpoint_dir=str(tmp_path / "ckpt"),
+            registered_model=model,
+        )  # fmt: skip
+        with pytest.raises(ArtifactStoreError, match="is the artifact store reachable"):
+            train(config)
+        client = MlflowClient()
+        (run,) = client.search_runs([experiment], "tags.`saeflow.run_type` = 'train'")
+        assert run.info.status == "FAILED"
+        assert client.search_model_versions(f"name = '{model}'") == []
+    finally:
+        restarted = subprocess.run(
+            [str(STACK_SCRIPT), "restart", "s3"],
+            env=stack_script_env(stack),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    assert restarted.returncode == 0, restarted.stderr

@@ -5,13 +5,14 @@ registry, and the token budget is the total."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from test_train import tiny_config
 
-from training.data import ShuffledBatches
+from training.data import ActivationDataModule, ShuffledBatches
 from training.train import train
 
 
@@ -23,6 +24,14 @@ def test_the_ranks_split_every_global_batch_between_them() -> None:
         parts = [next(rank) for rank in ranks]
         assert [p.shape[0] for p in parts] == [4, 4]
         assert torch.equal(torch.cat(parts), next(whole))
+
+
+def test_the_data_module_gives_each_rank_its_slice() -> None:
+    acts_ND = torch.randn(100, 3)
+    module = ActivationDataModule(acts_ND, batch_size=8, val_fraction=0.2)
+    whole = next(iter(module.train_dataloader()))
+    module.trainer = SimpleNamespace(global_rank=1, world_size=2)  # what Lightning sets
+    assert torch.equal(next(iter(module.train_dataloader())), whole[4:])
 
 
 @pytest.mark.parametrize(
