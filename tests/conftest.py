@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import mlflow
@@ -316,6 +317,17 @@ def stack_script_env(stack: dict[str, str]) -> dict[str, str]:
         "SAEFLOW_S3_PORT": stack["s3"],
         "SAEFLOW_MLFLOW_PORT": stack["tracking"].rsplit(":", 1)[1],
     }
+
+
+def stack_s3(stack: dict[str, str]) -> Any:
+    """A boto3 client of the stack's S3 store, with its one identity's keys."""
+    return boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{stack['s3']}",
+        aws_access_key_id=SECRETS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=SECRETS["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
 
 
 def _reachable_by_postgres(directory: Path) -> None:

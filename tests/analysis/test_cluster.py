@@ -15,10 +15,9 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-import boto3
 import mlflow
 import pytest
-from conftest import SECRETS, STACK_SCRIPT, _free_ports, stack_script_env
+from conftest import SECRETS, STACK_SCRIPT, _free_ports, stack_s3, stack_script_env
 from mlflow.tracking import MlflowClient
 from test_study import tiny_study
 
@@ -87,8 +86,7 @@ def ray_cluster(
         subprocess.run([str(RAY), "stop", "--force"], capture_output=True, timeout=120)
 
 
-@pytest.fixture
-def on_stack(worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def _point_at_stack(worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """This process (the driver) pointed at the stack, as a user's shell would be."""
     for name in [n for n in os.environ if n.startswith(("AWS_", "MLFLOW_"))]:
         monkeypatch.delenv(name)
@@ -98,6 +96,11 @@ def on_stack(worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Ite
     monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     mlflow.set_tracking_uri(worker_env["MLFLOW_TRACKING_URI"])
     mlflow.set_registry_uri(worker_env["MLFLOW_TRACKING_URI"])
+
+
+@pytest.fixture
+def on_stack(worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    _point_at_stack(worker_env, monkeypatch)
     yield worker_env["MLFLOW_TRACKING_URI"]
     while mlflow.active_run() is not None:
         mlflow.end_run()
@@ -133,14 +136,7 @@ def test_the_study_on_ray_gives_the_local_study_and_reuses_on_a_restart(
     local_saes = _val_metrics(local_client, local.versions)
 
     # The same study through the Ray executor against the stack.
-    for name in [n for n in os.environ if n.startswith(("AWS_", "MLFLOW_"))]:
-        monkeypatch.delenv(name)
-    for name, value in worker_env.items():
-        if name.startswith(("MLFLOW_", "SAEFLOW_COORDINATION", "PGPASSWORD")):
-            monkeypatch.setenv(name, value)
-    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
-    mlflow.set_tracking_uri(worker_env["MLFLOW_TRACKING_URI"])
-    mlflow.set_registry_uri(worker_env["MLFLOW_TRACKING_URI"])
+    _point_at_stack(worker_env, monkeypatch)
     mlflow.set_experiment("ray-study")
     config = StudyConfig(
         **{
@@ -200,13 +196,7 @@ def _assert_no_credential_stored(stack: dict[str, str]) -> None:
         check=True,
     ).stdout
     assert b"CREATE TABLE" in dump
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=f"http://127.0.0.1:{stack['s3']}",
-        aws_access_key_id=SECRETS["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=SECRETS["AWS_SECRET_ACCESS_KEY"],
-        region_name="us-east-1",
-    )
+    s3 = stack_s3(stack)
     stored = {"the mlflow database": dump}
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket="saeflow-artifacts"):
         for item in page.get("Contents", []):

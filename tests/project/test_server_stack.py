@@ -22,6 +22,7 @@ from conftest import (
     STACK_SCRIPT,
     _reachable_by_postgres,
     _stack_env,
+    stack_s3,
     stack_script_env,
 )
 from mlflow.tracking import MlflowClient
@@ -116,13 +117,7 @@ def test_training_against_the_stack(
     finally:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=f"http://127.0.0.1:{stack['s3']}",
-        aws_access_key_id=SECRETS["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=SECRETS["AWS_SECRET_ACCESS_KEY"],
-        region_name="us-east-1",
-    )
+    s3 = stack_s3(stack)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="saeflow-artifacts").get("Contents", [])]
     assert any(k.endswith(".safetensors") for k in keys), keys[:20]
     # The S3 store refuses a client without the identity's keys.
