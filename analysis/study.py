@@ -21,6 +21,9 @@ Steps, in order, each timed (metric ``seconds_<step>`` of the study run):
    headline) and once per ``analyze_selections`` entry (the steering gain, the paper's Table 3),
    over exactly the eval and steer runs this study used (``study_runs.json``, logged first).
 
+``executor=ray`` runs the train, evaluate, steer and tune units as tasks on a Ray cluster
+(``analysis/cluster.py``; the units are ``analysis/units.py``, each under its claim).
+
 Evaluation and steering runs are reused by config hash (their own rule), the tune study when a
 FINISHED tune run of the same Optuna study (config, judge, version and code version) exists, so a study interrupted and started again redoes
 only what did not finish. Every LM is loaded once and shared by all steps.
@@ -773,7 +776,6 @@ def _study_on_ray(study: _Study, lms: dict[str, LoadedLM]) -> None:
     """Harvest here; train, evaluate, steer and tune as Ray tasks (analysis/cluster.py)."""
     from analysis.cluster import RayUnits, after_training_on_ray, train_on_ray
     from analysis.units import harvest_unit_key
-    from project.claims import claim
     from project.registry import model_version
 
     config = study.config
