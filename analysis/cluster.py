@@ -35,6 +35,7 @@ from analysis.units import (
 )
 from project.claims import COORDINATION_DB_ENV, check_coordination_database, coordination_database
 from project.lm import LoadedLM
+from project.tracking import SHARED_TRACKING_SCHEMES
 
 if TYPE_CHECKING:
     from analysis.study import StudyConfig
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 # A task whose worker process or node died is run again this many times (Ray's own retry);
 # the unit's claim and its run's checkpoint make the retry resume, never duplicate.
 TASK_RETRIES = 3
-SHARED_TRACKING_SCHEMES = ("http://", "https://", "postgresql", "mysql")
 
 # Per worker process (Ray reuses them): each LM loaded once, each judge built once.
 _WORKER_LMS: dict[str, LoadedLM] = {}

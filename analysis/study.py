@@ -465,11 +465,21 @@ class _Study:
         """Nest a run its entry point started on its own (tune, analyze) under the study."""
         self.client.set_tag(run_id, "mlflow.parentRunId", self.run_id)
 
-    def apply(self, outcome: UnitOutcome) -> None:
-        """Record a unit's runs and failures (logged where the unit ran)."""
+    def apply(self, outcome: UnitOutcome, *, adopt: bool = False) -> None:
+        """Record a unit's runs and failures (logged where the unit ran); ``adopt``: nest the
+        runs it started under the study (they were started outside the study's run)."""
         for run in outcome.runs:
+            if adopt and not run.reused and run.run_id:
+                self.adopt(run.run_id)
             self.record(run)
         self.failures.extend(outcome.failures)
+
+    def reuse_version(self, key: tuple[str, str, int], mv: ModelVersion) -> None:
+        """Take an already registered version of the SAE ``key`` (LM, architecture, L0)."""
+        uri = f"models:/{mv.name}/{mv.version}"
+        log.info("%s %s L0 %d: reusing %s", *key, uri)
+        self.versions[key] = mv
+        self.record(StepRun("train", mv.tags["training_run_id"], uri, "", reused=True))
 
     def fail(self, what: str, err: BaseException) -> None:
         # exc_info=err, not log.exception: a failure reported by a result (a steer version's
@@ -539,10 +549,7 @@ def _train(study: _Study, lm_given: str, lm: LoadedLM) -> None:
         if existing is None:
             todo.append(train_config)
             continue
-        uri = f"models:/{existing.name}/{existing.version}"
-        log.info("%s %s L0 %d: reusing %s", lm.name, architecture, target, uri)
-        study.versions[(lm_given, architecture, target)] = existing
-        study.record(StepRun("train", existing.tags["training_run_id"], uri, "", reused=True))
+        study.reuse_version((lm_given, architecture, target), existing)
     if not todo:
         return
     with study.step("harvest"):
@@ -561,10 +568,7 @@ def _train(study: _Study, lm_given: str, lm: LoadedLM) -> None:
                 with claim(train_unit_key(train_config)):
                     existing = find_trained_version(train_config, lm.name)
                     if existing is not None:
-                        uri = f"models:/{existing.name}/{existing.version}"
-                        study.versions[key] = existing
-                        run_id = existing.tags["training_run_id"]
-                        study.record(StepRun("train", run_id, uri, "", reused=True))
+                        study.reuse_version(key, existing)
                         continue
                     with mlflow.start_run(run_name=name, nested=True) as run:
                         result = train_and_register(train_config, harvested, acts_ND)
@@ -618,10 +622,7 @@ def find_finished_tune(uri: str, tune_config: Any, study_name: str) -> str | Non
 
 def _tune(study: _Study, mv: ModelVersion) -> None:
     outcome = tune_unit(study.config, f"models:/{mv.name}/{mv.version}", study.lms, study.judges)
-    for run in outcome.runs:
-        if not run.reused:
-            study.adopt(run.run_id)
-    study.apply(outcome)
+    study.apply(outcome, adopt=True)
 
 
 def _log_pooled_lift(study: _Study) -> None:
@@ -816,10 +817,7 @@ def _study_on_ray(study: _Study, lms: dict[str, LoadedLM]) -> None:
         study.seconds[step] = seconds
         study.client.log_metric(study.run_id, f"seconds_{step}", seconds)
         for outcome in step_outcomes:
-            for run in outcome.runs:
-                if not run.reused and run.run_id:
-                    study.adopt(run.run_id)
-            study.apply(outcome)
+            study.apply(outcome, adopt=True)
         outcomes.extend(step_outcomes)
     study.client.log_metric(study.run_id, "n_units", float(len(outcomes)))
     resumed = sum(o.resumed_run for o in outcomes)

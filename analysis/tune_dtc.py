@@ -99,7 +99,7 @@ from evaluation.steering.latent_targets import (
 )
 from evaluation.steering.protocol import SAE, Target, run_protocol
 from project.checks import check_int
-from project.claims import COORDINATION_DB_ENV
+from project.claims import COORDINATION_DB_ENV, without_password
 from project.cli import (
     mark_work_started,
     parse_int,
@@ -120,6 +120,7 @@ from project.saes import SparseAutoencoder
 from project.tracking import (
     DEFAULT_EXPERIMENT,
     RUN_TYPE_TAG,
+    SHARED_TRACKING_SCHEMES,
     configure_tracking,
     set_version_tag,
     ui_hint,
@@ -334,7 +335,7 @@ def resolve_storage(storage: str, tracking_uri: str) -> str:
     """
     if storage in ("", "auto"):
         shared = os.environ.get(COORDINATION_DB_ENV, "").strip()
-        if shared and tracking_uri.startswith(("http://", "https://", "postgresql", "mysql")):
+        if shared and tracking_uri.startswith(SHARED_TRACKING_SCHEMES):
             # Tracking on a server: the study's workers may be anywhere, and meet in the
             # coordination database (scripts/server.sh prints it).
             return shared
@@ -352,15 +353,6 @@ def resolve_storage(storage: str, tracking_uri: str) -> str:
             )
         return storage
     return f"sqlite:///{Path(storage).expanduser().resolve()}"
-
-
-def _shown(url: str) -> str:
-    """``url`` without its password, for logs and tags."""
-    head, sep, tail = url.partition("://")
-    if "@" in tail and ":" in tail.split("@", 1)[0]:
-        user = tail.split("@", 1)[0].split(":", 1)[0]
-        return f"{head}{sep}{user}:***@{tail.split('@', 1)[1]}"
-    return url
 
 
 def open_storage(url: str, config: TuneConfig) -> optuna.storages.RDBStorage:
@@ -395,7 +387,7 @@ def open_storage(url: str, config: TuneConfig) -> optuna.storages.RDBStorage:
             " (PostgreSQL needs a driver: pip install psycopg2-binary)" if "postgres" in url else ""
         )
         raise ValueError(
-            f"storage {_shown(url)!r} cannot be opened: {type(err).__name__}: {err}{hint}"
+            f"storage {without_password(url)!r} cannot be opened: {type(err).__name__}: {err}{hint}"
         ) from err
 
 
@@ -857,7 +849,9 @@ def tune(
         created = False
     sampler = optuna.samplers.TPESampler(seed=(config.seed * 1_000_003 + os.getpid()) % 2**31)
     study = optuna.load_study(study_name=name, storage=rdb, sampler=sampler)
-    log.info("study %s in %s (%s)", name, _shown(url), "new" if created else "joined/resumed")
+    log.info(
+        "study %s in %s (%s)", name, without_password(url), "new" if created else "joined/resumed"
+    )
 
     tags = {**version_tags(mv), RUN_TYPE_TAG: TUNE_RUN_TYPE, STUDY_TAG: name}
     with _without_launcher_env() as launcher:
@@ -868,7 +862,7 @@ def tune(
             client.set_tag(launcher, f"{TUNE_RUN_TYPE}.parent_run_id", parent_id)
         with _in_experiment_of(parent_id), mlflow.start_run(run_id=parent_id):
             mlflow.set_tags(
-                {**tags, "optuna_storage": _shown(url), "n_trials": str(config.n_trials)}
+                {**tags, "optuna_storage": without_password(url), "n_trials": str(config.n_trials)}
             )
             if created:
                 # Prefixed: an `mlflow run` launcher run already holds the raw -P values.
@@ -895,7 +889,13 @@ def tune(
             else:
                 metrics = worker.evaluate_best(best)
     return TuneResult(
-        name, _shown(url), parent_id, complete, dict(best.params), float(best.value or 0), metrics
+        name,
+        without_password(url),
+        parent_id,
+        complete,
+        dict(best.params),
+        float(best.value or 0),
+        metrics,
     )
 
 

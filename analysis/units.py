@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -176,9 +175,7 @@ def _registered_by(run_id: str, config: TrainConfig, lm_name: str) -> Any:
 # the steps after training
 
 
-def evaluate_unit(
-    config: StudyConfig, uri: str, lms: dict[str, LoadedLM], *, claimed: bool = True
-) -> UnitOutcome:
+def evaluate_unit(config: StudyConfig, uri: str, lms: dict[str, LoadedLM]) -> UnitOutcome:
     """The study's evals on one version (reused by their config hash)."""
     from evaluation.interpretability.evaluate import EvaluationFailed, evaluate
 
@@ -187,7 +184,7 @@ def evaluate_unit(
         "evaluate", uri, config.judge, _digest_json({k: asdict(v) for k, v in configs.items()})
     )
     outcome = UnitOutcome(unit)
-    with _claimed(unit, claimed):
+    with claim(unit):
         try:
             results = evaluate(uri, config.eval_names(), config.judge, configs=configs, lms=lms)
         except EvaluationFailed as failed:
@@ -208,8 +205,6 @@ def steer_unit(
     selection: str,
     lms: dict[str, LoadedLM],
     judges: dict[str, Any],
-    *,
-    claimed: bool = True,
 ) -> UnitOutcome:
     """Every version's steer run for ``selection``, staged together (their generations share
     batches, their ratings one judge call); a version that fails is reported and the others
@@ -219,7 +214,7 @@ def steer_unit(
     steer_config = config.steer_config(selection)
     unit = unit_key("steer", selection, *sorted(uris), config.judge, _digest_json(steer_config))
     outcome = UnitOutcome(unit)
-    with _claimed(unit, claimed):
+    with claim(unit):
         try:
             results = steer(uris, steer_config, config.judge, lms=lms, judges=judges)
         except SteeringFailed as failed:
@@ -242,8 +237,6 @@ def tune_unit(
     uri: str,
     lms: dict[str, LoadedLM],
     judges: dict[str, Any],
-    *,
-    claimed: bool = True,
 ) -> UnitOutcome:
     """The study's small Optuna study over DTC's choices on one version, or its FINISHED run
     of the same Optuna study."""
@@ -265,7 +258,7 @@ def tune_unit(
     )
     name = study_name(mv, tune_config, judge)
     outcome = UnitOutcome(unit_key("tune", uri, name))
-    with _claimed(outcome.unit, claimed):
+    with claim(outcome.unit):
         existing = find_finished_tune(uri, tune_config, name)
         if existing is not None:
             log.info("tune_dtc on %s: reusing FINISHED run %s", uri, existing)
@@ -278,7 +271,3 @@ def tune_unit(
             return outcome
     outcome.runs.append(StepRun("tune", result.parent_run_id, uri, result.study_name))
     return outcome
-
-
-def _claimed(unit: str, claimed: bool) -> AbstractContextManager[None]:
-    return claim(unit) if claimed else nullcontext()

@@ -61,13 +61,14 @@ def libpq_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.split("+", 1)[0] not in ("postgresql", "postgres"):
         raise ValueError(
-            f"{COORDINATION_DB_ENV}={_without_password(url)!r} must be a PostgreSQL URL, "
+            f"{COORDINATION_DB_ENV}={without_password(url)!r} must be a PostgreSQL URL, "
             "postgresql+psycopg://USER@HOST:PORT/DB (password in PGPASSWORD)"
         )
     return f"postgresql://{rest}"
 
 
-def _without_password(url: str) -> str:
+def without_password(url: str) -> str:
+    """``url`` with its password shown as ``***``, for messages, logs and tags."""
     head, sep, tail = url.partition("://")
     user, at, host = tail.rpartition("@")
     if at and ":" in user:
@@ -84,7 +85,7 @@ def check_coordination_database(url: str) -> None:
             conn.execute("SELECT 1")
     except psycopg.Error as err:
         raise ValueError(
-            f"coordination database {_without_password(url)!r} cannot be reached: {err}"
+            f"coordination database {without_password(url)!r} cannot be reached: {err}"
         ) from err
 
 

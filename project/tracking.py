@@ -17,6 +17,8 @@ from mlflow.tracking import MlflowClient
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# Tracking URIs that every machine of a cluster can reach (a SQLite file is one machine's).
+SHARED_TRACKING_SCHEMES = ("http://", "https://", "postgresql", "mysql")
 DEFAULT_EXPERIMENT = "saeflow"
 
 # ---------------------------------------------------------------------------------------------
