@@ -42,6 +42,9 @@ class RatingTimes:
     generation_s: float
     identical: float
     with_lm: bool
+    # The fluency LM's NLL pass alone over the same texts (a fresh judge): the floor of
+    # the batched side, which no batching of the other scores removes.
+    fluency_lm_s: float | None = None
 
 
 def time_rating(lm: LoadedLM, rows: int, new_tokens: int, layer: int, with_lm: bool) -> RatingTimes:
@@ -83,8 +86,21 @@ def time_rating(lm: LoadedLM, rows: int, new_tokens: int, layer: int, with_lm: b
     batched = many_judge.rate_many(questions)
     many_seconds = time.perf_counter() - started
     same = sum(a == b for a, b in zip(alone, batched, strict=True)) / len(questions)
+    fluency_lm_seconds = None
+    if with_lm:
+        floor_judge = fresh_judge()
+        started = time.perf_counter()
+        floor_judge.rater.mean_nlls(texts)
+        fluency_lm_seconds = time.perf_counter() - started
     return RatingTimes(
-        len(texts), len(questions), one_seconds, many_seconds, generation_seconds, same, with_lm
+        len(texts),
+        len(questions),
+        one_seconds,
+        many_seconds,
+        generation_seconds,
+        same,
+        with_lm,
+        fluency_lm_seconds,
     )
 
 
@@ -104,7 +120,13 @@ def figures(t: RatingTimes) -> list[Figure]:
             target=10.0,
             met=met_target(ratio, 10.0, t.identical == 1.0),
             note=f"identical ratings {t.identical:.3f}; rating / generating "
-            f"{t.batched_s / t.generation_s:.2f}",
+            f"{t.batched_s / t.generation_s:.2f}"
+            + (
+                ""
+                if t.fluency_lm_s is None
+                else f"; of which the fluency LM's NLL pass {t.fluency_lm_s / t.n_completions:.4f}"
+                f" s a completion ({t.fluency_lm_s / t.batched_s:.0%})"
+            ),
         )
     ]
 
@@ -135,6 +157,8 @@ def main() -> None:
     print(f"  one at a time: {t.one_s:6.2f} s ({t.one_s / n:.3f} s a completion)")
     print(f"  batched:       {t.batched_s:6.2f} s ({t.batched_s / n:.3f} s a completion)")
     print(f"  ratio {t.one_s / t.batched_s:.1f}x; identical ratings {t.identical:.3f}")
+    if t.fluency_lm_s is not None:
+        print(f"  the fluency LM's NLL pass alone: {t.fluency_lm_s:6.2f} s (the batched floor)")
     print(
         f"  generating them: {t.generation_s:.2f} s; rating / generating = "
         f"{t.batched_s / t.generation_s:.2f}"

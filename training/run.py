@@ -140,6 +140,14 @@ def choose_threshold(sae: BatchTopKSAE, config: TrainConfig, data: ActivationDat
     )
 
 
+def checkpoint_step(path: str | None) -> int:
+    """The global step a Lightning checkpoint was saved at (0 without one); tensors only."""
+    if path is None:
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return int(state.get("global_step", 0))
+
+
 class ArtifactStoreError(RuntimeError):
     """The run's config or a checkpoint could not reach its artifacts: training stops (the run
     FAILED, nothing registered) rather than go on with nothing to resume from."""
@@ -270,12 +278,15 @@ def fit_sae(
     finally:
         sae.__dict__.pop("loss", None)
     elapsed = time.perf_counter() - started
-    if resume:
-        mlflow.log_metric(RESUMED_FROM_STEP_METRIC, float(checkpoints.start_step))
     # Under ddp the ranks ran in child processes; this one got rank 0's weights back, not its
-    # step counter: the run went to total_steps or raised.
-    end_step = trainer.global_step if config.devices == 1 else total_steps
-    steps_done = end_step - checkpoints.start_step
+    # step counters: the run went to total_steps or raised, and began at the checkpoint's step.
+    if config.devices == 1:
+        start_step, end_step = checkpoints.start_step, trainer.global_step
+    else:
+        start_step, end_step = checkpoint_step(ckpt_path), total_steps
+    if resume:
+        mlflow.log_metric(RESUMED_FROM_STEP_METRIC, float(start_step))
+    steps_done = end_step - start_step
     mlflow.log_metric("train_tokens_per_second", steps_done * data.batch_size / max(elapsed, 1e-9))
     return sae
 

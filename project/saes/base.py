@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from project.saes.sparse import SPARSE_MAX_DENSITY
+
 logger = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {
@@ -293,6 +295,9 @@ class SparseAutoencoder(nn.Module, ABC):
     saelens_training_architecture: ClassVar[str]
     default_unit_norm_decoder: ClassVar[bool] = True
     has_b_enc: ClassVar[bool] = True
+    # relu/jumprelu/gated: a training step takes the sparse path (project.saes.sparse) when
+    # at most this share of the batch's latents carry a gradient; 0 forces the dense step.
+    sparse_max_density: float = SPARSE_MAX_DENSITY
 
     tokens_since_fired_F: Tensor
 

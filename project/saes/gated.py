@@ -14,6 +14,8 @@ Saved as SAELens ``gated`` (``b_gate``, ``b_mag``, ``r_mag``; no ``b_enc``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -25,6 +27,7 @@ from project.saes.base import (
     sum_squared_error,
 )
 from project.saes.relu import L1Controller, initial_gate_bias, l1_lambda, update_l1_control
+from project.saes.sparse import SparseLatents, gather_preacts, is_sparse_enough
 
 
 class GatedSAE(SparseAutoencoder):
@@ -69,19 +72,43 @@ class GatedSAE(SparseAutoencoder):
 
     def loss(self, x_BD: Tensor, step: TrainStep) -> SAELoss:
         x_BD = x_BD.to(self.W_enc.dtype)
+        batch = x_BD.shape[0]
         xc_BD = self.center(x_BD)
-        pi_gate_BF = self.gate_preacts(xc_BD)
-        f_BF = (pi_gate_BF > 0).to(x_BD.dtype) * self.mag_preacts(xc_BD).relu()
-        x_hat_BD = self.decode(f_BF)
+        enc_BF = xc_BD @ self.W_enc
+        pi_gate_BF = enc_BF + self.b_gate  # = gate_preacts(xc_BD), op for op
+        open_BF = pi_gate_BF.detach() > 0
+        norm_F = self.W_dec.norm(dim=-1)
+        if is_sparse_enough(open_BF, self.sparse_max_density):
+            # Every term's gradient lives on the open gates: the magnitude path is masked by
+            # them, and ReLU(π_gate) is 0 elsewhere (project.saes.sparse).
+            latents = SparseLatents.from_mask(open_BF)
+            col_N = latents.col_N
+            # The gathered values are the bias-free W_encᵀ x_c; b_gate only gives the dtype.
+            enc_N = gather_preacts(
+                xc_BD, self.W_enc, self.b_gate.detach(), enc_BF.detach(), latents
+            )
+            # (W_enc · exp(r_mag))ᵀ x_c = exp(r_mag) · W_encᵀ x_c: one B×D×F product less.
+            f_N = (enc_N * self.r_mag.exp()[col_N] + self.b_mag[col_N]).relu()
+            gate_N = (enc_N + self.b_gate[col_N]).relu()
+            x_hat_BD = latents.decode(f_N, self.W_dec) + self.b_dec
+            l1 = (gate_N * norm_F[col_N]).sum() / batch
+            x_hat_gate_BD = latents.decode(gate_N, self.W_dec.detach()) + self.b_dec.detach()
+            fired = latents.select(f_N.detach() > 0)
+            self.record_firing(fired.col_N, batch)
+            l0 = x_BD.new_tensor(fired.col_N.numel() / batch)
+            f_BF: Tensor | Callable[[], Tensor] = lambda: latents.dense(f_N)  # noqa: E731
+        else:
+            f_BF = open_BF.to(x_BD.dtype) * self.mag_preacts(xc_BD).relu()
+            x_hat_BD = self.decode(f_BF)
+            gate_BF = pi_gate_BF.relu()
+            l1 = (gate_BF * norm_F).sum(dim=-1).mean()
+            x_hat_gate_BD = gate_BF @ self.W_dec.detach() + self.b_dec.detach()
+            active_BF = f_BF.detach() > 0
+            self.record_firing(active_BF.any(dim=0), batch)
+            l0 = active_BF.sum(dim=-1).to(x_BD.dtype).mean()
         mse = sum_squared_error(x_hat_BD, x_BD)
-        gate_BF = pi_gate_BF.relu()
-        l1 = (gate_BF * self.W_dec.norm(dim=-1)).sum(dim=-1).mean()
-        x_hat_gate_BD = gate_BF @ self.W_dec.detach() + self.b_dec.detach()
         aux_recon = sum_squared_error(x_hat_gate_BD, x_BD)
         lam = l1_lambda(self, x_BD, step)
-        active_BF = f_BF.detach() > 0
-        self.record_firing(active_BF.any(dim=0), x_BD.shape[0])
-        l0 = active_BF.sum(dim=-1).to(x_BD.dtype).mean()
         update_l1_control(self, l0, step)
         return SAELoss(
             loss=mse + lam * l1 + aux_recon,

@@ -32,6 +32,7 @@ units. Inference equals SAELens' ``JumpReLUSAE.encode``: ``ReLU(z) · [z > θ]``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,6 +46,7 @@ from project.saes.base import (
     firing_quantile,
     sum_squared_error,
 )
+from project.saes.sparse import SparseLatents, gather_preacts, is_sparse_enough
 
 # initialize_from_data starts the L0 at this multiple of target_l0: latents learn while they
 # fire and the penalty brings L0 down within a few hundred steps; starting at the target
@@ -57,7 +59,11 @@ def _rectangle(u: Tensor) -> Tensor:
 
 
 class _JumpReLU(torch.autograd.Function):
-    """``z · H(z - θ)``; θ's gradient through the rectangle-kernel estimator."""
+    """``z · H(z - θ)``; θ's gradient through the rectangle-kernel estimator.
+
+    θ is either per latent (``theta_F`` broadcast over a dense ``z_BF``) or per entry (the
+    sparse path's gathered ``theta_N``): its gradient is summed to θ's shape.
+    """
 
     @staticmethod
     def forward(ctx: Any, z_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
@@ -71,7 +77,7 @@ class _JumpReLU(torch.autograd.Function):
         eps = ctx.bandwidth
         grad_z = (z_BF > theta_F).to(grad_BF.dtype) * grad_BF
         kernel_BF = _rectangle((z_BF - theta_F) / eps)
-        grad_theta = -(theta_F / eps) * (kernel_BF * grad_BF).sum(dim=0)
+        grad_theta = -(theta_F / eps) * (kernel_BF * grad_BF).sum_to_size(theta_F.shape)
         return grad_z, grad_theta, None
 
 
@@ -93,7 +99,7 @@ class _Step(torch.autograd.Function):
         # H depends on z - θ only, so the estimator's z-gradient is minus its θ-gradient.
         ste_BF = _rectangle((z_BF - theta_F) / ctx.bandwidth) * grad_BF / ctx.bandwidth
         grad_z = ste_BF if ctx.ste_to_input else None
-        return grad_z, -ste_BF.sum(dim=0), None, None
+        return grad_z, -ste_BF.sum_to_size(theta_F.shape), None, None
 
 
 class JumpReLUSAE(SparseAutoencoder):
@@ -131,19 +137,36 @@ class JumpReLUSAE(SparseAutoencoder):
         if target is None:
             raise ValueError("training a jumprelu SAE needs target_l0 (0 < target_l0 < d_sae)")
         x_BD = x_BD.to(self.W_enc.dtype)
+        batch = x_BD.shape[0]
         # The paper's units: activations scaled to unit mean squared norm.
         sq_norm = x_BD.detach().pow(2).sum(dim=-1).mean()
         bandwidth = self.cfg.jumprelu_bandwidth * float(sq_norm.sqrt())
-        pre_BF = self.preacts(self.center(x_BD))
+        xc_BD = self.center(x_BD)
+        pre_BF = self.preacts(xc_BD)
         theta_F = self.threshold
-        f_BF = _JumpReLU.apply(pre_BF, theta_F, bandwidth)
-        x_hat_BD = self.decode(f_BF)
+        with torch.no_grad():
+            # Entries with a gradient: the active ones and those inside the kernel's window.
+            above_BF = pre_BF > theta_F
+            near_BF = _rectangle((pre_BF - theta_F) / bandwidth).bool()
+            graded_BF = above_BF | near_BF
+        ste = self.cfg.jumprelu_ste_to_input
+        if is_sparse_enough(graded_BF, self.sparse_max_density):
+            latents = SparseLatents.from_mask(graded_BF)
+            z_N = gather_preacts(xc_BD, self.W_enc, self.b_enc, pre_BF.detach(), latents)
+            theta_N = theta_F[latents.col_N]
+            f_N = _JumpReLU.apply(z_N, theta_N, bandwidth)
+            x_hat_BD = latents.decode(f_N, self.W_dec) + self.b_dec
+            l0 = _Step.apply(z_N, theta_N, bandwidth, ste).sum() / batch
+            fired = latents.select(f_N.detach() > 0)
+            self.record_firing(fired.col_N, batch)
+            f_BF: Tensor | Callable[[], Tensor] = lambda: latents.dense(f_N)  # noqa: E731
+        else:
+            f_BF = _JumpReLU.apply(pre_BF, theta_F, bandwidth)
+            x_hat_BD = self.decode(f_BF)
+            l0 = _Step.apply(pre_BF, theta_F, bandwidth, ste).sum(dim=-1).mean()
+            self.record_firing((f_BF.detach() > 0).any(dim=0), batch)
         mse = sum_squared_error(x_hat_BD, x_BD)
-        step_BF = _Step.apply(pre_BF, theta_F, bandwidth, self.cfg.jumprelu_ste_to_input)
-        l0 = step_BF.sum(dim=-1).mean()
         penalty = self.cfg.l0_coefficient * sq_norm * (l0 / target - 1) ** 2
-        active_BF = f_BF.detach() > 0
-        self.record_firing(active_BF.any(dim=0), x_BD.shape[0])
         return SAELoss(
             loss=mse + penalty,
             mse=mse,

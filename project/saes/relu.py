@@ -22,6 +22,7 @@ pre-activations, as JumpReLU's initial thresholds); a fixed λ keeps the update'
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +35,7 @@ from project.saes.base import (
     firing_quantile,
     sum_squared_error,
 )
+from project.saes.sparse import SparseLatents, gather_preacts, is_sparse_enough
 
 # Under L0 control, initialize_from_data starts L0 at this multiple of target_l0 (JumpReLU's).
 INIT_L0_FACTOR = 2.0
@@ -145,14 +147,28 @@ class ReLUSAE(SparseAutoencoder):
 
     def loss(self, x_BD: Tensor, step: TrainStep) -> SAELoss:
         x_BD = x_BD.to(self.W_enc.dtype)
-        f_BF = self.encode(x_BD)
-        x_hat_BD = self.decode(f_BF)
+        batch = x_BD.shape[0]
+        xc_BD = self.center(x_BD)
+        pre_BF = self.preacts(xc_BD)
+        active_BF = pre_BF.detach() > 0
+        if is_sparse_enough(active_BF, self.sparse_max_density):
+            # Only active latents carry a gradient (ReLU's is 0 elsewhere): decode and
+            # backpropagate through those alone (project.saes.sparse).
+            latents = SparseLatents.from_mask(active_BF)
+            val_N = gather_preacts(xc_BD, self.W_enc, self.b_enc, pre_BF.detach(), latents)
+            x_hat_BD = latents.decode(val_N, self.W_dec) + self.b_dec
+            l1 = (val_N * self.W_dec.norm(dim=-1)[latents.col_N]).sum() / batch
+            self.record_firing(latents.col_N, batch)
+            l0 = x_BD.new_tensor(latents.col_N.numel() / batch)
+            f_BF: Tensor | Callable[[], Tensor] = lambda: latents.dense(val_N)  # noqa: E731
+        else:
+            f_BF = pre_BF.relu()
+            x_hat_BD = self.decode(f_BF)
+            l1 = (f_BF * self.W_dec.norm(dim=-1)).sum(dim=-1).mean()
+            self.record_firing(active_BF.any(dim=0), batch)
+            l0 = active_BF.sum(dim=-1).to(x_BD.dtype).mean()
         mse = sum_squared_error(x_hat_BD, x_BD)
-        l1 = (f_BF * self.W_dec.norm(dim=-1)).sum(dim=-1).mean()
         lam = l1_lambda(self, x_BD, step)
-        active_BF = f_BF.detach() > 0
-        self.record_firing(active_BF.any(dim=0), x_BD.shape[0])
-        l0 = active_BF.sum(dim=-1).to(x_BD.dtype).mean()
         update_l1_control(self, l0, step)
         return SAELoss(
             loss=mse + lam * l1,

@@ -1,5 +1,5 @@
 """project.saes: every architecture recovers a planted dictionary; configs, L0, decoder norms,
-the sparse TopK-family gradients and the save/load round trip."""
+the sparse training paths' gradients and the save/load round trip."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from project.saes.sparse import batch_topk
 
 D_IN, N_TRUE, D_SAE = 32, 64, 128
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
+L1_FAMILIES = ("relu", "jumprelu", "gated")
 
 # Per-architecture settings for the planted problem (~3 true features per sample, magnitudes
 # 1-2). The L1 families get a λ suited to these feature magnitudes; matryoshka's first
@@ -347,6 +348,56 @@ def test_sparse_training_path_matches_dense_autograd(architecture: str) -> None:
     torch.testing.assert_close(out.f_BF, f_BF.detach())
     for name, p in sae.named_parameters():
         torch.testing.assert_close(sparse_grads[name], p.grad, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("architecture", L1_FAMILIES)
+def test_l1_family_sparse_step_equals_dense_step(architecture: str) -> None:
+    """relu/jumprelu/gated: the step restricted to the entries with a gradient gives the dense
+    step's loss, reconstruction, latents, L0, firing record and gradients."""
+    torch.manual_seed(0)
+    cfg = SAEConfig(
+        architecture=architecture,
+        d_in=16,
+        d_sae=256,
+        target_l0=8,
+        l1_control="fixed" if architecture == "jumprelu" else "target_l0",
+        # A wide JumpReLU window, so that inactive entries near θ take part.
+        jumprelu_bandwidth=0.2,
+        dtype="float64",
+    )
+    x_BD = torch.randn(64, 16, dtype=torch.float64) * 3 + 0.5
+    first = build_sae(cfg)
+    first.initialize_from_data(x_BD)
+    results = {}
+    for path, max_density in (("dense", 0.0), ("sparse", 1.0)):
+        sae = build_sae(cfg)
+        sae.load_state_dict(first.state_dict())
+        sae.sparse_max_density = max_density
+        out = sae.loss(x_BD, TrainStep(50, 100))
+        out.loss.backward()
+        grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
+        results[path] = (out, grads, sae.tokens_since_fired_F.clone())
+    dense, dense_grads, dense_fired = results["dense"]
+    sparse, sparse_grads, sparse_fired = results["sparse"]
+    # The batch is sparse (else the test compares the dense path with itself) ...
+    assert 0 < float(dense.l0) < 0.25 * cfg.d_sae
+    if architecture == "jumprelu":
+        # ... and JumpReLU's window holds inactive entries, whose gradient the sparse step
+        # must keep.
+        pre_BF = first.preacts(first.center(x_BD))
+        below_BF = (pre_BF <= first.threshold) & (pre_BF > first.threshold - 0.1 * 3 * 4)
+        assert int(below_BF.sum()) > 0
+    torch.testing.assert_close(sparse.loss, dense.loss)
+    torch.testing.assert_close(sparse.x_hat_BD, dense.x_hat_BD)
+    torch.testing.assert_close(sparse.f_BF, dense.f_BF.detach())
+    torch.testing.assert_close(sparse.l0, dense.l0)
+    for name, aux in dense.aux.items():
+        torch.testing.assert_close(sparse.aux[name], aux, msg=f"aux {name}")
+    assert torch.equal(sparse_fired, dense_fired)
+    assert set(sparse_grads) == set(dense_grads)
+    for name, grad in dense_grads.items():
+        assert grad.abs().sum() > 0 or name == "b_dec", f"{name} has no gradient"
+        torch.testing.assert_close(sparse_grads[name], grad, msg=f"gradient of {name}")
 
 
 # ----------------------------------------------------------------------------- save / load

@@ -15,7 +15,12 @@ from mlflow.tracking import MlflowClient
 from project.registry import load_sae
 from training import module as training_module
 from training.config import TrainConfig
-from training.run import RESUMED_FROM_STEP_METRIC, harvest_for, train_and_register
+from training.run import (
+    RESUMED_FROM_STEP_METRIC,
+    checkpoint_step,
+    harvest_for,
+    train_and_register,
+)
 from training.sweep import SweepConfig, sweep
 from training.train import resume, train
 
@@ -150,6 +155,8 @@ def test_interrupted_training_resumes_in_the_same_run(
     # (here: the file deleted) continues from it.
     artifacts = [a.path for a in client.list_artifacts(failed.info.run_id, "checkpoints")]
     assert artifacts == ["checkpoints/last.ckpt"]
+    # What a ddp resume logs (its ranks, not this process, load the checkpoint).
+    assert checkpoint_step(str(tmp_path / "ckpt" / "last.ckpt")) == 50
     shutil.rmtree(tmp_path / "ckpt")
 
     result = resume(failed.info.run_id)
