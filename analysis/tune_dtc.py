@@ -114,7 +114,7 @@ from project.concepts import (
 )
 from project.judges import JUDGE_NAMES, Judge, judge_for
 from project.lm import LoadedLM
-from project.registry import load_version
+from project.registry import load_version, sae_identity
 from project.runs import config_hash, load_sites, resolve_versions, run_tags, version_uri
 from project.saes import SparseAutoencoder
 from project.tracking import (
@@ -547,7 +547,7 @@ class DTCStudy:
             return {i: self._explanations[i] for i in ask}
 
         want = self.config.n_concepts
-        sae_key = self.mv.run_id or f"{self.mv.name}/{self.mv.version}"
+        sae_key = sae_identity(self.mv)
         # Explained in one seeded order of all latents, not the set's best-first order: a
         # quantile set is then represented by latents drawn from all of it, and two sets
         # share steered latents only as far as they share members. (Best first, every trial

@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
 from project.saes import SparseAutoencoder, load_sae_dir, save_sae
+from project.saes.io import SAE_CFG_FILENAME
 from project.tracking import LM_TAG
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,20 @@ def load_version(mv: ModelVersion) -> SparseAutoencoder:
         raise ValueError(
             f"{uri}: its SAE files cannot be read ({type(err).__name__}: {err})"
         ) from err
+
+
+def sae_identity(mv: ModelVersion) -> str:
+    """The SAE's identity for seeding its random draws (steered latents, random vectors): the
+    sha256 of its weights as registered, so that the same weights draw the same latents in any
+    tracking store (a study run again elsewhere, or through executor=ray, registers them under
+    other run ids); the training run id for versions registered without checksums."""
+    registered = json.loads((mv.tags or {}).get(CHECKSUM_TAG) or "{}")
+    # The tensors' files only: cfg.json's metadata may name where the SAE was trained.
+    tensors = {name: digest for name, digest in registered.items() if name != SAE_CFG_FILENAME}
+    if tensors:
+        joined = ",".join(f"{name}={tensors[name]}" for name in sorted(tensors))
+        return "weights:" + hashlib.sha256(joined.encode()).hexdigest()
+    return mv.run_id or f"{mv.name}/{mv.version}"
 
 
 def file_checksums(directory: Path) -> dict[str, str]:

@@ -44,6 +44,10 @@ EVAL_RUN_TYPE = "eval"
 # The `mlflow run` launcher run that holds a batch of eval runs (:func:`parent_run`).
 BATCH_RUN_TYPE = "evaluate"
 CONFIG_HASH_TAG = "eval_config_hash"
+# torch's intra-op thread count where an eval ran: sums split over another number of threads
+# round differently, and a sampled generation can then take another token (a Ray worker with
+# num_cpus=1 runs one thread; the local executor one per core).
+TORCH_THREADS_TAG = "saeflow.torch_threads"
 # An eval run's link on its version: ``eval.<eval>.run_id``.
 EVAL_LINK_TAG = "eval.{name}.run_id"
 _ALL_VERSIONS_URI = re.compile(r"^models:/(?P<name>[^/@]+)/?$")
@@ -232,6 +236,7 @@ def run_tags(mv: ModelVersion, eval_name: str, digest: str) -> dict[str, str]:
             "eval": eval_name,
             TRAINING_RUN_TAG: (mv.tags or {}).get(TRAINING_RUN_TAG) or mv.run_id or "",
             CONFIG_HASH_TAG: digest,
+            TORCH_THREADS_TAG: str(torch.get_num_threads()),
         }
     )
     return tags

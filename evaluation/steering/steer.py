@@ -94,7 +94,7 @@ from project.concepts import (
 from project.judges import JUDGE_NAMES, Judge, judge_for
 from project.judges.agreement import measured_agreement
 from project.lm import LoadedLM, lm_dtype
-from project.registry import load_version
+from project.registry import load_version, sae_identity
 from project.runs import (
     config_hash,
     find_finished_run,
@@ -288,7 +288,7 @@ def _prepare(
     if config.mode == "concept":
         targets = concept_targets(sae, lm, layer, concepts, candidates, max_F, config)
     else:
-        sae_key = mv.run_id or f"{mv.name}/{mv.version}"
+        sae_key = sae_identity(mv)
         targets, explained = _latent_targets(
             sae, lm, layer, candidates, max_F, judge, config, sae_key
         )

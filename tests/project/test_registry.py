@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from project.lm import hook_name
-from project.registry import CHECKSUM_TAG, load_sae, register_sae, version_of_run
+from project.registry import CHECKSUM_TAG, load_sae, register_sae, sae_identity, version_of_run
 from project.saes import SAEConfig, build_sae
 from project.tracking import LM_TAG
 
@@ -63,6 +63,29 @@ def test_a_run_registers_one_version_however_often_it_is_asked(tracking_uri: str
     assert int(second.version) == int(first.version) + 1
     assert version_of_run(NAME, "no-such-run") is None
     assert version_of_run("no-such-model", run.info.run_id) is None
+
+
+def test_the_same_weights_have_one_identity_whichever_run_registered_them(
+    tracking_uri: str,
+) -> None:
+    """Steering seeds its latent draws by sae_identity: the same SAE trained again in another
+    store (or by a Ray worker) must draw the same latents, another SAE others."""
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(architecture="topk", d_in=16, d_sae=32, k=4))
+    other_sae = build_sae(SAEConfig(architecture="topk", d_in=16, d_sae=32, k=4))
+    client = MlflowClient()
+    versions = []
+    for model in (sae, sae, other_sae):
+        with mlflow.start_run() as run:
+            versions.append(register_sae(model, registered_model=NAME, tags=_tags(run.info.run_id)))
+    first, again, other = versions
+    assert first.run_id != again.run_id
+    assert sae_identity(first) == sae_identity(again) != sae_identity(other)
+    assert sae_identity(first).startswith("weights:")
+    # A version registered before checksums: its training run.
+    client.delete_model_version_tag(NAME, first.version, CHECKSUM_TAG)
+    bare = client.get_model_version(NAME, first.version)
+    assert sae_identity(bare) == first.run_id
 
 
 def _registered(tmp_path: Path) -> tuple[str, Path]:

@@ -94,6 +94,7 @@ def test_every_version_gets_one_linked_run_per_eval(
         assert tags["architecture"] == "topk" and tags["d_sae"] == "128" and tags["layer"] == "1"
         assert tags["target_l0"] == version.tags["target_l0"]
         assert tags["eval_config_hash"]
+        assert tags["saeflow.torch_threads"] == str(torch.get_num_threads())
         assert version.tags[f"eval.{eval_name}.run_id"] == run.info.run_id
         document = mlflow.artifacts.load_dict(
             f"runs:/{run.info.run_id}/{eval_name}_eval_results.json"
