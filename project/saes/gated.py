@@ -82,16 +82,17 @@ class GatedSAE(SparseAutoencoder):
             # Every term's gradient lives on the open gates: the magnitude path is masked by
             # them, and ReLU(π_gate) is 0 elsewhere (project.saes.sparse).
             latents = SparseLatents.from_mask(open_BF)
-            col_N = latents.col_N
             # The gathered values are the bias-free W_encᵀ x_c; b_gate only gives the dtype.
             enc_N = gather_preacts(
                 xc_BD, self.W_enc, self.b_gate.detach(), enc_BF.detach(), latents
             )
             # (W_enc · exp(r_mag))ᵀ x_c = exp(r_mag) · W_encᵀ x_c: one B×D×F product less.
-            f_N = (enc_N * self.r_mag.exp()[col_N] + self.b_mag[col_N]).relu()
-            gate_N = (enc_N + self.b_gate[col_N]).relu()
+            f_N = (
+                enc_N * latents.per_entry(self.r_mag.exp()) + latents.per_entry(self.b_mag)
+            ).relu()
+            gate_N = (enc_N + latents.per_entry(self.b_gate)).relu()
             x_hat_BD = latents.decode(f_N, self.W_dec) + self.b_dec
-            l1 = (gate_N * norm_F[col_N]).sum() / batch
+            l1 = (gate_N * latents.per_entry(norm_F)).sum() / batch
             x_hat_gate_BD = latents.decode(gate_N, self.W_dec.detach()) + self.b_dec.detach()
             fired = latents.select(f_N.detach() > 0)
             self.record_firing(fired.col_N, batch)

@@ -153,7 +153,7 @@ class JumpReLUSAE(SparseAutoencoder):
         if is_sparse_enough(graded_BF, self.sparse_max_density):
             latents = SparseLatents.from_mask(graded_BF)
             z_N = gather_preacts(xc_BD, self.W_enc, self.b_enc, pre_BF.detach(), latents)
-            theta_N = theta_F[latents.col_N]
+            theta_N = latents.per_entry(theta_F)
             f_N = _JumpReLU.apply(z_N, theta_N, bandwidth)
             x_hat_BD = latents.decode(f_N, self.W_dec) + self.b_dec
             l0 = _Step.apply(z_N, theta_N, bandwidth, ste).sum() / batch

@@ -157,7 +157,7 @@ class ReLUSAE(SparseAutoencoder):
             latents = SparseLatents.from_mask(active_BF)
             val_N = gather_preacts(xc_BD, self.W_enc, self.b_enc, pre_BF.detach(), latents)
             x_hat_BD = latents.decode(val_N, self.W_dec) + self.b_dec
-            l1 = (val_N * self.W_dec.norm(dim=-1)[latents.col_N]).sum() / batch
+            l1 = (val_N * latents.per_entry(self.W_dec.norm(dim=-1))).sum() / batch
             self.record_firing(latents.col_N, batch)
             l0 = x_BD.new_tensor(latents.col_N.numel() / batch)
             f_BF: Tensor | Callable[[], Tensor] = lambda: latents.dense(val_N)  # noqa: E731

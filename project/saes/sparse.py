@@ -84,6 +84,12 @@ class SparseLatents:
             self.row_N[mask_N], self.col_N[mask_N], self.batch, self.d_sae
         )
 
+    def per_entry(self, t_F: Tensor) -> Tensor:
+        """``t_F`` at each entry's latent, differentiably. ``index_select``, not ``t_F[col_N]``:
+        its backward (an ``index_add_``) gives the same sums at any number of threads, where
+        advanced indexing's did not (1 against 2 threads trained relu SAEs apart)."""
+        return t_F.index_select(0, self.col_N)
+
     def dense(self, val_N: Tensor) -> Tensor:
         """``f_BF`` with ``val_N`` at the kept positions (detached)."""
         f_BF = torch.zeros(self.batch, self.d_sae, dtype=val_N.dtype, device=val_N.device)

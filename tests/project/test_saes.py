@@ -400,6 +400,30 @@ def test_l1_family_sparse_step_equals_dense_step(architecture: str) -> None:
         torch.testing.assert_close(sparse_grads[name], grad, msg=f"gradient of {name}")
 
 
+@pytest.mark.parametrize("architecture", L1_FAMILIES)
+def test_l1_family_sparse_step_is_the_same_at_any_thread_count(architecture: str) -> None:
+    """The same SAE trained on one thread (a Ray worker) and on two (the local executor) must
+    be the same SAE: the sparse step's gradients are bitwise equal at 1 and 2 threads. (Large
+    enough for torch to split the scatter-adds between threads.)"""
+    torch.manual_seed(0)
+    x_BD = torch.randn(512, 576) * 3 + torch.randn(576)
+    cfg = SAEConfig(
+        architecture=architecture, d_in=576, d_sae=2304, target_l0=64, l1_control="target_l0"
+    )
+    first = build_sae(cfg)
+    first.initialize_from_data(x_BD)
+    grads = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        sae = build_sae(cfg)
+        sae.load_state_dict(first.state_dict())
+        sae.sparse_max_density = 1.0
+        sae.loss(x_BD, TrainStep(50, 100)).loss.backward()
+        grads.append({name: p.grad for name, p in sae.named_parameters()})
+    for name, grad in grads[0].items():
+        assert torch.equal(grad, grads[1][name]), f"gradient of {name} depends on the threads"
+
+
 # ----------------------------------------------------------------------------- save / load
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
 def test_save_load_round_trip_is_bit_identical(architecture: str, tmp_path: Path) -> None:
