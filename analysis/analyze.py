@@ -205,10 +205,18 @@ def correlation(
         return _correlation(table, x, y, config, notes)
 
 
+def canonical_order(rows: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """``rows`` in an order fixed by the SAEs' own values. The bootstrap and permutation draws
+    pick rows by position; in the store's order (a Ray study numbers versions as they finish)
+    the same SAEs gave another interval and p-value in another store."""
+    columns = [c for c in (*SITE_COLUMNS, "architecture", "target_l0", x, y) if c in rows.columns]
+    return rows.sort_values(columns, kind="mergesort") if columns else rows
+
+
 def _correlation(
     table: pd.DataFrame, x: str, y: str, config: AnalyzeConfig, notes: list[str]
 ) -> Correlation:
-    rows = table.dropna(subset=[x, y])
+    rows = canonical_order(table.dropna(subset=[x, y]), x, y)
     tau = kendall_tau_b(rows[x], rows[y])
     interval = bca_interval(rows[x], rows[y], n_resamples=config.n_resamples, seed=config.seed)
     headline = {

@@ -118,7 +118,7 @@ def explained_pool(
 
 def sample_latents(pool: ExplainedPool, n: int, seed: int, sae_key: str) -> list[int]:
     """``n`` latents sampled from the pool without replacement, seeded by ``seed`` and the SAE
-    (``sae_key``, e.g. its training run id), in pool order; all of them when the pool is
+    (``sae_key``: project.registry.sae_identity), in pool order; all of them when the pool is
     smaller."""
     latents = list(pool.explanations)
     if len(latents) <= n:

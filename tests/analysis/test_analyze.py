@@ -9,11 +9,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from analysis.analyze import AnalyzeConfig, analyze
+from analysis.analyze import AnalyzeConfig, analyze, correlation
 from analysis.collect import MixedRunsError, StudyData, collect
 from analysis.stats import add_sparsity_rank, bca_interval, psi_point
 from analysis.synthetic import SyntheticStudy, steer_params, write_study, write_study_run
@@ -456,3 +458,26 @@ def test_a_study_run_id_must_name_a_study_run(study_store: MlflowClient) -> None
     with pytest.raises(ValueError, match="give one"):
         AnalyzeConfig(study_run_id="x", experiments="study").validate()
     assert _analyze_runs(study_store) == 0
+
+
+def test_the_interval_and_p_value_do_not_depend_on_the_stores_row_order() -> None:
+    """The same SAEs listed in another order (another store numbers its versions otherwise)
+    give the same τ_b, interval, p-value and Ψ's: the draws see one canonical order."""
+    gen = np.random.default_rng(0)
+    table = pd.DataFrame(
+        {
+            "lm_name": "lm",
+            "layer": "10",
+            "d_sae": "2304",
+            "architecture": [a for a in ("relu", "topk", "gated", "jumprelu") for _ in (0, 1)],
+            "target_l0": ["16", "64"] * 4,
+            "sparsity_rank": [0, 1] * 4,
+            "mu": gen.random(8),
+            "score": gen.random(8),
+        }
+    )
+    config = AnalyzeConfig(n_resamples=200)
+    first = correlation(table, "mu", "score", config, [])
+    shuffled = correlation(table.sample(frac=1, random_state=1), "mu", "score", config, [])
+    assert shuffled.headline == first.headline
+    assert shuffled.psi == first.psi
