@@ -19,6 +19,7 @@ from project.saes import (
     load_sae_dir,
     save_sae,
 )
+from project.saes.base import SAELoss
 from project.saes.sparse import batch_topk
 
 D_IN, N_TRUE, D_SAE = 32, 64, 128
@@ -350,6 +351,20 @@ def test_sparse_training_path_matches_dense_autograd(architecture: str) -> None:
         torch.testing.assert_close(sparse_grads[name], p.grad, msg=f"gradient of {name}")
 
 
+def _one_training_step(
+    start: SparseAutoencoder, x_BD: Tensor, max_density: float
+) -> tuple[SAELoss, dict[str, Tensor], Tensor]:
+    """One step of a copy of ``start`` with the given sparse-path switch: its output, its
+    gradients and its dead-latent counter."""
+    sae = build_sae(start.cfg)
+    sae.load_state_dict(start.state_dict())
+    sae.sparse_max_density = max_density
+    out = sae.loss(x_BD, TrainStep(50, 100))
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    return out, grads, sae.tokens_since_fired_F.clone()
+
+
 @pytest.mark.parametrize("architecture", L1_FAMILIES)
 def test_l1_family_sparse_step_equals_dense_step(architecture: str) -> None:
     """relu/jumprelu/gated: the step restricted to the entries with a gradient gives the dense
@@ -370,13 +385,7 @@ def test_l1_family_sparse_step_equals_dense_step(architecture: str) -> None:
     first.initialize_from_data(x_BD)
     results = {}
     for path, max_density in (("dense", 0.0), ("sparse", 1.0)):
-        sae = build_sae(cfg)
-        sae.load_state_dict(first.state_dict())
-        sae.sparse_max_density = max_density
-        out = sae.loss(x_BD, TrainStep(50, 100))
-        out.loss.backward()
-        grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
-        results[path] = (out, grads, sae.tokens_since_fired_F.clone())
+        results[path] = _one_training_step(first, x_BD, max_density)
     dense, dense_grads, dense_fired = results["dense"]
     sparse, sparse_grads, sparse_fired = results["sparse"]
     # The batch is sparse (else the test compares the dense path with itself) ...
@@ -415,11 +424,7 @@ def test_l1_family_sparse_step_is_the_same_at_any_thread_count(architecture: str
     grads = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        sae = build_sae(cfg)
-        sae.load_state_dict(first.state_dict())
-        sae.sparse_max_density = 1.0
-        sae.loss(x_BD, TrainStep(50, 100)).loss.backward()
-        grads.append({name: p.grad for name, p in sae.named_parameters()})
+        grads.append(_one_training_step(first, x_BD, max_density=1.0)[1])
     for name, grad in grads[0].items():
         assert torch.equal(grad, grads[1][name]), f"gradient of {name} depends on the threads"
 
