@@ -232,7 +232,13 @@ def _correlation(
         "tau_b_ci_method": interval.method,
         "tau_b_p_method": p_value_method(len(rows), config.n_resamples),
     }
-    if interval.undefined_draws:
+    if interval.undefined_draws and interval.method == "none":
+        notes.append(
+            f"τ_b({x}, {y}): {interval.undefined_draws} of {interval.n_draws} bootstrap draws had "
+            f"no τ_b (constant {x} or {y}), more than one tail of the interval: the other draws "
+            "all hold the few SAEs that vary, so no interval is given."
+        )
+    elif interval.undefined_draws:
         notes.append(
             f"τ_b({x}, {y}): {interval.undefined_draws} of {interval.n_draws} bootstrap draws had "
             f"no τ_b (constant {x} or {y}), so BCa was undefined: the interval is the "
@@ -262,6 +268,13 @@ def _flat(headline: dict[str, float], psi: dict[str, dict[str, float]], prefix: 
     return {k: v for k, v in out.items() if not math.isnan(v)}
 
 
+def ci_text(low: float, high: float) -> str:
+    """``low – high`` to 3 places, or why there is no interval."""
+    if math.isnan(low) or math.isnan(high):
+        return "none (too few bootstrap draws have a τ_b)"
+    return f"{low:.3f} – {high:.3f}"
+
+
 def _gain_summary(
     metric: str, with_gain: pd.DataFrame, result: Correlation, column: str
 ) -> dict[str, object]:
@@ -271,7 +284,7 @@ def _gain_summary(
         "g": metric,
         "n": len(with_gain),
         "tau_b": h["tau_b"],
-        "95% CI": f"{h['tau_b_ci_low']:.3f} – {h['tau_b_ci_high']:.3f}",
+        "95% CI": ci_text(h["tau_b_ci_low"], h["tau_b_ci_high"]),
         "CI method": result.methods["tau_b_ci_method"],
         "psi": result.psi["psi"]["value"],
         "mean gain %": float(with_gain[column].mean()),
@@ -285,7 +298,7 @@ def _score_row(metric: str, result: Correlation) -> dict[str, object]:
         "g": metric,
         "n SAEs": int(h["n_saes"]),
         "τ_b": h["tau_b"],
-        "95% CI": f"{h['tau_b_ci_low']:.3f} – {h['tau_b_ci_high']:.3f}",
+        "95% CI": ci_text(h["tau_b_ci_low"], h["tau_b_ci_high"]),
         "CI method": result.methods["tau_b_ci_method"],
         "p": h["tau_b_p_value"],
         "p method": result.methods["tau_b_p_method"],
@@ -453,7 +466,7 @@ def main() -> None:
     result = analyze(config)
     h = result.report.headline
     print(
-        f"τ_b = {h['tau_b']:.3f} (95% CI {h['tau_b_ci_low']:.3f} – {h['tau_b_ci_high']:.3f}) "
+        f"τ_b = {h['tau_b']:.3f} (95% CI {ci_text(h['tau_b_ci_low'], h['tau_b_ci_high'])}) "
         f"over {int(h['n_saes'])} SAEs; Ψ = {result.report.psi['psi']['value']:.3f}"
     )
     print(f"report: {result.report_path}")

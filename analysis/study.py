@@ -52,7 +52,7 @@ from mlflow.entities import Metric
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from analysis.analyze import AnalyzeConfig, analyze
+from analysis.analyze import AnalyzeConfig, analyze, ci_text
 from analysis.collect import STUDY_RUN_TYPE, STUDY_RUNS_ARTIFACT
 from analysis.units import (
     STUDY_RUN_TAG,
@@ -964,7 +964,7 @@ def main() -> None:
     h = result.headline
     print(
         f"study run {result.run_id}: {len(result.versions)} SAEs; τ_b = {h['tau_b']:.3f} "
-        f"(95% CI {h['tau_b_ci_low']:.3f} – {h['tau_b_ci_high']:.3f}); "
+        f"(95% CI {ci_text(h['tau_b_ci_low'], h['tau_b_ci_high'])}); "
         + ", ".join(f"{k} = {v['value']:.3f}" for k, v in result.psi.items())
     )
     for row in result.scores:

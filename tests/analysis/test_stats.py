@@ -18,6 +18,7 @@ from analysis.stats import (
     permutation_p_value,
     psi_point,
     psi_with_uncertainty,
+    tau_b_resamples,
 )
 
 
@@ -213,6 +214,25 @@ def test_interval_falls_back_to_percentile_when_some_draws_have_no_tau() -> None
     assert interval.low < kendall_tau_b(mu, g) < interval.high
     # Where every draw has a τ_b, the BCa interval stays.
     assert bca_interval(mu, [0.1 * i for i in range(10)], n_resamples=500).method == "BCa"
+
+
+def test_no_interval_when_more_draws_are_undefined_than_one_tail_holds() -> None:
+    # A study's lift column (stop 31): one SAE of ten lifted the concept. A third of the
+    # resamples miss it (constant lift, no τ_b); the percentiles of the others lay wholly
+    # below τ_b, a "95% interval" that excluded the estimate. None is given instead.
+    mu = [0.671, 0.557, 0.768, 0.55, 0.671, 0.582, 0.632, 0.529, 0.686, 0.554]
+    lift = [0, 0, 0, 0, 0, 0, 0, 0.25, 0, 0]
+    tau = kendall_tau_b(mu, lift)
+    interval = bca_interval(mu, lift, n_resamples=1000, seed=0)
+    assert interval.method == "none" and math.isnan(interval.low) and math.isnan(interval.high)
+    assert interval.undefined_draws > 0.025 * 1000 and interval.n_draws == 1000
+    assert interval.describe().startswith(f"none ({interval.undefined_draws} of 1000 draws")
+    # What the defined draws alone would have said: an interval that misses τ_b.
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, 10, (1000, 10))
+    draws = tau_b_resamples(mu, lift, idx)
+    low, high = np.percentile(draws[np.isfinite(draws)], [2.5, 97.5])
+    assert not low <= tau <= high
 
 
 def test_psi_groups_keep_layers_and_widths_apart() -> None:
