@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--model_uri", default="")
     parser.add_argument("--layer", type=int, default=4)
     parser.add_argument("--latents", type=int, default=16)
-    parser.add_argument("--batch_latents", type=int, default=64)
+    parser.add_argument("--batch_latents", type=int, default=SelectionConfig.batch_latents)
     parser.add_argument("--all", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -23,6 +23,12 @@ only) passes a ``batch_context`` instead: a :class:`GenerationBatch` (rows, wher
 prompt starts under left padding) goes to it before each batch, and the context it returns
 (its own hooks) is held while that batch generates.
 
+``compile=True`` runs the LM's forward under ``torch.compile`` (dynamic shapes) while it
+generates, compiled once per model in a process: the GPU path of issue 19. The steering hook
+and the per-row vectors are inputs of the compiled graph, so new vectors in a new batch do not
+recompile it (tested on CPU: the same greedy tokens as eager, batch after batch); the first
+call pays the compilation (about a minute for a tiny LM on this CPU), so it is for long runs.
+
 :func:`generate_added` is the steering path: each prompt with its own added vector (a zero
 vector: unsteered). Its continuations are remembered for the life of the process, keyed by
 everything that decides them (LM weights, layer, decoding settings, prompt, sampling seed, the
@@ -35,8 +41,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -99,8 +106,11 @@ class GenerationConfig:
     batch_size: int = 32
     chat_template: bool = True
     use_cache: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile={self.compile!r} must be true or false")
         check_int("max_new_tokens", self.max_new_tokens, 1)
         check_int("batch_size", self.batch_size, 1)
         check_int("seed", self.seed, 0)
@@ -168,6 +178,30 @@ class _RowSampler(LogitsProcessor):
         return out.scatter(1, index, 0.0)
 
 
+# One compiled forward per model object for the life of the process (compiling is the cost).
+_COMPILED_FORWARDS: weakref.WeakKeyDictionary[torch.nn.Module, Callable[..., Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+@contextmanager
+def compiled_forward(lm: LoadedLM) -> Iterator[None]:
+    """While active, ``lm.model``'s forward is its ``torch.compile``'d form (compiled on first
+    use, dynamic shapes); every other caller of the LM outside the block keeps eager."""
+    model = lm.model
+    if "forward" in vars(model):
+        raise RuntimeError("compiled_forward: the LM's forward is already replaced")
+    compiled = _COMPILED_FORWARDS.get(model)
+    if compiled is None:
+        compiled = torch.compile(model.forward, dynamic=True)
+        _COMPILED_FORWARDS[model] = compiled
+    model.forward = compiled
+    try:
+        yield
+    finally:
+        del model.forward
+
+
 def generate_token_ids(
     lm: LoadedLM,
     prompts: Sequence[str],
@@ -217,10 +251,11 @@ def generate_token_ids(
         return intervention(hidden_BTD, current_rows[0])
 
     hook = splice_residual(lm, layer, edit) if intervention is not None else nullcontext()
+    compiled = compiled_forward(lm) if config.compile else nullcontext()
     started = time.perf_counter()
     n_new = 0
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-    with hook, torch.inference_mode():
+    with compiled, hook, torch.inference_mode():
         for batch in tqdm(batches, desc=progress, disable=progress is None, leave=False):
             width = max(len(ids[i]) for i in batch)
             input_BT = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -311,6 +346,7 @@ def generate_added(
         float(config.temperature),
         config.chat_template,
         config.use_cache,
+        config.compile,  # a compiled forward may round differently: its own continuations
     )
     keys = [
         (*settings, prompt, prompt_seed(config.seed, prompt), _vector_digest(vector))
@@ -369,6 +405,7 @@ __all__ = [
     "GenerationBatch",
     "GenerationConfig",
     "Intervention",
+    "compiled_forward",
     "generate",
     "generate_added",
     "generate_token_ids",

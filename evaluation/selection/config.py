@@ -85,7 +85,9 @@ class SelectionConfig:
     example_tokens: int = 32
     input_examples: int = 100
     input_min_examples: int = 10
-    batch_latents: int = 64
+    # 256 rows keep the intervened pass's matrix products near the CPU's rate: all 2,304
+    # latents of a study SAE in 7.3 s against 8.5 s at 64, the same scores (stop 31).
+    batch_latents: int = 256
     lm_batch_size: int = 16
 
     def __post_init__(self) -> None:

@@ -71,6 +71,9 @@ class SteerConfig:
       how the steered LM is loaded where this run loads it (issue 19's GPU path); its
       generation, the trained methods and the offline judge's fluency pass run in that dtype
       on that device. bfloat16 changes the LM's fingerprint, so its runs never reuse float32's.
+    - ``compile``: generate under ``torch.compile`` of the LM's forward (the GPU path; its first
+      batch pays the compilation). Not with ``trained`` methods, whose adapters hook the LM's
+      projections per batch.
     """
 
     mode: str = "concept"
@@ -101,6 +104,7 @@ class SteerConfig:
     trained_layers: tuple[int, ...] = ()
     lm_dtype: str = "float32"
     device: str = "cpu"
+    compile: bool = False
     stats: LatentStatsConfig = field(default_factory=LatentStatsConfig)
 
     def __post_init__(self) -> None:
@@ -135,6 +139,13 @@ class SteerConfig:
         self._check_trained()
         lm_dtype(self.lm_dtype)
         check_device(self.device)
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile={self.compile!r} must be true or false")
+        if self.compile and self.trained:
+            raise ValueError(
+                f"compile=true with trained={list(self.trained)}: the trained methods' adapters "
+                "hook the LM per batch, which the compiled forward does not cover; drop one"
+            )
         if not isinstance(self.random_floor, bool):
             raise ValueError(f"random_floor={self.random_floor!r} must be true or false")
         if not self.factors:

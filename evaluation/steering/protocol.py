@@ -359,6 +359,7 @@ def _generation_config(config: SteerConfig) -> GenerationConfig:
         temperature=config.temperature,
         seed=config.seed,
         batch_size=config.batch_size,
+        compile=config.compile,
     )
 
 

@@ -887,6 +887,9 @@ def main() -> None:
     )
     parser.add_argument("--lm_dtype", default=defaults.lm_dtype, help="float32 or bfloat16")
     parser.add_argument("--device", default=defaults.device, help="cpu, cuda or auto")
+    parser.add_argument(
+        "--compile", type=parse_bool, default=False, help="torch.compile the LM's generation"
+    )
     parser.add_argument("--force", type=parse_bool, default=False)
     args, extra = parser.parse_known_args()
     config = SteerConfig(
@@ -918,6 +921,7 @@ def main() -> None:
         ),
         lm_dtype=args.lm_dtype,
         device=args.device,
+        compile=args.compile,
     )
     judge_options = parse_prefixed_options(extra)
     tracking_uri = configure_tracking(experiment=DEFAULT_EXPERIMENT)

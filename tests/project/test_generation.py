@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
+import torch._dynamo.utils
 from torch import Tensor
 
 from project.generation import (
     AddVectors,
     GenerationConfig,
+    compiled_forward,
     generate,
     generate_added,
     generate_token_ids,
     prompt_token_ids,
 )
-from project.lm import LoadedLM
+from project.lm import LoadedLM, build_tiny_random_lm
 
 PROMPTS = [
     "Write a poem about the sea.",
@@ -183,6 +187,7 @@ def test_no_system_prompt_of_the_templates_own(tiny_lm: LoadedLM) -> None:
         ("temperature", -1.0, "temperature"),
         ("temperature", "hot", "temperature"),
         ("batch_size", 0, "batch_size"),
+        ("compile", "yes", "compile='yes' must be true or false"),
     ],
 )
 def test_bad_config(field: str, value: object, match: str) -> None:
@@ -221,3 +226,35 @@ def test_row_sampler_draws_from_the_softmax_with_each_rows_own_generator() -> No
         a = alone(torch.zeros(1, 1, dtype=torch.long), logits[1:].clone()).argmax(-1)
         b = pair(torch.zeros(2, 1, dtype=torch.long), logits.clone()).argmax(-1)
         assert a.item() == b[1].item()
+
+
+def test_compiled_generation_gives_eager_tokens_batch_after_batch() -> None:
+    """The GPU path's torch.compile, run on CPU: the steering hook and per-row vectors are in
+    the compiled graph (steered tokens differ from unsteered ones and equal eager's), and a
+    call with new vectors reuses the compiled graphs instead of compiling again."""
+    lm = build_tiny_random_lm(n_layers=2)  # two blocks: the compilation is the test's cost
+    config = GenerationConfig(max_new_tokens=6, temperature=0, batch_size=len(PROMPTS))
+    compiled = replace(config, compile=True)
+    unsteered = generate_token_ids(lm, PROMPTS, config)
+    graphs_after_first = 0
+    for seed in (0, 1):
+        vectors = torch.randn(
+            len(PROMPTS), lm.d_model, generator=torch.Generator().manual_seed(seed)
+        )
+        steer = AddVectors(vectors * 3.0)
+        eager = generate_token_ids(lm, PROMPTS, config, layer=LAYER, intervention=steer)
+        assert eager != unsteered
+        assert generate_token_ids(lm, PROMPTS, compiled, layer=LAYER, intervention=steer) == eager
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        if seed == 0:
+            graphs_after_first = graphs
+            assert graphs > 0  # it did compile
+        else:
+            assert graphs == graphs_after_first  # new vectors: no new graph
+    assert "forward" not in vars(lm.model)  # eager again outside generation
+    with (
+        compiled_forward(lm),
+        pytest.raises(RuntimeError, match="already replaced"),
+        compiled_forward(lm),
+    ):
+        pass

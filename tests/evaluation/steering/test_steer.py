@@ -332,6 +332,8 @@ def test_clamp_sets_the_latent_and_keeps_the_error() -> None:
         ({"n_instructions": 0}, "n_instructions=0"),
         ({"lm_dtype": "float16"}, "lm_dtype='float16' is not supported; valid: \\['float32', "),
         ({"device": "tpu"}, "device='tpu' is not supported; valid: \\['cpu', 'cuda', 'auto'\\]"),
+        ({"compile": "yes"}, "compile='yes' must be true or false"),
+        ({"compile": True, "trained": ("lora",)}, "compile=true with trained=\\['lora'\\]"),
     ],
 )
 def test_bad_config(changes: dict, message: str) -> None:
