@@ -26,8 +26,9 @@ prompt starts under left padding) goes to it before each batch, and the context 
 ``compile=True`` runs the LM's forward under ``torch.compile`` (dynamic shapes) while it
 generates, compiled once per model in a process: the GPU path of issue 19. The steering hook
 and the per-row vectors are inputs of the compiled graph, so new vectors in a new batch do not
-recompile it (tested on CPU: the same greedy tokens as eager, batch after batch); the first
-call pays the compilation (about a minute for a tiny LM on this CPU), so it is for long runs.
+recompile it (tested on CPU: the same tokens as eager, greedy and sampled); a new batch size
+compiles once more. The first call pays the compilation (about a minute for a 4-block tiny LM
+on this CPU), so it is for long runs.
 
 :func:`generate_added` is the steering path: each prompt with its own added vector (a zero
 vector: unsteered). Its continuations are remembered for the life of the process, keyed by

@@ -230,27 +230,33 @@ def test_row_sampler_draws_from_the_softmax_with_each_rows_own_generator() -> No
 
 def test_compiled_generation_gives_eager_tokens_batch_after_batch() -> None:
     """The GPU path's torch.compile, run on CPU: the steering hook and per-row vectors are in
-    the compiled graph (steered tokens differ from unsteered ones and equal eager's), and a
-    call with new vectors reuses the compiled graphs instead of compiling again."""
+    the compiled graph (no graph break; steered tokens differ from unsteered ones and equal
+    eager's), and a second call with new vectors and sampling reuses the
+    compiled graphs instead of compiling again."""
     lm = build_tiny_random_lm(n_layers=2)  # two blocks: the compilation is the test's cost
-    config = GenerationConfig(max_new_tokens=6, temperature=0, batch_size=len(PROMPTS))
-    compiled = replace(config, compile=True)
-    unsteered = generate_token_ids(lm, PROMPTS, config)
+    counters = torch._dynamo.utils.counters
+    graphs_before = counters["stats"]["unique_graphs"]
+    breaks_before = sum(counters["graph_break"].values())
+    greedy = GenerationConfig(max_new_tokens=6, temperature=0, batch_size=len(PROMPTS))
+    sampled = replace(greedy, temperature=1.0)
+    unsteered = generate_token_ids(lm, PROMPTS, greedy)
     graphs_after_first = 0
-    for seed in (0, 1):
+    for seed, config in ((0, greedy), (1, sampled)):
         vectors = torch.randn(
             len(PROMPTS), lm.d_model, generator=torch.Generator().manual_seed(seed)
         )
         steer = AddVectors(vectors * 3.0)
         eager = generate_token_ids(lm, PROMPTS, config, layer=LAYER, intervention=steer)
         assert eager != unsteered
+        compiled = replace(config, compile=True)
         assert generate_token_ids(lm, PROMPTS, compiled, layer=LAYER, intervention=steer) == eager
-        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert sum(counters["graph_break"].values()) == breaks_before  # hook inside the graph
+        graphs = counters["stats"]["unique_graphs"]
         if seed == 0:
             graphs_after_first = graphs
-            assert graphs > 0  # it did compile
+            assert graphs > graphs_before  # it did compile
         else:
-            assert graphs == graphs_after_first  # new vectors: no new graph
+            assert graphs == graphs_after_first  # new vectors and sampling: no new graph
     assert "forward" not in vars(lm.model)  # eager again outside generation
     with (
         compiled_forward(lm),
