@@ -85,7 +85,9 @@ class SteerConfig:
     max_new_tokens: int = 32
     temperature: float = 1.0
     seed: int = 0
-    batch_size: int = 48
+    # Rows per generation batch. SmolLM2's plain batched decode here: 167 tok/s at 48,
+    # 185 at 96, 175 at 192 (stop 31, 192 prompts x 24 tokens).
+    batch_size: int = 96
     concepts: str = "stdlib"
     instructions: str = "builtin"
     explain_pool: int = 0
