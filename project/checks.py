@@ -14,6 +14,12 @@ def check_int(name: str, value: Any, low: int) -> None:
         raise ValueError(f"{name}={value!r} must be an integer >= {low}")
 
 
+def check_bool(name: str, value: Any) -> None:
+    """``value`` must be a bool (a flag parsed from the command line or set in code)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be true or false")
+
+
 def check_ints(config: Any, lows: dict[str, int]) -> None:
     """:func:`check_int` for each field of ``config`` named in ``lows`` (field -> minimum)."""
     for name, low in lows.items():

@@ -53,7 +53,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from project.checks import check_int
+from project.checks import check_bool, check_int
 from project.lm import LoadedLM, splice_residual
 
 logger = logging.getLogger(__name__)
@@ -110,8 +110,7 @@ class GenerationConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"compile={self.compile!r} must be true or false")
+        check_bool("compile", self.compile)
         check_int("max_new_tokens", self.max_new_tokens, 1)
         check_int("batch_size", self.batch_size, 1)
         check_int("seed", self.seed, 0)

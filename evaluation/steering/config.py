@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from evaluation.selection.config import LatentStatsConfig
-from project.checks import check_device, check_int
+from project.checks import check_bool, check_device, check_int
 from project.cli import parse_list
 from project.lm import lm_dtype
 
@@ -141,15 +141,13 @@ class SteerConfig:
         self._check_trained()
         lm_dtype(self.lm_dtype)
         check_device(self.device)
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"compile={self.compile!r} must be true or false")
+        check_bool("compile", self.compile)
         if self.compile and self.trained:
             raise ValueError(
                 f"compile=true with trained={list(self.trained)}: the trained methods' adapters "
                 "hook the LM per batch, which the compiled forward does not cover; drop one"
             )
-        if not isinstance(self.random_floor, bool):
-            raise ValueError(f"random_floor={self.random_floor!r} must be true or false")
+        check_bool("random_floor", self.random_floor)
         if not self.factors:
             raise ValueError("factors is empty; give at least one steering factor")
         for f in self.factors:
