@@ -422,9 +422,13 @@ def test_l1_family_sparse_step_is_the_same_at_any_thread_count(architecture: str
     first = build_sae(cfg)
     first.initialize_from_data(x_BD)
     grads = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        grads.append(_one_training_step(first, x_BD, max_density=1.0)[1])
+    threads_before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            grads.append(_one_training_step(first, x_BD, max_density=1.0)[1])
+    finally:
+        torch.set_num_threads(threads_before)  # later tests run at the machine's count
     for name, grad in grads[0].items():
         assert torch.equal(grad, grads[1][name]), f"gradient of {name} depends on the threads"
 
