@@ -45,6 +45,12 @@ class RatingTimes:
     # The fluency LM's NLL pass alone over the same texts (a fresh judge): the floor of
     # the batched side, which no batching of the other scores removes.
     fluency_lm_s: float | None = None
+    # What the NLL pass must compute: tokens through the fluency LM and the multiply-adds of
+    # its linear layers (lm_head included), and this machine's fp32 matmul rate on the LM's
+    # own shapes measured in the same run. Their quotient is the pass's floor at full speed.
+    nll_tokens: int = 0
+    nll_gflop: float = 0.0
+    peak_gflops: float = 0.0
 
 
 def time_rating(lm: LoadedLM, rows: int, new_tokens: int, layer: int, with_lm: bool) -> RatingTimes:
@@ -87,11 +93,15 @@ def time_rating(lm: LoadedLM, rows: int, new_tokens: int, layer: int, with_lm: b
     many_seconds = time.perf_counter() - started
     same = sum(a == b for a, b in zip(alone, batched, strict=True)) / len(questions)
     fluency_lm_seconds = None
+    nll_tokens, nll_gflop, peak = 0, 0.0, 0.0
     if with_lm:
         floor_judge = fresh_judge()
         started = time.perf_counter()
         floor_judge.rater.mean_nlls(texts)
         fluency_lm_seconds = time.perf_counter() - started
+        nll_tokens = sum(len(nll_ids(lm, text)) for text in set(texts))
+        nll_gflop = 2 * linear_parameters(lm) * nll_tokens / 1e9
+        peak = matmul_gflops(lm, nll_tokens)
     return RatingTimes(
         len(texts),
         len(questions),
@@ -101,7 +111,41 @@ def time_rating(lm: LoadedLM, rows: int, new_tokens: int, layer: int, with_lm: b
         same,
         with_lm,
         fluency_lm_seconds,
+        nll_tokens,
+        nll_gflop,
+        peak,
     )
+
+
+def nll_ids(lm: LoadedLM, text: str) -> list[int]:
+    """The tokens the judge's NLL pass runs for ``text`` (BOS, then at most 256)."""
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][:256]
+    bos = lm.tokenizer.bos_token_id
+    return [bos, *ids] if bos is not None else ids
+
+
+def linear_parameters(lm: LoadedLM) -> int:
+    """Weights of every linear layer of the LM, the output head included (tied or not): one
+    multiply-add each per token, which is nearly all of a short sequence's forward."""
+    return sum(m.weight.numel() for m in lm.model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def matmul_gflops(lm: LoadedLM, tokens: int, repeats: int = 5) -> float:
+    """This machine's best fp32 rate (GFLOP/s) on the LM's linear shapes at ``tokens`` rows:
+    the speed the NLL pass would run at if nothing but its matrix products cost."""
+    shapes = {tuple(m.weight.shape) for m in lm.model.modules() if isinstance(m, torch.nn.Linear)}
+    best = 0.0
+    with torch.inference_mode():
+        for out_features, in_features in sorted(shapes):
+            x = torch.randn(tokens, in_features)
+            w = torch.randn(out_features, in_features)
+            torch.nn.functional.linear(x, w)  # warm-up
+            started = time.perf_counter()
+            for _ in range(repeats):
+                torch.nn.functional.linear(x, w)
+            seconds = (time.perf_counter() - started) / repeats
+            best = max(best, 2 * tokens * in_features * out_features / seconds / 1e9)
+    return best
 
 
 def figures(t: RatingTimes) -> list[Figure]:
@@ -125,10 +169,22 @@ def figures(t: RatingTimes) -> list[Figure]:
                 ""
                 if t.fluency_lm_s is None
                 else f"; of which the fluency LM's NLL pass {t.fluency_lm_s / t.n_completions:.4f}"
-                f" s a completion ({t.fluency_lm_s / t.batched_s:.0%})"
+                f" s a completion ({t.fluency_lm_s / t.batched_s:.0%}); {floor_text(t)}"
             ),
         )
     ]
+
+
+def floor_text(t: RatingTimes) -> str:
+    """The NLL pass's compute against the 10× budget: below it, no batching gets there."""
+    n = t.n_completions
+    at_peak = t.nll_gflop / t.peak_gflops / n
+    return (
+        f"the pass is {t.nll_gflop / n:.1f} GFLOP a completion ({t.nll_tokens / n:.1f} tokens), "
+        f"{t.nll_gflop / t.fluency_lm_s:.0f} GFLOP/s against a {t.peak_gflops:.0f} GFLOP/s "
+        f"matmul peak: {at_peak:.4f} s a completion at peak, where 10x allows "
+        f"{t.one_s / n / 10:.4f} for everything"
+    )
 
 
 def measure(
@@ -159,6 +215,7 @@ def main() -> None:
     print(f"  ratio {t.one_s / t.batched_s:.1f}x; identical ratings {t.identical:.3f}")
     if t.fluency_lm_s is not None:
         print(f"  the fluency LM's NLL pass alone: {t.fluency_lm_s:6.2f} s (the batched floor)")
+        print(f"  {floor_text(t)}")
     print(
         f"  generating them: {t.generation_s:.2f} s; rating / generating = "
         f"{t.batched_s / t.generation_s:.2f}"

@@ -56,6 +56,14 @@ Where the two recipes differ (so read the rows with this in mind):
 - jumprelu: SAELens' "quadratic" L0 loss (Gemma Scope 2: per-token ``2/T·(L0 - T)²``,
   threshold trained directly, straight-through gradient to the threshold only) against
   saeflow's batch-L0 penalty on a log threshold with the estimator reaching the encoder.
+  Both start at one L0: SAELens' thresholds are set (untimed) as saeflow's are, per latent at
+  the quantile of its own initial pre-activations that fires on 2x the target L0, and its
+  decoder rows start at unit norm as saeflow's (at its 0.1 the encoder starts ten times
+  smaller than 30 Adam steps move it, and L0 runs away from the thresholds). With its
+  scalar ``jumprelu_init_threshold`` (``--saelens-jumprelu-init saelens``) it stays dense
+  over a short run (L0 4,404 of 4,608 after 30 steps). Even so its L0 is not held at the
+  target in a short run (30 steps: 128 at the start, 21 at the end, for a target of 64), so
+  compare the L0 columns first.
 - decoder norms: SAELens 6 neither projects the decoder gradient nor renormalises rows, for
   any architecture, and starts rows at norm 0.1; saeflow keeps unit-norm rows (all but relu,
   whose April-update penalty leaves them free, as SAELens' standard SAE does).
@@ -109,7 +117,8 @@ from bench.figures import Figure
 from project.corpus import DEFAULT_CORPUS
 from project.lm import DEFAULT_LM, hook_name
 from project.saes import BatchTopKSAE, SAEConfig, TrainStep, build_sae
-from project.saes.base import geometric_median
+from project.saes.base import firing_quantile, geometric_median
+from project.saes.jumprelu import INIT_L0_FACTOR as JUMPRELU_INIT_L0_FACTOR
 from project.saes.relu import L1Controller
 from project.tracking import configure_tracking
 from training.config import K_ARCHITECTURES, L1_ARCHITECTURES, TrainConfig
@@ -150,6 +159,7 @@ class Settings:
     saelens_l1: float | None  # None: adapted toward the target L0
     saelens_sparse_topk: bool
     saelens_init_b_dec: bool
+    saelens_jumprelu_init: str  # "data" (per-latent quantile, as saeflow) or "saelens" (scalar)
 
 
 @dataclass(frozen=True)
@@ -361,9 +371,16 @@ def saelens_sae(case: Case, d_in: int, flow_cfg: SAEConfig, s: Settings, l1: flo
             GatedTrainingSAEConfig(l1_coefficient=l1, l1_warm_up_steps=l1_warmup, **common)
         )
     if arch == "jumprelu":
+        # With the data init (run_saelens), unit-norm decoder rows as saeflow's: at SAELens'
+        # 0.1 the encoder starts ten times smaller than 30 Adam steps move it, and L0 runs away
+        # from wherever the thresholds start.
+        norm = {"decoder_init_norm": 1.0} if s.saelens_jumprelu_init == "data" else {}
         return JumpReLUTrainingSAE(
             JumpReLUTrainingSAEConfig(
-                jumprelu_sparsity_loss_mode="quadratic", target_l0=float(case.target_l0), **common
+                jumprelu_sparsity_loss_mode="quadratic",
+                target_l0=float(case.target_l0),
+                **norm,
+                **common,
             )
         )
     if arch == "topk":
@@ -433,6 +450,14 @@ def run_saelens(case: Case, data: Data, s: Settings) -> SideResult:
         with torch.no_grad():
             median_D = geometric_median(init_sample(data, s.seed)) * (d_in**0.5 / mean_norm)
             sae.b_dec.copy_(median_D.to(sae.b_dec.dtype))
+    if case.architecture == "jumprelu" and s.saelens_jumprelu_init == "data":
+        # SAELens' scalar init threshold leaves it dense for hundreds of steps (L0 4,404 of
+        # 4,608 after 30); the per-latent quantile saeflow starts from puts both at one L0.
+        with torch.no_grad():
+            x_ND = init_sample(data, s.seed) * (d_in**0.5 / mean_norm)
+            _, pre_NF = sae.encode_with_hidden_pre(x_ND.to(sae.W_enc.dtype))
+            init_l0 = min(JUMPRELU_INIT_L0_FACTOR * case.target_l0, sae.cfg.d_sae / 2)
+            sae.threshold.copy_(firing_quantile(pre_NF, init_l0).clamp_min(0).float())
     controller = L1Controller()
     l1_warmup = flow_cfg.l1_warmup_fraction * s.steps
 
@@ -612,6 +637,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="start SAELens' b_dec at saeflow's init (the sample's geometric median), not 0",
     )
+    parser.add_argument(
+        "--saelens-jumprelu-init",
+        choices=("data", "saelens"),
+        default="data",
+        help="SAELens jumprelu threshold init: data = per latent, the pre-activation quantile "
+        "that starts at saeflow's initial L0 (default; a matched L0); saelens = its scalar "
+        "jumprelu_init_threshold (stays dense over a short run)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
@@ -650,6 +683,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         saelens_l1=args.saelens_l1,
         saelens_sparse_topk=args.saelens_sparse_topk,
         saelens_init_b_dec=args.saelens_init_b_dec,
+        saelens_jumprelu_init=args.saelens_jumprelu_init,
     )
     cases = cases_of(args)
     if args.gaussian:
@@ -669,7 +703,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         f"({args.warmup} untimed, {passes:.1f} passes over {data.train_ND.shape[0]:,} training "
         f"tokens), Adam lr {args.lr:g} ({args.schedule}); NMSE and L0 on "
         f"{data.eval_ND.shape[0]:,} held-out tokens; SAELens relu/gated λ {l1_mode}, "
-        f"SAELens b_dec starts at {b_dec}",
+        f"SAELens b_dec starts at {b_dec}, SAELens jumprelu threshold init "
+        f"{args.saelens_jumprelu_init}",
         flush=True,
     )
     print(HEADER, flush=True)

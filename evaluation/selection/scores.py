@@ -57,22 +57,34 @@ INTERVENED_SCORES = ("output_score", "dtc_in_place", "dtc_decoded_alone")
 
 
 def token_confidence(logits_BV: Tensor, k: int) -> Tensor:
-    """``C_k(p) = −(1/k) Σ_{j ∈ top-k(p)} log p_j`` per row."""
-    logp_BV = torch.log_softmax(logits_BV.double(), dim=-1)
-    return -logp_BV.topk(k, dim=-1).values.mean(dim=-1)
+    """``C_k(p) = −(1/k) Σ_{j ∈ top-k(p)} log p_j`` per row, as ``logsumexp − mean top-k
+    logit``: log p is the logit less one constant per row, so no [B, |V|] log-softmax is
+    written (float64, as the log-softmax was)."""
+    top_Bk = logits_BV.topk(k, dim=-1).values.double()
+    return torch.logsumexp(logits_BV.double(), dim=-1) - top_Bk.mean(dim=-1)
 
 
 def lens_probability(logits_BV: Tensor, lens_BL: Tensor) -> Tensor:
     """Arad et al.'s ``P = (1 − min_rank/|V|) · max_prob`` over the tokens ``lens_BL``.
 
     The lens token of largest logit has both the smallest rank (tokens strictly more likely
-    than it) and the largest probability.
+    than it) and the largest probability, ``exp(logit − logsumexp)`` (float64).
     """
-    logits_BV = logits_BV.double()
     best_B1 = logits_BV.gather(1, lens_BL).max(dim=-1, keepdim=True).values
     rank_B = (logits_BV > best_B1).sum(dim=-1).double()
-    prob_B = torch.softmax(logits_BV, dim=-1).gather(1, lens_BL).max(dim=-1).values
+    log_z_B = torch.logsumexp(logits_BV.double(), dim=-1)
+    prob_B = (best_B1[:, 0].double() - log_z_B).exp()
     return (1 - rank_B / logits_BV.shape[-1]) * prob_B
+
+
+def clean_lens_probability(logits_V: Tensor, lens_BL: Tensor) -> Tensor:
+    """:func:`lens_probability` of one row of logits for each of B lens sets, without
+    repeating the row B times: ranks by binary search in the sorted logits."""
+    sorted_V = logits_V.sort().values
+    best_B = logits_V[lens_BL].max(dim=-1).values
+    above_B = len(sorted_V) - torch.searchsorted(sorted_V, best_B, right=True)
+    prob_B = (best_B.double() - torch.logsumexp(logits_V.double(), dim=-1)).exp()
+    return (1 - above_B.double() / len(sorted_V)) * prob_B
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +212,8 @@ def intervened_scores(
     check_sae_fits(sae, lm, layer)
     F = sae.cfg.d_sae
     latents = torch.arange(F) if latents is None else torch.as_tensor(latents).long()
-    if lens_FL is None:
+    if lens_FL is None and "output_score" in scores:
+        # Only the output score reads ℓ(i); the lens is a [F, |V|] product, so DTC skips it.
         lens_FL = decoder_lens_tokens(lm, sae.W_dec, config.lens_tokens)
     state = prefix_state(sae, lm, layer, config.prefix, hook_cache)
     T = state.x_TD.shape[0]
@@ -236,9 +249,9 @@ def intervened_scores(
     ):
         B = len(chunk_B)
         rows_BD = W_dec_FD[chunk_B]
-        lens_BL = lens_FL[chunk_B]
-        if "output_score" in out:
-            clean_P = lens_probability(clean_P_logits_V[None].expand(B, -1), lens_BL)
+        if lens_FL is not None and "output_score" in out:
+            lens_BL = lens_FL[chunk_B]
+            clean_P = clean_lens_probability(clean_P_logits_V, lens_BL)
             # Output score: latent i + s·max_j f_j at the last position, the error term kept.
             h_BTD = state.x_TD.expand(B, -1, -1).clone()
             h_BTD[:, -1] += s_max * rows_BD

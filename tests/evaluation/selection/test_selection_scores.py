@@ -104,6 +104,34 @@ def test_each_score_alone_equals_it_computed_with_the_others(
         intervened_scores(sae, tiny_lm, LAYER, config, **common, scores=("dtc",))
 
 
+def test_dtc_alone_does_not_build_the_logit_lens(
+    tiny_lm: LoadedLM, sae: SparseAutoencoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ℓ(i) is the output score's alone: DTC selection skips the [F, |V|] lens product."""
+    from evaluation.selection import scores as scores_module
+
+    def no_lens(*args: object, **kwargs: object) -> None:
+        raise AssertionError("only the output score reads the logit lens")
+
+    monkeypatch.setattr(scores_module, "decoder_lens_tokens", no_lens)
+    max_F = torch.ones(sae.cfg.d_sae)
+    out = intervened_scores(
+        sae,
+        tiny_lm,
+        LAYER,
+        SelectionConfig(),
+        latents=torch.arange(8),
+        max_activation_F=max_F,
+        progress=False,
+        scores=("dtc_in_place", "dtc_decoded_alone"),
+    )
+    assert set(out) == {"dtc_in_place", "dtc_decoded_alone"}
+    with pytest.raises(AssertionError, match="logit lens"):
+        intervened_scores(
+            sae, tiny_lm, LAYER, SelectionConfig(), max_activation_F=max_F, progress=False
+        )
+
+
 def test_literal_dtc_leaves_silent_latents_unchanged(
     tiny_lm: LoadedLM, sae: SparseAutoencoder
 ) -> None:
