@@ -410,6 +410,16 @@ def saelens_sae(case: Case, d_in: int, flow_cfg: SAEConfig, s: Settings, l1: flo
     raise ValueError(f"no SAELens counterpart for {arch!r}")
 
 
+@torch.no_grad()
+def start_jumprelu_at(sae: JumpReLUTrainingSAE, x_ND: Tensor, init_l0: float) -> None:
+    """Set each of SAELens' JumpReLU thresholds to the quantile of its pre-activations on
+    ``x_ND`` (already in SAELens' input scale) that starts the SAE at L0 ``init_l0`` (at
+    most half the latents), as saeflow's ``initialize_from_data`` does."""
+    _, pre_NF = sae.encode_with_hidden_pre(x_ND.to(sae.W_enc.dtype))
+    init_l0 = min(init_l0, sae.cfg.d_sae / 2)
+    sae.threshold.copy_(firing_quantile(pre_NF, init_l0).clamp_min(0).float())
+
+
 def saelens_lr_steps(config: TrainConfig, s: Settings) -> tuple[int, int]:
     """SAELens (warm-up, decay) steps that reproduce ``training.module.lr_factor``."""
     if s.schedule == "constant":
@@ -457,11 +467,8 @@ def run_saelens(case: Case, data: Data, s: Settings) -> SideResult:
         # SAELens' scalar init threshold leaves it dense for hundreds of steps (L0 4,404 of
         # 4,608 after 30); per-latent quantiles as saeflow's, started high enough that its
         # fall over the run ends where saeflow's L0 does, put both at one L0.
-        with torch.no_grad():
-            x_ND = init_sample(data, s.seed) * (d_in**0.5 / mean_norm)
-            _, pre_NF = sae.encode_with_hidden_pre(x_ND.to(sae.W_enc.dtype))
-            init_l0 = min(s.saelens_jumprelu_l0_factor * case.target_l0, sae.cfg.d_sae / 2)
-            sae.threshold.copy_(firing_quantile(pre_NF, init_l0).clamp_min(0).float())
+        x_ND = init_sample(data, s.seed) * (d_in**0.5 / mean_norm)
+        start_jumprelu_at(sae, x_ND, s.saelens_jumprelu_l0_factor * case.target_l0)
     controller = L1Controller()
     l1_warmup = flow_cfg.l1_warmup_fraction * s.steps
 

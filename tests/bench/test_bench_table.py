@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.__main__ import (
     README_END,
@@ -130,3 +131,26 @@ def test_quick_generation_section_runs_end_to_end(tmp_path: Path) -> None:
     assert share["saeflow"] > 0 and share["reference"] > 0
     assert batched["note"].endswith("greedy continuations identical")
     assert "| generation |" in readme.read_text()
+
+
+def test_saelens_jumprelu_starts_at_the_asked_l0() -> None:
+    """The training bench's data init puts SAELens' JumpReLU at the asked L0 (its scalar
+    default fires on about half the latents), with no negative threshold."""
+    from sae_lens.saes import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+
+    from bench.bench_training import start_jumprelu_at
+
+    torch.manual_seed(0)
+    cfg = JumpReLUTrainingSAEConfig(
+        d_in=32, d_sae=256, jumprelu_sparsity_loss_mode="quadratic", target_l0=8.0
+    )
+    sae = JumpReLUTrainingSAE(cfg)
+    x_ND = torch.randn(2048, 32)
+    dense_l0 = float((sae.encode(x_ND) > 0).sum(dim=-1).float().mean())
+    assert dense_l0 > 100
+    start_jumprelu_at(sae, x_ND, 64.0)
+    assert float(sae.threshold.min()) >= 0
+    l0 = float((sae.encode(x_ND) > 0).sum(dim=-1).float().mean())
+    assert abs(l0 - 64.0) < 2.0
+    start_jumprelu_at(sae, x_ND, 1000.0)  # capped at half the latents
+    assert abs(float((sae.encode(x_ND) > 0).sum(dim=-1).float().mean()) - 128.0) < 4.0
