@@ -26,6 +26,7 @@ from bench.figures import Figure, met_target, speedup_from_seconds
 from project.concepts import load_instructions
 from project.generation import AddVectors, GenerationConfig, generate
 from project.judges import OfflineJudge, build_judge
+from project.judges.rating import nll_token_ids
 from project.lm import DEFAULT_LM, LoadedLM, load_lm
 
 _CONCEPTS = ('" ocean", " Python" (context: sea, code)', "cooking and recipes")
@@ -99,7 +100,7 @@ def time_rating(lm: LoadedLM, rows: int, new_tokens: int, layer: int, with_lm: b
         started = time.perf_counter()
         floor_judge.rater.mean_nlls(texts)
         fluency_lm_seconds = time.perf_counter() - started
-        nll_tokens = sum(len(nll_ids(lm, text)) for text in set(texts))
+        nll_tokens = sum(len(nll_token_ids(lm, text)) for text in set(texts))
         nll_gflop = 2 * linear_parameters(lm) * nll_tokens / 1e9
         peak = matmul_gflops(lm, nll_tokens)
     return RatingTimes(
@@ -115,13 +116,6 @@ def time_rating(lm: LoadedLM, rows: int, new_tokens: int, layer: int, with_lm: b
         nll_gflop,
         peak,
     )
-
-
-def nll_ids(lm: LoadedLM, text: str) -> list[int]:
-    """The tokens the judge's NLL pass runs for ``text`` (BOS, then at most 256)."""
-    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][:256]
-    bos = lm.tokenizer.bos_token_id
-    return [bos, *ids] if bos is not None else ids
 
 
 def linear_parameters(lm: LoadedLM) -> int:

@@ -93,6 +93,13 @@ _STOPWORDS = frozenset(
 )
 
 
+def nll_token_ids(lm: LoadedLM, text: str) -> list[int]:
+    """The tokens the fluency LM's NLL pass runs for ``text``: BOS, then at most 256."""
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][:256]
+    bos = lm.tokenizer.bos_token_id
+    return [bos, *ids] if bos is not None else ids
+
+
 @functools.lru_cache(maxsize=4)
 def load_lexicon(vocab_path: str) -> frozenset[str]:
     """Lower-case whole English words of a WordPiece ``vocab.txt`` (the embedding model's)."""
@@ -400,11 +407,9 @@ class OfflineRater:
         if lm is None:
             raise ValueError("mean_nll needs a fluency LM")
         missing = sorted({t for t in texts if t not in self._nll})
-        bos = lm.tokenizer.bos_token_id
         encoded = {}
         for text in missing:
-            ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][:256]
-            ids = [bos, *ids] if bos is not None else ids
+            ids = nll_token_ids(lm, text)
             if len(ids) < 2:
                 self._nll[text] = _NLL_FREE
             else:
