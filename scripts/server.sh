@@ -63,7 +63,9 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
 }
 
 alive() {  # alive NAME: its pid file's process still runs, else stop waiting for it at once
-  kill -0 "$(cat "$STACK/$1.pid")" 2>/dev/null || die "$1 exited while starting (see $STACK/$1.log)"
+  kill -0 "$(cat "$STACK/$1.pid")" 2>/dev/null \
+    || die "$1 exited while starting (see $STACK/$1.log); its last lines:
+$(tail -n 8 "$STACK/$1.log" 2>/dev/null)"
 }
 
 mlflow_ready() {

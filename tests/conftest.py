@@ -270,30 +270,44 @@ SECRETS = {
 }
 
 
-def _free_s3_port() -> int:
-    """An S3 port for server.sh whose SeaweedFS ports (fixed offsets above it) are free too."""
-    offsets = (0, 100, 101, 102, 103, 105, 106, 107, 10100, 10101, 10102, 10103, 10104)
+# Below Linux's ephemeral range (32768+), where a client connection made while PostgreSQL
+# starts could take a chosen port before SeaweedFS binds it, and above Ray's worker ports
+# (10002-19999). SeaweedFS's ports reach 10104 above the S3 port.
+_STACK_PORTS = range(20000, 32768)
+_SEAWEEDFS_OFFSETS = (0, 100, 101, 102, 103, 105, 106, 107, 10100, 10101, 10102, 10103, 10104)
+
+
+def _bindable(ports: list[int]) -> bool:
+    sockets = []
+    try:
+        for port in ports:
+            s = socket.socket()
+            sockets.append(s)
+            s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _stack_ports() -> tuple[int, int, int]:
+    """PostgreSQL, MLflow and S3 ports for server.sh, all free and none among the ports that
+    SeaweedFS opens at fixed offsets above the S3 port."""
     rng = random.Random()
     for _ in range(200):
-        port = rng.randrange(20000, 40000)
-        sockets = []
-        try:
-            for offset in offsets:
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port + offset))
-            return port
-        except OSError:
+        s3 = rng.randrange(_STACK_PORTS.start, _STACK_PORTS.stop - max(_SEAWEEDFS_OFFSETS))
+        seaweedfs = [s3 + offset for offset in _SEAWEEDFS_OFFSETS]
+        pg, server = rng.sample(_STACK_PORTS, 2)
+        if {pg, server} & set(seaweedfs) or not _bindable([pg, server, *seaweedfs]):
             continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no free port range for SeaweedFS")
+        return pg, server, s3
+    raise RuntimeError(f"no free ports for the stack in {_STACK_PORTS}")
 
 
 def _stack_env(directory: Path, **overrides: str) -> dict[str, str]:
-    pg, server = _free_ports(2)
-    s3 = _free_s3_port()
+    pg, server, s3 = _stack_ports()
     return {
         **os.environ,
         **SECRETS,
@@ -351,11 +365,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         pytest.fail("PostgreSQL is not installed: apt-get install postgresql-15 (.ci/run does)")
     directory = tmp_path_factory.mktemp("stack")
     _reachable_by_postgres(directory)
-    env = _stack_env(directory)
-    try:
+    for _attempt in range(3):
+        env = _stack_env(directory)
         started = subprocess.run(
             [str(STACK_SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=300
         )
+        taken = ("is not available", "address already in use")  # SeaweedFS's, PostgreSQL's
+        if started.returncode == 0 or not any(words in started.stderr for words in taken):
+            break
+        # Another process took a chosen port between the check and the bind: new ports.
+        subprocess.run([str(STACK_SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
+    try:
         assert started.returncode == 0, started.stderr + started.stdout
         yield {
             "dir": str(directory),
