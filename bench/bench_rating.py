@@ -11,6 +11,11 @@ cached), so the figure is the per-completion cost a steer run pays. It prints bo
 the ratio, the share of identical ratings (must be 1.0) and the generation time of the same
 completions beside them: rating should cost less than generating. ``--no-lm``: the judge
 without the fluency LM (a different judge identity; its fluency is lexical only).
+
+The batched side screens fluency with a bfloat16 copy of the LM where the judge's
+``fluency_screen=auto`` turns it on (AMX CPUs, GPUs; ``--fluency-screen`` overrides); one at a
+time never does, so identical ratings also check the screen. The float32 and bfloat16 NLL
+passes are timed alone beside them.
 """
 
 from __future__ import annotations
@@ -43,9 +48,14 @@ class RatingTimes:
     generation_s: float
     identical: float
     with_lm: bool
-    # The fluency LM's NLL pass alone over the same texts (a fresh judge): the floor of
-    # the batched side, which no batching of the other scores removes.
+    # The fluency LM's float32 NLL pass alone over the same texts (a fresh judge): the floor
+    # of the batched side without the screen, which no batching of the other scores removes.
     fluency_lm_s: float | None = None
+    # With the screen: its bfloat16 pass alone, and the fluency ratings it settled / left to
+    # the float32 pass in the batched run.
+    screen_s: float | None = None
+    screen_settled: int = 0
+    screen_float32: int = 0
     # What the NLL pass must compute: tokens through the fluency LM and the multiply-adds of
     # its linear layers (lm_head included), and this machine's fp32 matmul rate on the LM's
     # own shapes measured in the same run. Their quotient is the pass's floor at full speed.
@@ -54,8 +64,16 @@ class RatingTimes:
     peak_gflops: float = 0.0
 
 
-def time_rating(lm: LoadedLM, rows: int, new_tokens: int, layer: int, with_lm: bool) -> RatingTimes:
-    """Generate ``rows`` completions, then rate them one question at a time and batched."""
+def time_rating(
+    lm: LoadedLM,
+    rows: int,
+    new_tokens: int,
+    layer: int,
+    with_lm: bool,
+    fluency_screen: str = "auto",
+) -> RatingTimes:
+    """Generate ``rows`` completions, then rate them one question at a time and batched (the
+    batched judge with ``fluency_screen``)."""
     instructions = [i.text for i in load_instructions("builtin")][:rows]
     instructions = (instructions * (rows // max(len(instructions), 1) + 1))[:rows]
     vectors = torch.randn(len(instructions), lm.d_model, generator=torch.Generator().manual_seed(0))
@@ -76,8 +94,8 @@ def time_rating(lm: LoadedLM, rows: int, new_tokens: int, layer: int, with_lm: b
         questions += [("instruct", text, instruction), ("fluency", text, "")]
     fluency_lm = lm if with_lm else None
 
-    def fresh_judge() -> OfflineJudge:  # cuts from the cache; nothing of these texts yet
-        judge = build_judge("offline", lm=fluency_lm)
+    def fresh_judge(screen: str = "off") -> OfflineJudge:  # cuts cached; none of these texts
+        judge = build_judge("offline", lm=fluency_lm, fluency_screen=screen)
         assert isinstance(judge, OfflineJudge)
         for kind in ("concept", "instruct", "fluency"):
             judge.rater.calibrate(kind)
@@ -88,10 +106,14 @@ def time_rating(lm: LoadedLM, rows: int, new_tokens: int, layer: int, with_lm: b
     started = time.perf_counter()
     alone = [one_judge.rate(*q) for q in questions]
     one_seconds = time.perf_counter() - started
-    many_judge = fresh_judge()
+    many_judge = fresh_judge(fluency_screen)
+    if many_judge.rater.screen_fluency:  # the bfloat16 copy is made once per judge: not timed
+        many_judge.rater.screen_nlls(["warm-up"])
     started = time.perf_counter()
     batched = many_judge.rate_many(questions)
     many_seconds = time.perf_counter() - started
+    screen_counts = many_judge.rater.screen_counts
+    screen_seconds = None
     same = sum(a == b for a, b in zip(alone, batched, strict=True)) / len(questions)
     fluency_lm_seconds = None
     nll_tokens, nll_gflop, peak = 0, 0.0, 0.0
@@ -100,21 +122,30 @@ def time_rating(lm: LoadedLM, rows: int, new_tokens: int, layer: int, with_lm: b
         started = time.perf_counter()
         floor_judge.rater.mean_nlls(texts)
         fluency_lm_seconds = time.perf_counter() - started
+        if many_judge.rater.screen_fluency:
+            screen_judge = fresh_judge("on")
+            screen_judge.rater.screen_nlls(["warm-up"])
+            started = time.perf_counter()
+            screen_judge.rater.screen_nlls(texts)
+            screen_seconds = time.perf_counter() - started
         nll_tokens = sum(len(nll_token_ids(lm, text)) for text in set(texts))
         nll_gflop = 2 * linear_parameters(lm) * nll_tokens / 1e9
         peak = matmul_gflops(lm, nll_tokens)
     return RatingTimes(
-        len(texts),
-        len(questions),
-        one_seconds,
-        many_seconds,
-        generation_seconds,
-        same,
-        with_lm,
-        fluency_lm_seconds,
-        nll_tokens,
-        nll_gflop,
-        peak,
+        n_completions=len(texts),
+        n_questions=len(questions),
+        one_s=one_seconds,
+        batched_s=many_seconds,
+        generation_s=generation_seconds,
+        identical=same,
+        with_lm=with_lm,
+        fluency_lm_s=fluency_lm_seconds,
+        screen_s=screen_seconds,
+        screen_settled=screen_counts["settled"],
+        screen_float32=screen_counts["float32"],
+        nll_tokens=nll_tokens,
+        nll_gflop=nll_gflop,
+        peak_gflops=peak,
     )
 
 
@@ -163,14 +194,27 @@ def figures(t: RatingTimes) -> list[Figure]:
                 ""
                 if t.fluency_lm_s is None
                 else f"; of which the fluency LM's NLL pass {t.fluency_lm_s / t.n_completions:.4f}"
-                f" s a completion ({t.fluency_lm_s / t.batched_s:.0%}); {floor_text(t)}"
-            ),
+                f" s a completion in float32; {floor_text(t)}"
+            )
+            + screen_text(t),
         )
     ]
 
 
+def screen_text(t: RatingTimes) -> str:
+    """What the bfloat16 fluency screen did in the batched run, and its pass alone."""
+    if t.screen_s is None:
+        return "; no fluency screen"
+    return (
+        f"; the bfloat16 screen's pass {t.screen_s / t.n_completions:.4f} s a completion "
+        f"({t.fluency_lm_s / t.screen_s:.1f}x float32), settling {t.screen_settled} of "
+        f"{t.screen_settled + t.screen_float32} fluency ratings"
+    )
+
+
 def floor_text(t: RatingTimes) -> str:
-    """The NLL pass's compute against the 10× budget: below it, no batching gets there."""
+    """The float32 NLL pass's compute against the 10× budget: below it, no batching gets
+    there without the screen."""
     n = t.n_completions
     at_peak = t.nll_gflop / t.peak_gflops / n
     return (
@@ -195,9 +239,17 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=10)
     parser.add_argument("--model", default=DEFAULT_LM)
     parser.add_argument("--no-lm", action="store_true")
+    parser.add_argument("--fluency-screen", default="auto", choices=("auto", "on", "off"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    t = time_rating(load_lm(args.model), args.rows, args.new_tokens, args.layer, not args.no_lm)
+    t = time_rating(
+        load_lm(args.model),
+        args.rows,
+        args.new_tokens,
+        args.layer,
+        not args.no_lm,
+        args.fluency_screen,
+    )
     n = t.n_completions
     print(
         f"{n} completions ({args.new_tokens} new tokens), {t.n_questions} ratings, "
@@ -208,8 +260,8 @@ def main() -> None:
     print(f"  batched:       {t.batched_s:6.2f} s ({t.batched_s / n:.3f} s a completion)")
     print(f"  ratio {t.one_s / t.batched_s:.1f}x; identical ratings {t.identical:.3f}")
     if t.fluency_lm_s is not None:
-        print(f"  the fluency LM's NLL pass alone: {t.fluency_lm_s:6.2f} s (the batched floor)")
-        print(f"  {floor_text(t)}")
+        print(f"  the fluency LM's float32 NLL pass alone: {t.fluency_lm_s:6.2f} s")
+        print(f"  {floor_text(t)}{screen_text(t)}")
     print(
         f"  generating them: {t.generation_s:.2f} s; rating / generating = "
         f"{t.batched_s / t.generation_s:.2f}"

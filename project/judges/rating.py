@@ -40,6 +40,7 @@ cuts match the LM's scale, once per judge identity and LM weights (kept in memor
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -82,6 +83,13 @@ _MIN_COMPRESS_BYTES = 60
 _NLL_FREE = 2.5
 # Tokens per batch of the fluency LM's NLL pass (logits of [tokens, vocab] in float32).
 _NLL_BATCH_TOKENS = 2048
+# How far a bfloat16 copy of the fluency LM's mean NLL of an n-token text may lie from the
+# float32 one for the screen to trust it: SCALE / sqrt(n) nats. Measured on SmolLM2 (issue 19),
+# the largest gap times sqrt(n) was 0.26 over 323 steered and unsteered completions and their
+# 2-8 word prefixes, and 0.48 on the calibration texts' halves and five-word prefixes (the test
+# checks those); the bound is three times the larger. Over the 323 texts it settles 77% of the
+# fluency ratings; the rest take the float32 pass.
+_SCREEN_NLL_SCALE = 1.5
 # Fitted cuts per (OfflineRater.cuts_key, kind): fit once per process for each kind of judge.
 _CUTS: dict[tuple[str, str], tuple[float, float, float]] = {}
 _STOPWORDS = frozenset(
@@ -98,6 +106,39 @@ def nll_token_ids(lm: LoadedLM, text: str) -> list[int]:
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][:256]
     bos = lm.tokenizer.bos_token_id
     return [bos, *ids] if bos is not None else ids
+
+
+def _nll_batch(
+    model: torch.nn.Module, device: Any, batch: list[str], encoded: dict[str, list[int]]
+) -> dict[str, tuple[float, int]]:
+    """(mean NLL, tokens scored) of each text of ``batch`` in one right-padded forward."""
+    width = max(len(encoded[t]) for t in batch)
+    ids_BT = torch.zeros(len(batch), width, dtype=torch.long)
+    mask_BT = torch.zeros(len(batch), width, dtype=torch.long)
+    for b, text in enumerate(batch):
+        ids = encoded[text]
+        ids_BT[b, : len(ids)] = torch.tensor(ids)
+        mask_BT[b, : len(ids)] = 1
+    ids_BT, mask_BT = ids_BT.to(device), mask_BT.to(device)
+    logits_BTV = model(input_ids=ids_BT, attention_mask=mask_BT).logits.float()
+    # Position t predicts token t + 1; the last position and padding predict nothing. The
+    # logits stay [B·T, V] as computed: cross-entropy over a transposed [B, V, T] view is
+    # 2.6x slower and drifts ~1e-4 nats from the float64 value (this layout: ~1e-5).
+    targets_BT = torch.full_like(ids_BT, -100)
+    targets_BT[:, :-1] = ids_BT[:, 1:].masked_fill(mask_BT[:, 1:] == 0, -100)
+    batch_size, width = ids_BT.shape
+    nll_BT = torch.nn.functional.cross_entropy(
+        logits_BTV.view(batch_size * width, -1),
+        targets_BT.view(-1),
+        ignore_index=-100,
+        reduction="none",
+    ).view(batch_size, width)
+    counts_B = mask_BT[:, 1:].sum(dim=1)
+    found = {}
+    for text, total, count in zip(batch, nll_BT.sum(dim=1), counts_B, strict=True):
+        nll = float(total) / int(count)
+        found[text] = (nll if math.isfinite(nll) else 20.0, int(count))
+    return found
 
 
 @functools.lru_cache(maxsize=4)
@@ -333,6 +374,7 @@ class OfflineRater:
         fluency_lm: LoadedLM | None = None,
         informative: Callable[[Sequence[str]], list[str]] | None = None,
         cuts_key: str | None = None,
+        screen_fluency: bool = False,
     ) -> None:
         self.embed = embed
         # Keeps the explanation tokens that are evidence of a concept (the judge's reference
@@ -345,7 +387,15 @@ class OfflineRater:
         self.cuts_key = cuts_key
         self.cuts: dict[str, tuple[float, float, float]] = {}
         self._baselines: dict[str, float] = {}
-        self._nll: dict[str, float] = {}
+        self._nll: dict[str, float] = {}  # float32, exact: what scores and cuts use
+        # The screen (``screen_fluency``): a bfloat16 copy of the fluency LM, ~2.5x its float32
+        # pass where bfloat16 matrix products are fast (AMX, GPUs). Only a rating that the
+        # screened NLL settles within its bound comes from it; the rest get the float32 NLL, so
+        # the ratings are the float32 ones and scores are always float32.
+        self.screen_fluency = screen_fluency and fluency_lm is not None
+        self._screen_model: torch.nn.Module | None = None
+        self._screened: dict[str, tuple[float, int]] = {}  # text: (bfloat16 NLL, tokens)
+        self.screen_counts = {"settled": 0, "float32": 0}
 
     # ------------------------------------------------------------------ scores
     def concept_evidence(self, concept: str) -> tuple[list[str], str]:
@@ -389,11 +439,31 @@ class OfflineRater:
         return self._baselines[instruction]
 
     def fluency_score(self, text: str) -> float:
-        stats = text_stats(text, self.lexicon)
-        score = -(4.0 * stats.loop + 4.0 * stats.non_words + 2.0 * stats.symbols)
+        score = self.lexical_fluency(text)
         if self.fluency_lm is not None:
             score -= 0.25 * max(0.0, self.mean_nll(text) - _NLL_FREE)
         return score
+
+    def lexical_fluency(self, text: str) -> float:
+        """The fluency score's lexical part: ``-(4·loop + 4·non_words + 2·symbols)``."""
+        stats = text_stats(text, self.lexicon)
+        return -(4.0 * stats.loop + 4.0 * stats.non_words + 2.0 * stats.symbols)
+
+    def screened_fluency_rating(self, text: str) -> int | None:
+        """The fluency rating from the bfloat16 screen when its NLL, give or take its bound,
+        leaves the score on one side of both cuts; None when it does not (or there is no
+        screened NLL, or the float32 NLL is known: then the exact path is as cheap)."""
+        if text in self._nll or text not in self._screened or "fluency" not in self.cuts:
+            return None
+        nll, n_tokens = self._screened[text]
+        bound = _SCREEN_NLL_SCALE / math.sqrt(max(n_tokens, 1))
+        lexical = self.lexical_fluency(text)
+        cuts = self.cuts["fluency"]
+        # The score falls as the NLL rises: the highest NLL gives the lowest score.
+        lowest = lexical - 0.25 * max(0.0, nll + bound - _NLL_FREE)
+        highest = lexical - 0.25 * max(0.0, nll - bound - _NLL_FREE)
+        rating = three_level(lowest, cuts)
+        return rating if rating == three_level(highest, cuts) else None
 
     def mean_nll(self, text: str) -> float:
         """Mean per-token negative log-likelihood of ``text`` under the fluency LM (nats)."""
@@ -406,12 +476,35 @@ class OfflineRater:
         lm = self.fluency_lm
         if lm is None:
             raise ValueError("mean_nll needs a fluency LM")
-        missing = sorted({t for t in texts if t not in self._nll})
+        for text, (nll, _) in self._batched_nlls(lm.model, texts, self._nll).items():
+            self._nll[text] = nll
+        return [self._nll[t] for t in texts]
+
+    @torch.inference_mode()
+    def screen_nlls(self, texts: Sequence[str]) -> None:
+        """The bfloat16 screen's NLL of every text not yet known either way (float32 or
+        screened), batched as :meth:`mean_nlls`."""
+        lm = self.fluency_lm
+        if lm is None:
+            raise ValueError("the fluency screen needs a fluency LM")
+        if self._screen_model is None:
+            self._screen_model = copy.deepcopy(lm.model).to(torch.bfloat16)
+        known = {**self._screened, **self._nll}
+        self._screened.update(self._batched_nlls(self._screen_model, texts, known))
+
+    def _batched_nlls(
+        self, model: torch.nn.Module, texts: Sequence[str], known: Any
+    ) -> dict[str, tuple[float, int]]:
+        """(mean NLL, tokens scored) of each text of ``texts`` not in ``known`` under ``model``."""
+        lm = self.fluency_lm
+        assert lm is not None
+        missing = sorted({t for t in texts if t not in known})
+        found: dict[str, tuple[float, int]] = {}
         encoded = {}
         for text in missing:
             ids = nll_token_ids(lm, text)
             if len(ids) < 2:
-                self._nll[text] = _NLL_FREE
+                found[text] = (_NLL_FREE, 0)
             else:
                 encoded[text] = ids
         # Similar lengths share a batch: little padding, the same logits as one text alone.
@@ -420,33 +513,12 @@ class OfflineRater:
         for text in order:
             width = len(encoded[text])
             if batch and width * (len(batch) + 1) > _NLL_BATCH_TOKENS:
-                self._nll_batch(batch, encoded)
+                found.update(_nll_batch(model, lm.device, batch, encoded))
                 batch = []
             batch.append(text)
         if batch:
-            self._nll_batch(batch, encoded)
-        return [self._nll[t] for t in texts]
-
-    def _nll_batch(self, batch: list[str], encoded: dict[str, list[int]]) -> None:
-        lm = self.fluency_lm
-        assert lm is not None
-        width = max(len(encoded[t]) for t in batch)
-        ids_BT = torch.zeros(len(batch), width, dtype=torch.long)
-        mask_BT = torch.zeros(len(batch), width, dtype=torch.long)
-        for b, text in enumerate(batch):
-            ids = encoded[text]
-            ids_BT[b, : len(ids)] = torch.tensor(ids)
-            mask_BT[b, : len(ids)] = 1
-        ids_BT, mask_BT = ids_BT.to(lm.device), mask_BT.to(lm.device)
-        logits_BTV = lm.model(input_ids=ids_BT, attention_mask=mask_BT).logits.float()
-        targets_BT = ids_BT[:, 1:].masked_fill(mask_BT[:, 1:] == 0, -100)
-        nll_BT = torch.nn.functional.cross_entropy(
-            logits_BTV[:, :-1].transpose(1, 2), targets_BT, ignore_index=-100, reduction="none"
-        )
-        counts_B = mask_BT[:, 1:].sum(dim=1)
-        for text, total, count in zip(batch, nll_BT.sum(dim=1), counts_B, strict=True):
-            nll = float(total) / int(count)
-            self._nll[text] = nll if math.isfinite(nll) else 20.0
+            found.update(_nll_batch(model, lm.device, batch, encoded))
+        return found
 
     def prepare(self, questions: Sequence[tuple[str, str, str]]) -> None:
         """Compute what rating ``questions`` ((kind, text, reference) each) needs in a few
@@ -474,6 +546,9 @@ class OfflineRater:
         self.embed(strings)
         for instruction in dict.fromkeys(instructions):
             self.instruction_baseline(instruction)
+        if nll_texts and self.screen_fluency and "fluency" in self.cuts:
+            self.screen_nlls(nll_texts)
+            nll_texts = [t for t in nll_texts if self.screened_fluency_rating(t) is None]
         if nll_texts:
             self.mean_nlls(nll_texts)
 
@@ -526,6 +601,12 @@ class OfflineRater:
         ruled = self.by_rule(kind, text)
         if ruled is not None:
             return ruled
+        if kind == "fluency":
+            screened = self.screened_fluency_rating(text)
+            if screened is not None:
+                self.screen_counts["settled"] += 1
+                return screened
+            self.screen_counts["float32"] += 1
         return three_level(self.score(kind, text, reference), self.calibrate(kind))
 
     def rate_many(self, questions: Sequence[tuple[str, str, str]]) -> list[int]:

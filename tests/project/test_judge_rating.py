@@ -349,3 +349,78 @@ def test_calibration_cuts_are_fit_once_and_reused_across_processes(tiny_lm: Load
     other = build_judge("offline", lm=tiny_lm, max_token_window_share=0.5)
     assert isinstance(other, OfflineJudge)
     assert other.rater.cuts_key != first.rater.cuts_key  # another identity: its own fit
+
+
+def _fluency_questions() -> list[tuple[str, str, str]]:
+    texts = [_LOOP, _PHRASE_LOOP, _NON_WORDS, _GLUED, _FLUENT, _STEERED, "Bake the bread."]
+    # Not the calibration texts themselves, whose float32 NLLs the cut fit already holds.
+    for ex in calibration_examples():
+        words = ex.completion.split()
+        texts += [" ".join(words[: len(words) // 2]), " ".join(words[:5])]
+    return [("fluency", t, "") for t in dict.fromkeys(texts) if t.strip()]
+
+
+@pytest.mark.parametrize("bound_scale", [None, 1e3])
+def test_fluency_screen_gives_the_float32_ratings(
+    tiny_lm: LoadedLM, bound_scale: float | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bfloat16 screen (issue 19) settles the fluency ratings its NLL decides and sends the
+    rest to the float32 pass (a huge bound: every one): every rating equals the unscreened
+    judge's, and scores stay float32."""
+    import project.judges.rating as rating
+
+    if bound_scale is not None:
+        monkeypatch.setattr(rating, "_SCREEN_NLL_SCALE", bound_scale)
+    questions = _fluency_questions()
+    screened = build_judge("offline", lm=tiny_lm, fluency_screen="on")
+    plain = build_judge("offline", lm=tiny_lm, fluency_screen="off")
+    assert isinstance(screened, OfflineJudge) and isinstance(plain, OfflineJudge)
+    assert screened.rater.screen_fluency and not plain.rater.screen_fluency
+    assert screened.rate_many(questions) == plain.rate_many(questions)
+    counts = screened.rater.screen_counts
+    decided = sum(screened.rater.by_rule("fluency", t) is None for _, t, _ in questions)
+    assert counts["settled"] + counts["float32"] == decided > 40
+    if bound_scale is None:  # the tiny LM's NLLs sit far from the cuts: the screen settles
+        assert counts["settled"] > decided // 2, counts
+        # ... and the texts it settled never ran through the float32 LM.
+        assert sum(t in screened.rater._nll for _, t, _ in questions) <= counts["float32"]
+    else:  # only texts whose lexical part alone is below the low cut (0 at any NLL) settle
+        low_cut = screened.rater.cuts["fluency"][0]
+        lexical_zeros = sum(
+            screened.rater.lexical_fluency(t) < low_cut
+            for _, t, _ in questions
+            if screened.rater.by_rule("fluency", t) is None
+        )
+        assert counts["settled"] == lexical_zeros < decided // 2, counts
+    text = questions[4][1]
+    assert screened.rater.fluency_score(text) == plain.rater.fluency_score(text)
+    assert screened.describe()["fluency_screen"]["settled"] == counts["settled"]
+    assert plain.describe()["fluency_screen"] == "off"
+
+
+def test_fluency_screen_bound_holds_on_the_embedded_lm() -> None:
+    """On SmolLM2 itself, each text's bfloat16 mean NLL lies well within the bound the screen
+    trusts (SCALE / sqrt(tokens)) of its float32 NLL, short texts included: within half of it."""
+    from project.judges.rating import _SCREEN_NLL_SCALE
+    from project.lm import load_lm
+
+    judge = build_judge("offline", lm=load_lm(), fluency_screen="on")
+    assert isinstance(judge, OfflineJudge)
+    texts = [t for _, t, _ in _fluency_questions()]
+    texts += [" ".join(t.split()[:3]) for t in texts]  # a few tokens: the widest gaps
+    texts = [t for t in dict.fromkeys(texts) if t.strip()]
+    judge.rater.screen_nlls(texts)  # first: the screen skips texts whose float32 NLL is known
+    exact = judge.rater.mean_nlls(texts)
+    worst = 0.0
+    for text, nll in zip(texts, exact, strict=True):
+        screened, n_tokens = judge.rater._screened[text]
+        gap = abs(screened - nll) * n_tokens**0.5
+        worst = max(worst, gap)
+        assert gap <= _SCREEN_NLL_SCALE / 2, (text, screened, nll, n_tokens)  # twice the margin
+    assert worst > 0.0  # the screen really ran in bfloat16
+    print(f"largest gap x sqrt(tokens): {worst:.3f} of {_SCREEN_NLL_SCALE}")
+
+
+def test_unknown_fluency_screen_is_refused() -> None:
+    with pytest.raises(ValueError, match="fluency_screen='fast'.*auto, on, off"):
+        build_judge("offline", fluency_screen="fast")
