@@ -540,7 +540,13 @@ class DTCStudy:
             missing = [i for i in ask if i not in self._explanations]
             if missing:
                 found = explain_latents(
-                    self.sae, self.lm, self.layer, missing, self.judge, explain_config
+                    self.sae,
+                    self.lm,
+                    self.layer,
+                    missing,
+                    self.judge,
+                    explain_config,
+                    sae_identity(self.mv),
                 )
                 for latent in missing:
                     self._explanations[latent] = found.get(latent, "").strip()

@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -74,6 +75,12 @@ _EXPLAIN_CHUNK = 64
 # The last LM scan, reused when several SAEs of one (LM, layer) are evaluated in a process
 # (a sweep): the scan is most of the non-judge time. One entry (~60 MB for SmolLM2 defaults).
 _SCAN_CACHE: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+# Each SAE version's activations over the scan, kept sparse and by latent (``_SparseColumns``),
+# for ``explain_latents(..., sae_key=...)``: a study explains latents of one SAE once per
+# selection, and encoding the whole scan was most of each call's cost (issue 19). Least
+# recently used first out past this many bytes.
+_ENCODED_SCANS: OrderedDict[tuple, _SparseColumns] = OrderedDict()
+_ENCODED_SCANS_MAX_BYTES = 1 << 30
 
 
 @dataclass
@@ -176,11 +183,9 @@ class _TokenText:
         return "".join(pieces)
 
 
-@torch.no_grad()
-def _scan(lm: LoadedLM, layer: int, config: AutointerpConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """(ids_WT, mask_WT, acts_WTD): the corpus windows, which positions count, and the residual
-    activations at ``layer`` (memoised for the last (LM object, layer, corpus, sizes))."""
-    key = (
+def _scan_key(lm: LoadedLM, layer: int, config: AutointerpConfig) -> tuple:
+    """What a scan depends on: the LM object, the layer, the corpus and the sizes."""
+    return (
         id(lm.model),
         lm.name,
         layer,
@@ -190,6 +195,13 @@ def _scan(lm: LoadedLM, layer: int, config: AutointerpConfig) -> tuple[Tensor, T
         config.context_size,
         config.corpus_region,
     )
+
+
+@torch.no_grad()
+def _scan(lm: LoadedLM, layer: int, config: AutointerpConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """(ids_WT, mask_WT, acts_WTD): the corpus windows, which positions count, and the residual
+    activations at ``layer`` (memoised for the last (LM object, layer, corpus, sizes))."""
+    key = _scan_key(lm, layer, config)
     if key in _SCAN_CACHE:
         logger.info("autointerp: reusing the LM scan of %s layer %d", lm.name, layer)
         return _SCAN_CACHE[key]
@@ -245,6 +257,62 @@ def _encode_columns(
     if index is None:
         return counts_F, max_F
     return torch.cat(columns)
+
+
+@dataclass
+class _SparseColumns:
+    """An SAE's nonzero activations over the counted scan positions, ordered by latent: latent
+    j's rows are ``rows[start[j]:start[j + 1]]`` with values ``values[...]`` (exactly the
+    values ``sae.encode`` gives; zero elsewhere)."""
+
+    n_rows: int
+    start: Tensor  # [F + 1]
+    rows: Tensor  # [nnz] int32
+    values: Tensor  # [nnz] float32
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.start, self.rows, self.values))
+
+    def columns(self, latents: list[int]) -> Tensor:
+        """[n_rows, len(latents)], as ``_encode_columns(sae, acts, latents)`` gives them."""
+        out_NL = torch.zeros(self.n_rows, len(latents))
+        for j, latent in enumerate(latents):
+            lo, hi = int(self.start[latent]), int(self.start[latent + 1])
+            out_NL[self.rows[lo:hi].long(), j] = self.values[lo:hi]
+        return out_NL
+
+
+@torch.no_grad()
+def _sparse_columns(sae: SparseAutoencoder, acts_ND: Tensor) -> _SparseColumns:
+    device, dtype = sae.W_dec.device, sae.W_dec.dtype
+    rows, cols, values = [], [], []
+    for start in range(0, len(acts_ND), _ENCODE_CHUNK):
+        f_NF = sae.encode(acts_ND[start : start + _ENCODE_CHUNK].to(device, dtype)).float().cpu()
+        r, c = f_NF.nonzero(as_tuple=True)
+        rows.append((r + start).int())
+        cols.append(c)
+        values.append(f_NF[r, c])
+    col_K = torch.cat(cols)
+    order = torch.argsort(col_K, stable=True)  # by latent, rows ascending within one
+    counts_F = torch.bincount(col_K, minlength=sae.cfg.d_sae)
+    start_F1 = torch.zeros(sae.cfg.d_sae + 1, dtype=torch.long)
+    start_F1[1:] = counts_F.cumsum(0)
+    return _SparseColumns(len(acts_ND), start_F1, torch.cat(rows)[order], torch.cat(values)[order])
+
+
+def _encoded_scan(key: tuple, sae: SparseAutoencoder, acts_ND: Tensor) -> _SparseColumns:
+    """The SAE's sparse activations over the scan, from ``_ENCODED_SCANS`` when known."""
+    if key in _ENCODED_SCANS:
+        _ENCODED_SCANS.move_to_end(key)
+        return _ENCODED_SCANS[key]
+    encoded = _sparse_columns(sae, acts_ND)
+    _ENCODED_SCANS[key] = encoded
+    while sum(e.nbytes for e in _ENCODED_SCANS.values()) > _ENCODED_SCANS_MAX_BYTES:
+        if len(_ENCODED_SCANS) == 1:
+            break
+        _ENCODED_SCANS.popitem(last=False)
+    return encoded
 
 
 def _top_centres(acts_WT: Tensor, k: int, buffer: int) -> list[tuple[int, int]]:
@@ -436,11 +504,22 @@ class _Prepared:
     valid_centres: list[list[int]]
     text: _TokenText
 
-    def columns(self, sae: SparseAutoencoder, latents: list[int]) -> Tensor:
-        """The listed latents' activations over the scan, [W, T, L] (zero where not counted)."""
+    scan_key: tuple
+
+    def columns(
+        self, sae: SparseAutoencoder, latents: list[int], sae_key: str | None = None
+    ) -> Tensor:
+        """The listed latents' activations over the scan, [W, T, L] (zero where not counted);
+        with ``sae_key`` (the SAE version's identity), from that version's encoding of the
+        scan kept across calls."""
         W, T = self.ids_WT.shape
         columns_NL = torch.zeros(W * T, len(latents))
-        columns_NL[self.flat_mask_N] = _encode_columns(sae, self.acts_ND, latents)
+        if sae_key is None:
+            counted_NL = _encode_columns(sae, self.acts_ND, latents)
+        else:
+            encoded = _encoded_scan((sae_key, self.scan_key), sae, self.acts_ND)
+            counted_NL = encoded.columns(latents)
+        columns_NL[self.flat_mask_N] = counted_NL
         return columns_NL.reshape(W, T, len(latents))
 
 
@@ -474,6 +553,7 @@ def _prepare(
         valid_WT=valid_WT,
         valid_centres=valid_centres,
         text=text,
+        scan_key=_scan_key(lm, layer, config),
     )
 
 
@@ -485,6 +565,7 @@ def explain_latents(
     latent_ids: Sequence[int],
     judge: Judge,
     config: AutointerpConfig | None = None,
+    sae_key: str | None = None,
 ) -> dict[int, str]:
     """Explanations of the given latents by ``judge``, from the windows autointerp's explainer
     would see (the top ``n_top_ex_for_generation`` and ``n_iw_ex_for_generation``
@@ -493,6 +574,8 @@ def explain_latents(
     Any latent can be asked for, not only autointerp's sample; each latent's windows depend on
     ``config.seed`` and the latent alone, not on which others are asked for. A latent that never
     fires in the scan has no key in the result; a latent the judge could not explain maps to "".
+    ``sae_key`` (:func:`project.registry.sae_identity` of the SAE's version) keeps the SAE's
+    encoding of the scan for later calls with the same key: the same windows, cheaper.
 
     Raises:
         ValueError: ``layer`` out of range, an SAE whose d_in is not the LM's width, or a latent
@@ -513,7 +596,7 @@ def explain_latents(
         windows: dict[int, list[str]] = {}
         for start in range(0, len(latents), _EXPLAIN_CHUNK):
             batch = latents[start : start + _EXPLAIN_CHUNK]
-            columns_WTL = prepared.columns(sae, batch)
+            columns_WTL = prepared.columns(sae, batch, sae_key)
             for j, latent in enumerate(batch):
                 built = _generation_windows(
                     columns_WTL[..., j],

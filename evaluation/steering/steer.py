@@ -170,7 +170,7 @@ def _latent_targets(
     pool = explained_pool(
         spread,
         pool_size(config.explain_pool, config.n_concepts),
-        lambda ask: explain_latents(sae, lm, layer, ask, judge, explain_config),
+        lambda ask: explain_latents(sae, lm, layer, ask, judge, explain_config, sae_key),
         judge,
     )
     latents = sample_latents(pool, config.n_concepts, config.seed, sae_key)

@@ -268,6 +268,31 @@ def test_explain_latents_on_demand(tiny_lm: LoadedLM) -> None:
     assert explain_latents(sae, tiny_lm, LAYER, [], judge, config) == {}
 
 
+@pytest.mark.parametrize("architecture", ["topk", "relu"])
+def test_kept_scan_encoding_gives_the_same_windows(tiny_lm: LoadedLM, architecture: str) -> None:
+    """With ``sae_key`` (issue 19), the SAE's sparse encoding of the scan is kept across calls:
+    its columns equal the dense path's exactly, and every latent sees the same windows."""
+    import evaluation.interpretability.autointerp as autointerp
+
+    torch.manual_seed(1)
+    sae = build_sae(SAEConfig(architecture=architecture, d_in=tiny_lm.d_model, d_sae=128, k=8))
+    config = AutointerpConfig(**SMALL)
+    prepared = autointerp._prepare(
+        tiny_lm, LAYER, config, _RecordingJudge(), np.random.default_rng(0)
+    )
+    latents = [7, 0, 127, 64, 7]
+    dense = prepared.columns(sae, latents)
+    autointerp._ENCODED_SCANS.clear()
+    kept = prepared.columns(sae, latents, sae_key=f"test-{architecture}")
+    assert torch.equal(kept, dense) and bool((dense > 0).any())
+    assert len(autointerp._ENCODED_SCANS) == 1
+    plain, cached = _RecordingJudge(), _RecordingJudge()
+    first = explain_latents(sae, tiny_lm, LAYER, [3, 5, 11], plain, config)
+    again = explain_latents(sae, tiny_lm, LAYER, [3, 5, 11], cached, config, f"test-{architecture}")
+    assert again == first and cached.seen == plain.seen
+    assert len(autointerp._ENCODED_SCANS) == 1  # the version's encoding, reused
+
+
 def test_scan_reads_only_the_eval_region(tiny_lm: LoadedLM) -> None:
     """No SAE was trained on the text autointerp explains: the scan is the corpus's eval region
     (which no harvest reads), and the config records the rule."""
