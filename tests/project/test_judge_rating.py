@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from project.judges import OfflineJudge, build_judge, embedding_model_dir
 from project.judges.agreement import (
@@ -419,6 +420,28 @@ def test_fluency_screen_bound_holds_on_the_embedded_lm() -> None:
         assert gap <= _SCREEN_NLL_SCALE / 2, (text, screened, nll, n_tokens)  # twice the margin
     assert worst > 0.0  # the screen really ran in bfloat16
     print(f"largest gap x sqrt(tokens): {worst:.3f} of {_SCREEN_NLL_SCALE}")
+
+
+def test_fluency_screen_auto_is_on_only_where_it_pays(tiny_lm: LoadedLM) -> None:
+    """auto screens a float32 LM where bfloat16 products are fast (AMX, GPUs), never an LM
+    already in bfloat16 (a copy of itself gains nothing); on and off do as told."""
+    import copy
+    import dataclasses
+
+    from project.judges.offline import fast_bfloat16
+
+    def screens(lm: LoadedLM, setting: str) -> bool:
+        judge = build_judge("offline", lm=lm, fluency_screen=setting)
+        assert isinstance(judge, OfflineJudge)
+        return judge.rater.screen_fluency
+
+    assert screens(tiny_lm, "auto") == fast_bfloat16("cpu")
+    assert screens(tiny_lm, "on") and not screens(tiny_lm, "off")
+    half = dataclasses.replace(tiny_lm, model=copy.deepcopy(tiny_lm.model).to(torch.bfloat16))
+    assert not screens(half, "auto")
+    without_lm = build_judge("offline", fluency_screen="on")
+    assert isinstance(without_lm, OfflineJudge)
+    assert not without_lm.rater.screen_fluency  # no fluency LM, nothing to screen
 
 
 def test_unknown_fluency_screen_is_refused() -> None:
