@@ -90,7 +90,9 @@ start_postgres() {
   touch "$STACK/postgres.log"
   own_by_postgres "$STACK/pg-socket" "$STACK/postgres.log"
   as_postgres "$PG_BIN/pg_ctl" -D "$STACK/pgdata" -l "$STACK/postgres.log" -w -t 60 \
-    -o "-p $PG_PORT -k $STACK/pg-socket -c listen_addresses=127.0.0.1" start >/dev/null 3>&-
+    -o "-p $PG_PORT -k $STACK/pg-socket -c listen_addresses=127.0.0.1" start >/dev/null 3>&- \
+    || die "postgres did not start (see $STACK/postgres.log); its last lines:
+$(tail -n 8 "$STACK/postgres.log" 2>/dev/null)"
   local psql=(as_postgres "$PG_BIN/psql" -h "$STACK/pg-socket" -p "$PG_PORT" -U postgres -qtA)
   # The role's password from the environment, passed on stdin, never on a command line.
   if [[ -z "$("${psql[@]}" -c "SELECT 1 FROM pg_roles WHERE rolname = 'saeflow'")" ]]; then

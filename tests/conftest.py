@@ -370,8 +370,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         started = subprocess.run(
             [str(STACK_SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=300
         )
-        taken = ("is not available", "address already in use")  # SeaweedFS's, PostgreSQL's
-        if started.returncode == 0 or not any(words in started.stderr for words in taken):
+        # SeaweedFS's words and PostgreSQL's (server.sh prints a failed part's last log lines).
+        taken = ("is not available", "address already in use")
+        if started.returncode == 0 or not any(w in started.stderr.lower() for w in taken):
             break
         # Another process took a chosen port between the check and the bind: new ports.
         subprocess.run([str(STACK_SCRIPT), "stop"], env=env, capture_output=True, timeout=120)

