@@ -154,7 +154,10 @@ class OfflineJudge(Judge):
     :meth:`token_window_rates`; rules 5-6, issue 18: never inside a longer word), instruct from whole-text similarity above the
     instruction's baseline, fluency from loop / non-word / symbol statistics and the unsteered
     LM's likelihood, each cut at thresholds fit on the packaged ``calibration.json``; details in
-    :mod:`project.judges.rating`. Its measured agreement with hand ratings is in
+    :mod:`project.judges.rating`. ``fluency_screen`` (auto, on, off): whether a bfloat16 copy of
+    the fluency LM settles the fluency ratings its NLL decides within a measured bound (auto: a
+    float32 LM on an AMX CPU), the float32 pass rating the rest. Its measured agreement with
+    hand ratings is in
     :data:`project.judges.agreement.AGREEMENT` (``bench/judge_agreement.py`` measures any judge).
     """
 
