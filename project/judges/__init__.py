@@ -41,8 +41,8 @@ from project.judges.base import ChatJudge, Judge
 from project.judges.hf import HFJudge
 from project.judges.offline import (
     EMBEDDING_PACKAGE,
-    FLUENCY_SCREEN_CHOICES,
     OfflineJudge,
+    check_fluency_screen,
     embedding_model_dir,
 )
 from project.judges.openai_api import OpenAIJudge
@@ -84,10 +84,7 @@ class OfflineJudgeOptions:
     fluency_screen: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.fluency_screen not in FLUENCY_SCREEN_CHOICES:
-            raise ValueError(
-                f"fluency_screen={self.fluency_screen!r}; valid: {', '.join(FLUENCY_SCREEN_CHOICES)}"
-            )
+        check_fluency_screen(self.fluency_screen)
         check_int("max_tokens_listed", self.max_tokens_listed, 1)
         if not 0.0 < self.max_token_window_share <= 1.0:
             raise ValueError(

